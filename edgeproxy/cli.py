@@ -1,0 +1,126 @@
+"""Command line: ``edgeproxy run | check | status``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+import orjson
+
+from . import __version__
+from .config import Config, ConfigError, default_config, load_file
+
+__all__ = ["main"]
+
+
+def _load(path: str | None) -> Config:
+    path = path or os.environ.get("EDGEPROXY_CONFIG")
+    return load_file(path) if path else default_config()
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # aiohttp logs a traceback for every malformed request at ERROR: a client's bad input is
+    # not our error, and a log line per bad request lets clients flood the log.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        print(f"edgeproxy: invalid config:\n{exc}", file=sys.stderr)
+        return 1
+    _setup_logging(config.log.level)
+    import uvloop
+
+    from .server import serve
+
+    try:
+        uvloop.run(serve(config))
+    except OSError as exc:
+        # Most often: address already in use, or permission to bind.
+        print(f"edgeproxy: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"edgeproxy: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        print(f"{args.config or 'config'}: invalid\n{exc}", file=sys.stderr)
+        return 1
+    n_paths = sum(len(ep.lines) for u in config.upstreams for ep in u.endpoints)
+    print(
+        f"{config.source or 'built-in default'}: ok ({len(config.listen)} listeners,"
+        f" {len(config.upstreams)} upstreams, {len(config.lines)} lines, {n_paths} paths)"
+    )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    url = args.admin.rstrip("/") + "/-/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            status: dict[str, Any] = orjson.loads(r.read())
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"edgeproxy status: cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        sys.stdout.write(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    print(f"edgeproxy {status['version']}  pid {status['pid']}  up {status['uptime_s']}s  generation {status['generation']}")
+    rows = [("UPSTREAM", "ENDPOINT", "LINE", "CONNECT_MS", "INFLIGHT", "ACTIVE", "IDLE", "REQUESTS", "FAILURES", "LAST ERROR")]
+    for u in status["upstreams"]:
+        for p in u["paths"]:
+            rows.append(
+                (
+                    u["name"],
+                    p["endpoint"],
+                    p["line"],
+                    "-" if p["connect_ms"] is None else str(p["connect_ms"]),
+                    str(p["inflight"]),
+                    str(p["active"]),
+                    str(p["idle"]),
+                    str(p["requests"]),
+                    str(p["failures"]),
+                    (p["last_error"] or "")[:60],
+                )
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgeproxy", description="A lean proxy for LLM API traffic.")
+    parser.add_argument("--version", action="version", version=f"edgeproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the proxy (built-in default config without -c)")
+    p.add_argument("-c", "--config", help="YAML config file (default: $EDGEPROXY_CONFIG, else built-in)")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("check", help="validate a config file; exit 1 with every error found")
+    p.add_argument("-c", "--config", help="YAML config file")
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("status", help="show paths and counters of a running edgeproxy")
+    p.add_argument("--admin", default="http://127.0.0.1:8788", help="admin listener URL")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.set_defaults(func=cmd_status)
+    args = parser.parse_args(argv)
+    return int(args.func(args))

@@ -1,0 +1,124 @@
+"""One exception family for everything that can go wrong while proxying a request.
+
+Each error records where it came from (``downstream``: the client, ``upstream``: the origin or
+the line to it, ``internal``: us) and whether another attempt is safe (``retry``). The engine
+asks the error, never the exception type, whether to try again (Pingora's ``set_retry``).
+``ERRORS`` maps each kind to the HTTP status and the wording a client sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+__all__ = [
+    "ProxyError",
+    "ConnectError",
+    "ConnectTimeout",
+    "UpstreamReset",
+    "UpstreamTimeout",
+    "UpstreamProtocolError",
+    "ClientError",
+    "BodyTooLarge",
+    "Unauthorized",
+    "NoRoute",
+    "ERRORS",
+]
+
+
+class ProxyError(Exception):
+    """Base of every error edgeproxy raises on the request path.
+
+    ``kind`` keys into ``ERRORS``; ``retry`` says whether another attempt on another path may
+    succeed without the client noticing (only ever true before commit); ``sent`` says whether
+    any of the request may have reached the origin.
+    """
+
+    kind: str = "internal"
+    source: str = "internal"
+    retry: bool = False
+    sent: bool = False
+
+    def __init__(self, message: str, *, retry: bool | None = None, sent: bool | None = None) -> None:
+        super().__init__(message)
+        if retry is not None:
+            self.retry = retry
+        if sent is not None:
+            self.sent = sent
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.kind
+
+
+class ConnectError(ProxyError, ConnectionError):
+    """The connection to the origin (or its line) could not be set up; nothing was sent."""
+
+    kind = "connect"
+    source = "upstream"
+    retry = True
+
+
+class ConnectTimeout(ConnectError, asyncio.TimeoutError):
+    kind = "connect_timeout"
+
+
+class UpstreamReset(ProxyError, ConnectionResetError):
+    """The origin closed or reset the connection before a complete response."""
+
+    kind = "reset"
+    source = "upstream"
+    retry = True
+
+
+class UpstreamTimeout(ProxyError, asyncio.TimeoutError):
+    """No response headers (or no next bytes) within the configured time."""
+
+    kind = "timeout"
+    source = "upstream"
+    retry = True
+    sent = True
+
+
+class UpstreamProtocolError(ProxyError):
+    """The origin answered something that is not valid HTTP/1.1."""
+
+    kind = "protocol"
+    source = "upstream"
+    retry = True
+    sent = True
+
+
+class ClientError(ProxyError):
+    """The client sent something we refuse (malformed, truncated body...)."""
+
+    kind = "bad_request"
+    source = "downstream"
+
+
+class BodyTooLarge(ClientError):
+    kind = "too_large"
+
+
+class Unauthorized(ClientError):
+    kind = "unauthorized"
+
+
+class NoRoute(ClientError):
+    kind = "no_route"
+
+
+# kind -> (status, error type as the client sees it, short code). One table, used by
+# providers.error_response() to shape the body in the client's own protocol.
+ERRORS: Final[dict[str, tuple[int, str, str]]] = {
+    "bad_request": (400, "invalid_request_error", "bad_request"),
+    "unauthorized": (401, "authentication_error", "invalid_edgeproxy_token"),
+    "no_route": (404, "not_found_error", "no_route"),
+    "too_large": (413, "request_too_large", "body_too_large"),
+    "connect": (502, "api_error", "upstream_unreachable"),
+    "connect_timeout": (504, "api_error", "upstream_connect_timeout"),
+    "reset": (502, "api_error", "upstream_reset"),
+    "protocol": (502, "api_error", "upstream_protocol_error"),
+    "timeout": (504, "api_error", "upstream_timeout"),
+    "internal": (500, "api_error", "internal_error"),
+}

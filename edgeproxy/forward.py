@@ -1,0 +1,481 @@
+"""The engine: one client request through accept, route, body, plan, attempt, relay and log.
+
+Each phase is a small method with one job; per-request state lives in one slotted ``Ctx``.
+The retry decision travels on the error (``ProxyError.retry``); the loop in ``_attempts``
+only asks it. Before the first byte goes to the client (commit) an error becomes a response
+in the provider's shape; after it, only an in-band SSE error or a cut connection is honest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Final
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .client import Response
+from .errors import (
+    BodyTooLarge,
+    ClientError,
+    NoRoute,
+    ProxyError,
+    Unauthorized,
+    UpstreamReset,
+)
+from .providers import CREDENTIAL_HEADERS, client_credential, error_body, sse_error_event
+
+if TYPE_CHECKING:
+    from .accesslog import AccessLog
+    from .config import ListenerConfig
+    from .lines import Path
+    from .metrics import Metrics
+    from .state import State, Upstream
+
+__all__ = ["Engine", "Ctx"]
+
+log = logging.getLogger("edgeproxy")
+
+# RFC 9110 7.6.1 hop-by-hop fields, plus what we always set ourselves (host, framing) and our
+# own token, which must never reach an origin.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+REQUEST_SKIP: Final = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-edgeproxy-token"}
+RESPONSE_SKIP: Final = HOP_BY_HOP | {b"content-length"}
+# Methods whose requests carry a body even when empty (we always send Content-Length for them).
+BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+# Read size when streaming a large upload through.
+UPLOAD_CHUNK: Final = 256 * 1024
+STATUS_CLIENT_CLOSED: Final = 499  # nginx's convention for "client went away first"
+
+
+class Ctx:
+    """Everything about one request in flight, and what the access log records."""
+
+    __slots__ = (
+        "request",
+        "state",
+        "upstream",
+        "started",
+        "request_id",
+        "method",
+        "raw_path",
+        "body",
+        "body_stream",
+        "tried",
+        "path",
+        "status",
+        "ttfb",
+        "bytes_in",
+        "bytes_out",
+        "streamed",
+        "committed",
+        "error",
+    )
+
+    def __init__(self, request: web.BaseRequest, state: State) -> None:
+        self.request = request
+        self.state = state
+        self.upstream: Upstream | None = None
+        self.started = time.monotonic()
+        self.request_id = ""
+        self.method = request.method
+        self.raw_path = request.raw_path
+        self.body: bytes | None = None
+        self.body_stream: AsyncIterator[bytes] | None = None
+        self.tried: list[Path] = []
+        self.path: Path | None = None
+        self.status = 0
+        self.ttfb: float | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.streamed = False
+        self.committed = False
+        self.error: str | None = None
+
+
+class Engine:
+    """Runs requests through the phases. One per listener; the State is swapped on reload."""
+
+    __slots__ = ("state", "listener", "metrics", "access", "_tokens", "_inflight")
+
+    def __init__(self, state: State, listener: ListenerConfig, metrics: Metrics, access: AccessLog) -> None:
+        self.state = state
+        self.listener = listener
+        self.metrics = metrics
+        self.access = access
+        self._tokens = [t.encode() for t in listener.tokens]
+        self._inflight: set[Ctx] = set()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """aiohttp's handler: never raises but CancelledError (the client went away)."""
+        ctx = Ctx(request, self.state)
+        self._inflight.add(ctx)
+        response: web.StreamResponse | None = None
+        try:
+            response = await self._run(ctx)
+            return response
+        except ProxyError as exc:
+            response = self._error_response(ctx, exc.kind, exc.message)
+            return response
+        except asyncio.CancelledError:
+            ctx.status, ctx.error = STATUS_CLIENT_CLOSED, ctx.error or "client_disconnected"
+            raise
+        except Exception:
+            log.exception("internal error on %s %s", ctx.method, ctx.raw_path.split("?", 1)[0])
+            if ctx.committed:
+                raise
+            response = self._error_response(ctx, "internal", "edgeproxy internal error")
+            return response
+        finally:
+            self._inflight.discard(ctx)
+            self._log(ctx)
+
+    # -- phases ----------------------------------------------------------------------------
+    async def _run(self, ctx: Ctx) -> web.StreamResponse:
+        upstream = self._route(ctx)
+        self._accept(ctx, upstream)
+        await self._read_body(ctx)
+        resp = await self._attempts(ctx, upstream)
+        return await self._relay(ctx, upstream, resp)
+
+    def _route(self, ctx: Ctx) -> Upstream:
+        upstream = ctx.state.route(ctx.raw_path)
+        if upstream is None:
+            if self._tokens and not self._token_ok(ctx.request.headers.get("x-edgeproxy-token")):
+                raise Unauthorized("missing or wrong x-edgeproxy-token")
+            raise NoRoute(f"no upstream serves {ctx.raw_path.split('?', 1)[0]}")
+        ctx.upstream = upstream
+        rid = ctx.request.headers.get("x-request-id")
+        ctx.request_id = rid if rid and len(rid) <= 200 else uuid.uuid4().hex
+        return upstream
+
+    def _accept(self, ctx: Ctx, upstream: Upstream) -> None:
+        if not self._tokens:
+            return
+        headers = ctx.request.headers
+        token = headers.get("x-edgeproxy-token")
+        if token is None and upstream.injects_keys:
+            # The client's own credential header is free to carry our token: it will be
+            # replaced by the endpoint's key. SDKs differ in which one they use (the Anthropic
+            # SDK sends Authorization: Bearer as well as x-api-key), so any of them counts.
+            for name in ("authorization", "x-api-key", "x-goog-api-key"):
+                cred = headers.get(name)
+                if cred is not None:
+                    token = client_credential(cred)
+                    break
+        if not self._token_ok(token):
+            raise Unauthorized("missing or wrong edgeproxy token (send it as x-edgeproxy-token)")
+
+    def _token_ok(self, token: str | None) -> bool:
+        if token is None:
+            return False
+        given = token.encode()
+        ok = False
+        for expected in self._tokens:  # compare with all, in constant time each
+            ok |= hmac.compare_digest(given, expected)
+        return ok
+
+    async def _read_body(self, ctx: Ctx) -> None:
+        request = ctx.request
+        limits = ctx.state.config.limits
+        length = request.content_length
+        if length is not None and length > limits.max_body:
+            raise BodyTooLarge(f"request body of {length} bytes is over the limit of {limits.max_body} bytes")
+        if request.headers.get("expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        content = request.content
+        try:
+            if length is not None and length <= limits.replay_body:
+                ctx.body = await content.readexactly(length) if length else b""
+                ctx.bytes_in = length
+                return
+            if length is None and not request.body_exists:
+                ctx.body = b"" if ctx.method in BODY_METHODS else None
+                return
+            # Unknown length, or too big to hold for a retry: buffer up to replay_body, then
+            # stream the rest through.
+            parts: list[bytes] = []
+            size = 0
+            while size <= limits.replay_body:
+                chunk = await content.readany()
+                if not chunk:
+                    ctx.body = b"".join(parts)
+                    ctx.bytes_in = size
+                    return
+                parts.append(chunk)
+                size += len(chunk)
+                if size > limits.max_body:
+                    raise BodyTooLarge(f"request body is over the limit of {limits.max_body} bytes")
+        except asyncio.IncompleteReadError:
+            raise ClientError("request body ended before its Content-Length") from None
+        except ProxyError:
+            raise
+        except Exception as exc:  # aiohttp's payload errors: bad chunked framing and such
+            raise ClientError(f"cannot read request body: {exc}") from None
+        ctx.body_stream = self._stream_body(ctx, parts, size, limits.max_body)
+
+    async def _stream_body(self, ctx: Ctx, first: list[bytes], size: int, limit: int) -> AsyncIterator[bytes]:
+        ctx.bytes_in = size
+        for chunk in first:
+            yield chunk
+        first.clear()
+        content = ctx.request.content
+        while True:
+            try:
+                chunk = await content.readany()
+            except Exception as exc:
+                raise ClientError(f"cannot read request body: {exc}") from None
+            if not chunk:
+                return
+            ctx.bytes_in += len(chunk)
+            if ctx.bytes_in > limit:
+                raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
+            yield chunk
+
+    async def _attempts(self, ctx: Ctx, upstream: Upstream) -> Response:
+        """Try paths in plan order until one answers or the error says stop."""
+        failover = upstream.config.failover
+        while True:
+            path = upstream.plan(ctx.tried)
+            if path is None:
+                raise ProxyError("no path to try")  # only with an upstream without paths
+            ctx.tried.append(path)
+            ctx.path = path
+            try:
+                return await self._attempt(ctx, upstream, path)
+            except ProxyError as exc:
+                path.on_failure(exc)
+                self.metrics.child(self.metrics.attempts, upstream.name, path.line.name, exc.kind).inc()  # type: ignore[attr-defined]
+                ctx.error = exc.kind
+                if not (
+                    exc.retry
+                    and ctx.body_stream is None
+                    and len(ctx.tried) <= failover.retries
+                    and upstream.plan(ctx.tried) is not None
+                ):
+                    raise
+
+    async def _attempt(self, ctx: Ctx, upstream: Upstream, path: Path) -> Response:
+        head = self._request_head(ctx, upstream, path)
+        timeout = upstream.config.failover.first_byte_timeout
+        fresh = False
+        while True:
+            conn, reused = await path.pool.acquire(fresh=fresh)
+            path.requests += 1
+            path.inflight += 1
+            resp = conn.send(ctx.method, head, ctx.body, path.on_response_end)
+            try:
+                if ctx.body_stream is not None:
+                    await conn.send_stream(ctx.body_stream, chunked=ctx.request.content_length is None)
+                await resp.wait_head(timeout)
+                return resp
+            except UpstreamReset:
+                resp.release()
+                # A reused keep-alive connection the origin had just closed: nothing reached
+                # it, so one more try on a new connection is safe and invisible.
+                if reused and not resp.head_done and ctx.body_stream is None and not fresh:
+                    fresh = True
+                    continue
+                raise
+            except BaseException:
+                resp.release()
+                raise
+
+    def _request_head(self, ctx: Ctx, upstream: Upstream, path: Path) -> bytes:
+        endpoint = path.endpoint
+        rest = ctx.raw_path[len(upstream.prefix) :]
+        target = endpoint.base_path + rest if rest[:1] != "?" else endpoint.base_path + "/" + rest
+        if not target or target[0] != "/":
+            target = "/" + target
+        host = endpoint.host if endpoint.port in (80, 443) else f"{endpoint.host}:{endpoint.port}"
+        key = upstream.key_header(endpoint)
+        out = [f"{ctx.method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1")]
+        connection_listed: set[bytes] = set()
+        has_rid = False
+        for name, value in ctx.request.raw_headers:
+            lname = name.lower()
+            if lname in REQUEST_SKIP:
+                if lname == b"connection":
+                    connection_listed.update(v.strip().lower() for v in value.split(b","))
+                continue
+            if key is not None and lname in CREDENTIAL_HEADERS:
+                continue
+            if lname == b"x-request-id":
+                has_rid = True
+            out.append(name + b": " + value + b"\r\n")
+        if connection_listed:
+            out = [out[0]] + [h for h in out[1:] if h.split(b":", 1)[0].lower() not in connection_listed]
+        if not has_rid:
+            out.append(b"x-request-id: " + ctx.request_id.encode() + b"\r\n")
+        if key is not None:
+            out.append(key[0] + b": " + key[1] + b"\r\n")
+        if ctx.body_stream is not None:
+            length = ctx.request.content_length
+            out.append(b"Content-Length: %d\r\n" % length if length is not None else b"Transfer-Encoding: chunked\r\n")
+        elif ctx.body is not None and (ctx.body or ctx.method in BODY_METHODS):
+            out.append(b"Content-Length: %d\r\n" % len(ctx.body))
+        out.append(b"\r\n")
+        return b"".join(out)
+
+    async def _relay(self, ctx: Ctx, upstream: Upstream, resp: Response) -> web.StreamResponse:
+        """Copy the response to the client as it arrives."""
+        request = ctx.request
+        ctx.status = resp.status
+        headers: CIMultiDict[str] = CIMultiDict()
+        connection_listed: tuple[bytes, ...] = ()
+        length: int | None = None
+        is_sse = False
+        for name, value in resp.headers:
+            lname = name.lower()
+            if lname in RESPONSE_SKIP:
+                if lname == b"content-length":
+                    length = int(value)
+                elif lname == b"connection":
+                    connection_listed = tuple(v.strip().lower() for v in value.split(b","))
+                continue
+            if lname == b"content-type" and value[:17].lower() == b"text/event-stream":
+                is_sse = True
+            headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        for name in connection_listed:
+            headers.popall(name.decode("latin-1"), None)
+        if "x-request-id" not in headers:
+            headers["x-request-id"] = ctx.request_id
+
+        body = None if is_sse else resp.buffered()
+        if body is not None:
+            # The whole body is already here (the common case for JSON answers): one write.
+            resp.release()
+            ctx.bytes_out = len(body)
+            ctx.ttfb = time.monotonic() - ctx.started
+            ctx.committed = True
+            if ctx.method == "HEAD":
+                if length is not None:
+                    headers["Content-Length"] = str(length)
+                return web.Response(status=resp.status, headers=headers)
+            return web.Response(status=resp.status, headers=headers, body=body)
+
+        out = web.StreamResponse(status=resp.status, headers=headers)
+        if length is not None:
+            out.content_length = length
+        if is_sse:
+            out.headers["X-Accel-Buffering"] = "no"
+            ctx.streamed = True
+        idle = upstream.config.failover.stream_idle_timeout
+        streams = self.metrics.child(self.metrics.active_streams, upstream.name) if is_sse else None
+        try:
+            await out.prepare(request)
+            ctx.committed = True
+            ctx.ttfb = time.monotonic() - ctx.started
+            if streams is not None:
+                streams.inc()  # type: ignore[attr-defined]
+            while True:
+                try:
+                    chunk = await resp.read(idle)
+                except ProxyError as exc:
+                    return await self._broken_stream(ctx, upstream, out, exc, is_sse)
+                if not chunk:
+                    break
+                ctx.bytes_out += len(chunk)
+                await out.write(chunk)
+            resp.release()
+            await out.write_eof()
+            return out
+        except ConnectionResetError:
+            # The client went away mid-response; releasing closes the upstream connection,
+            # so the origin stops generating.
+            ctx.status, ctx.error = STATUS_CLIENT_CLOSED, "client_disconnected"
+            return out
+        finally:
+            resp.release()
+            if streams is not None:
+                streams.dec()  # type: ignore[attr-defined]
+
+    async def _broken_stream(
+        self, ctx: Ctx, upstream: Upstream, out: web.StreamResponse, exc: ProxyError, is_sse: bool
+    ) -> web.StreamResponse:
+        """The origin failed after commit: tell the client honestly, never fake an end."""
+        ctx.error = f"{exc.kind}_after_commit"
+        if ctx.path is not None:
+            ctx.path.on_failure(exc)
+        if is_sse:
+            await out.write(sse_error_event(upstream.provider, exc.kind, f"upstream stream broke: {exc.message}"))
+            await out.write_eof()
+        else:
+            # A body cut short must look cut short: close without the final chunk.
+            transport = ctx.request.transport
+            if transport is not None:
+                transport.abort()
+        return out
+
+    # -- errors and logging ----------------------------------------------------------------
+    def _error_response(self, ctx: Ctx, kind: str, message: str) -> web.Response:
+        provider = ctx.upstream.provider if ctx.upstream is not None else "openai"
+        status, body = error_body(provider, kind, message)
+        ctx.status = status
+        ctx.error = ctx.error or kind
+        ctx.ttfb = time.monotonic() - ctx.started
+        ctx.bytes_out = len(body)
+        headers = {"x-edgeproxy-error": kind, "Content-Type": "application/json"}
+        if ctx.request_id:
+            headers["x-request-id"] = ctx.request_id
+        if kind == "unauthorized":
+            headers["WWW-Authenticate"] = 'Bearer realm="edgeproxy"'
+        return web.Response(status=status, body=body, headers=headers)
+
+    def _log(self, ctx: Ctx) -> None:
+        now = time.monotonic()
+        duration = now - ctx.started
+        name = ctx.upstream.name if ctx.upstream is not None else "-"
+        m = self.metrics
+        m.child(m.requests, name, str(ctx.status)).inc()  # type: ignore[attr-defined]
+        m.child(m.duration, name).observe(duration)  # type: ignore[attr-defined]
+        if ctx.ttfb is not None:
+            m.child(m.ttfb, name).observe(ctx.ttfb)  # type: ignore[attr-defined]
+        if ctx.bytes_in:
+            m.child(m.bytes, name, "in").inc(ctx.bytes_in)  # type: ignore[attr-defined]
+        if ctx.bytes_out:
+            m.child(m.bytes, name, "out").inc(ctx.bytes_out)  # type: ignore[attr-defined]
+        if self.access.mode == "off":
+            return
+        path = ctx.path
+        self.access.write(
+            {
+                "time": time.time(),
+                "request_id": ctx.request_id,
+                "method": ctx.method,
+                "path": ctx.raw_path.split("?", 1)[0],
+                "upstream": name,
+                "endpoint": path.endpoint.host if path is not None else None,
+                "line": path.line.name if path is not None else None,
+                "status": ctx.status,
+                "attempts": len(ctx.tried),
+                "ttfb_ms": None if ctx.ttfb is None else round(ctx.ttfb * 1000, 3),
+                "duration_ms": round(duration * 1000, 3),
+                "bytes_in": ctx.bytes_in,
+                "bytes_out": ctx.bytes_out,
+                "streamed": ctx.streamed,
+                "error": ctx.error,
+            }
+        )
+

@@ -1,0 +1,268 @@
+"""Keep-alive connection pool of one path (one endpoint over one line).
+
+Decisions are made in synchronous methods (``_take_idle``, ``release``, ``_wanted_warm``) and
+only then is I/O awaited, so no decision is half-made across an ``await`` (httpcore's rule).
+Idle connections are handed out last-in first-out: the most recently used is the most likely
+to still be alive, and the rest age out after ``keepalive`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from .client import Conn
+from .errors import ConnectError, ConnectTimeout
+
+__all__ = ["Pool", "Connector"]
+
+# Opens a connection for the pool: (protocol factory, timeout) -> the connected protocol.
+Connector = Callable[[Callable[[], Conn], float], Awaitable[Conn]]
+
+# How often idle connections are checked for expiry and the warm set topped up.
+MAINTAIN_INTERVAL: Final = 1.0
+
+
+class Pool:
+    """Connections of one path. ``acquire`` gives a connection, ``release`` takes it back."""
+
+    __slots__ = (
+        "label",
+        "_connector",
+        "max_size",
+        "keepalive",
+        "warm",
+        "connect_timeout",
+        "_idle",
+        "_active",
+        "_connecting",
+        "_waiters",
+        "_closed",
+        "_maintainer",
+        "_tasks",
+        "on_connect",
+        "on_connect_error",
+        "connects",
+        "connect_errors",
+    )
+
+    def __init__(
+        self,
+        label: str,
+        connector: Connector,
+        *,
+        max_size: int,
+        keepalive: float,
+        warm: int,
+        connect_timeout: float,
+    ) -> None:
+        self.label = label
+        self._connector = connector
+        self.max_size = max_size
+        self.keepalive = keepalive
+        self.warm = warm
+        self.connect_timeout = connect_timeout
+        self._idle: list[Conn] = []
+        self._active: set[Conn] = set()
+        self._connecting = 0
+        self._waiters: collections.deque[asyncio.Future[Conn]] = collections.deque()
+        self._closed = False
+        self._maintainer: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Hooks for the estimator and health (set by the owner): set-up time, and failures.
+        self.on_connect: Callable[[float], None] | None = None
+        self.on_connect_error: Callable[[BaseException], None] | None = None
+        self.connects = 0
+        self.connect_errors = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<Pool {self.label} [active {len(self._active)} | idle {len(self._idle)}"
+            f" | connecting {self._connecting} | waiting {len(self._waiters)}]>"
+        )
+
+    # -- questions -------------------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def is_full(self) -> bool:
+        return len(self._active) + len(self._idle) + self._connecting >= self.max_size
+
+    # -- use -------------------------------------------------------------------------------
+    async def acquire(self, *, fresh: bool = False) -> tuple[Conn, bool]:
+        """A connection for one request, and whether it was reused from the idle set."""
+        if self._closed:
+            raise ConnectError(f"{self.label}: pool is closed")
+        if not fresh:
+            conn = self._take_idle()
+            if conn is not None:
+                self._active.add(conn)
+                return conn, True
+        if self.is_full():
+            if fresh and self._idle:
+                self._idle.pop(0).close()  # make room: oldest idle goes
+            else:
+                fut: asyncio.Future[Conn] = asyncio.get_running_loop().create_future()
+                self._waiters.append(fut)
+                try:
+                    conn = await asyncio.wait_for(fut, self.connect_timeout)
+                except asyncio.CancelledError:
+                    if fut.done() and not fut.cancelled() and fut.exception() is None:
+                        self.release(fut.result())  # handed over as we were cancelled
+                    raise
+                except asyncio.TimeoutError:
+                    raise ConnectTimeout(
+                        f"{self.label}: all {self.max_size} connections busy for {self.connect_timeout:g}s"
+                    ) from None
+                self._active.add(conn)
+                return conn, True
+        conn = await self._open()
+        self._active.add(conn)
+        return conn, False
+
+    def _take_idle(self) -> Conn | None:
+        now = time.monotonic()
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.has_expired(now, self.keepalive) and not conn.transport.is_closing():  # type: ignore[union-attr]
+                return conn
+            conn.close()
+        return None
+
+    async def _open(self) -> Conn:
+        self._connecting += 1
+        started = time.monotonic()
+        try:
+            conn = await self._connector(lambda: Conn(self), self.connect_timeout)
+        except (ConnectError, asyncio.CancelledError):
+            self.connect_errors += 1
+            raise
+        except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
+            self.connect_errors += 1
+            if self.on_connect_error is not None:
+                self.on_connect_error(exc)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise ConnectTimeout(
+                    f"{self.label}: connect timed out after {self.connect_timeout:g}s"
+                ) from None
+            raise ConnectError(f"{self.label}: {_describe(exc)}") from None
+        finally:
+            self._connecting -= 1
+        self.connects += 1
+        if self.on_connect is not None:
+            self.on_connect(time.monotonic() - started)
+        return conn
+
+    def release(self, conn: Conn) -> None:
+        """Take a connection back (closed ones are just forgotten); serve a waiter first."""
+        self._active.discard(conn)
+        if conn.closed or self._closed:
+            self._kick_waiter()
+            return
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self._active.add(conn)  # handed over: counts as in use from now on
+                fut.set_result(conn)
+                return
+        self._idle.append(conn)
+
+    def _kick_waiter(self) -> None:
+        # A slot freed up: open a new connection for the first waiter, if any.
+        while self._waiters and not self._closed:
+            fut = self._waiters.popleft()
+            if fut.done():
+                continue
+            self._spawn(self._open_for(fut))
+            return
+
+    async def _open_for(self, fut: asyncio.Future[Conn]) -> None:
+        try:
+            conn = await self._open()
+        except Exception as exc:  # the waiter raises it
+            if not fut.done():
+                fut.set_exception(exc)
+            return
+        if fut.done():
+            self.release(conn)
+        else:
+            fut.set_result(conn)
+
+    def on_conn_lost(self, conn: Conn) -> None:
+        with contextlib.suppress(ValueError):
+            self._idle.remove(conn)
+        if conn not in self._active:
+            self._kick_waiter()
+
+    # -- warmth ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Open the warm connections now and keep them topped up."""
+        if self._maintainer is None and not self._closed:
+            self._maintainer = asyncio.get_running_loop().create_task(
+                self._maintain(), name=f"pool-maintain {self.label}"
+            )
+
+    def _wanted_warm(self) -> int:
+        now = time.monotonic()
+        keep: list[Conn] = []
+        for conn in self._idle:
+            if conn.has_expired(now, self.keepalive):
+                conn.close()
+            else:
+                keep.append(conn)
+        self._idle = keep
+        have = len(self._idle) + self._connecting
+        return max(0, min(self.warm - have, self.max_size - have - len(self._active)))
+
+    async def _maintain(self) -> None:
+        while not self._closed:
+            for _ in range(self._wanted_warm()):
+                self._spawn(self._warm_one())
+            await asyncio.sleep(MAINTAIN_INTERVAL)
+
+    async def _warm_one(self) -> None:
+        try:
+            conn = await self._open()
+        except Exception:
+            return  # counted in _open; the next round tries again
+        self.release(conn)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Close idle connections now; active ones close when their response is released."""
+        self._closed = True
+        if self._maintainer is not None:
+            self._maintainer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(ConnectError(f"{self.label}: pool closed"))
+        self._waiters.clear()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate rejected: {exc.verify_message}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    text = str(exc) or type(exc).__name__
+    return text

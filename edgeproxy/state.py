@@ -1,0 +1,114 @@
+"""The running state built from one Config: upstreams with their paths, in routing order.
+
+A ``State`` is immutable in use: a reload builds a new one (``State.build(config, old)``),
+taking over the old paths whose key is unchanged with their warm pools, and the server swaps
+one reference. Requests keep the State they started with to their end.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from .lines import Line, Path, PathKey
+from .providers import auth_header, auth_value
+
+if TYPE_CHECKING:
+    from .config import Config, EndpointConfig, UpstreamConfig
+    from .dns import Resolver
+
+__all__ = ["State", "Upstream"]
+
+
+class Upstream:
+    """An upstream at run time: where it is mounted and the paths that can serve it."""
+
+    __slots__ = ("config", "name", "prefix", "provider", "paths", "injects_keys", "auth_header", "_keys")
+
+    def __init__(self, config: UpstreamConfig, paths: list[Path]) -> None:
+        self.config = config
+        self.name = config.name
+        self.prefix = "" if config.prefix == "/" else config.prefix
+        self.provider = config.provider
+        # Selection order for now: priority tier, then config order of endpoints and lines.
+        self.paths = sorted(paths, key=lambda p: p.endpoint.priority)
+        # Only when every endpoint brings its own keys may a client's credential header carry
+        # our token instead (otherwise it must pass through to the origin untouched).
+        self.injects_keys = all(ep.keys for ep in config.endpoints)
+        self.auth_header = auth_header(config.provider)
+        self._keys: dict[str, Iterator[bytes]] = {
+            ep.url: itertools.cycle([auth_value(config.provider, k) for k in ep.keys])
+            for ep in config.endpoints
+            if ep.keys
+        }
+
+    def __repr__(self) -> str:
+        return f"<Upstream {self.name} {self.prefix or '/'} paths={len(self.paths)}>"
+
+    def matches(self, raw_path: str) -> bool:
+        prefix = self.prefix
+        return raw_path.startswith(prefix) and (
+            len(raw_path) == len(prefix) or raw_path[len(prefix)] in "/?"
+        )
+
+    def plan(self, tried: list[Path]) -> Path | None:
+        """The next path to try: the first untried one in selection order."""
+        for path in self.paths:
+            if path not in tried:
+                return path
+        return None
+
+    def key_header(self, endpoint: EndpointConfig) -> tuple[bytes, bytes] | None:
+        """(header name, value) presenting the endpoint's next key, or None to pass through."""
+        keys = self._keys.get(endpoint.url)
+        if keys is None:
+            return None
+        return self.auth_header, next(keys)
+
+
+class State:
+    """Everything a request needs, built from one Config."""
+
+    __slots__ = ("config", "upstreams", "paths", "lines")
+
+    def __init__(self, config: Config, upstreams: list[Upstream], paths: dict[PathKey, Path], lines: dict[str, Line]) -> None:
+        self.config = config
+        # Longest prefix first, so the first match is the longest match.
+        self.upstreams = sorted(upstreams, key=lambda u: len(u.prefix), reverse=True)
+        self.paths = paths
+        self.lines = lines
+
+    @classmethod
+    def build(cls, config: Config, resolver: Resolver, old: State | None = None) -> State:
+        """A State for ``config``; paths whose key is unchanged are taken over from ``old``."""
+        lines = {lc.name: Line(lc) for lc in config.lines}
+        paths: dict[PathKey, Path] = {}
+        upstreams = []
+        for uc in config.upstreams:
+            ups_paths = []
+            for ep in uc.endpoints:
+                for line_name in ep.lines:
+                    key = (uc.name, ep.url, line_name)
+                    path = old.paths.get(key) if old is not None else None
+                    if path is None or path.endpoint != ep or path.line.config != lines[line_name].config:
+                        path = Path(uc, ep, lines[line_name], config.pool, resolver)
+                    paths[key] = path
+                    ups_paths.append(path)
+            upstreams.append(Upstream(uc, ups_paths))
+        return cls(config, upstreams, paths, lines)
+
+    def route(self, raw_path: str) -> Upstream | None:
+        for upstream in self.upstreams:
+            if upstream.matches(raw_path):
+                return upstream
+        return None
+
+    def start(self) -> None:
+        for path in self.paths.values():
+            path.pool.start()
+
+    async def close(self) -> None:
+        for path in self.paths.values():
+            await path.pool.close()
+

@@ -1,0 +1,78 @@
+"""Shared fixtures: a fake origin and real edgeproxy instances on localhost sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from edgeproxy.config import load_dict
+from edgeproxy.server import Proxy
+from tests.fakes.origin import FakeOrigin
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[FakeOrigin]:
+    o = FakeOrigin()
+    await o.start()
+    try:
+        yield o
+    finally:
+        await o.stop()
+
+
+def proxy_config(origin_url: str, **overrides: Any) -> dict[str, Any]:
+    """A config dict: one listener on a free port, openai and anthropic upstreams at the origin."""
+    cfg: dict[str, Any] = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "admin": {"listen": "off"},
+        "log": {"access": "off"},
+        "upstreams": {
+            "openai": {"prefix": "/v1", "endpoints": [{"url": origin_url + "/v1"}]},
+            "anthropic": {"prefix": "/anthropic", "provider": "anthropic", "endpoints": [{"url": origin_url}]},
+            "gemini": {"prefix": "/gemini", "provider": "gemini", "endpoints": [{"url": origin_url}]},
+        },
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+class RunningProxy:
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        lc = proxy.config.listen[0]
+        self.url = f"http://{lc.host}:{lc.port}" if lc.unix is None else ""
+        admin = proxy.config.admin.listen
+        self.admin_url = f"http://{admin.host}:{admin.port}" if admin is not None and admin.unix is None else ""
+
+
+@pytest.fixture
+async def make_proxy() -> AsyncIterator[Callable[..., Awaitable[RunningProxy]]]:
+    """Start edgeproxy in this test's event loop from a config dict; stopped at teardown."""
+    started: list[Proxy] = []
+
+    async def make(cfg: dict[str, Any], env: dict[str, str] | None = None) -> RunningProxy:
+        proxy = Proxy(load_dict(cfg, env=env or {}))
+        await proxy.start()
+        started.append(proxy)
+        return RunningProxy(proxy)
+
+    yield make
+    for p in started:
+        with contextlib.suppress(Exception):
+            await p.stop(1.0)
+
+
+@pytest.fixture
+async def proxy(origin: FakeOrigin, make_proxy: Callable[..., Awaitable[RunningProxy]]) -> RunningProxy:
+    """The usual setup: edgeproxy in front of the fake origin, no tokens, no keys."""
+    return await make_proxy(proxy_config(origin.url))

@@ -19,7 +19,7 @@ __all__ = ["AccessLog"]
 
 
 class AccessLog:
-    __slots__ = ("mode", "_fd", "_buf", "_scheduled")
+    __slots__ = ("_buf", "_fd", "_scheduled", "mode")
 
     def __init__(self, mode: str, fd: int | None = None) -> None:
         self.mode = mode  # json | text | off
@@ -57,9 +57,9 @@ class AccessLog:
 
 def _text(r: dict[str, Any]) -> str:
     return (
-        f'{r.get("time")} {r.get("request_id")} {r.get("method")} {r.get("path")} {r.get("status")}'
-        f' upstream={r.get("upstream")} endpoint={r.get("endpoint")} line={r.get("line")}'
-        f' attempts={r.get("attempts")} ttfb_ms={r.get("ttfb_ms")} duration_ms={r.get("duration_ms")}'
-        f' in={r.get("bytes_in")} out={r.get("bytes_out")} streamed={r.get("streamed")}'
-        + (f' error={r["error"]}' if r.get("error") else "")
+        f"{r.get('time')} {r.get('request_id')} {r.get('method')} {r.get('path')} {r.get('status')}"
+        f" upstream={r.get('upstream')} endpoint={r.get('endpoint')} line={r.get('line')}"
+        f" attempts={r.get('attempts')} ttfb_ms={r.get('ttfb_ms')} duration_ms={r.get('duration_ms')}"
+        f" in={r.get('bytes_in')} out={r.get('bytes_out')} streamed={r.get('streamed')}"
+        + (f" error={r['error']}" if r.get("error") else "")
     )

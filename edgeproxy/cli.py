@@ -84,8 +84,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
-    print(f"edgeproxy {status['version']}  pid {status['pid']}  up {status['uptime_s']}s  generation {status['generation']}")
-    rows = [("UPSTREAM", "ENDPOINT", "LINE", "CONNECT_MS", "INFLIGHT", "ACTIVE", "IDLE", "REQUESTS", "FAILURES", "LAST ERROR")]
+    print(f"edgeproxy {status['version']}  pid {status['pid']}  up {status['uptime_s']}s", end="")
+    print(f"  generation {status['generation']}")
+    rows = [
+        (
+            "UPSTREAM",
+            "ENDPOINT",
+            "LINE",
+            "CONNECT_MS",
+            "INFLIGHT",
+            "ACTIVE",
+            "IDLE",
+            "REQUESTS",
+            "FAILURES",
+            "LAST ERROR",
+        )
+    ]
     for u in status["upstreams"]:
         for p in u["paths"]:
             rows.append(
@@ -104,7 +118,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
     return 0
 
 

@@ -41,16 +41,16 @@ class Conn(asyncio.Protocol):
     """One upstream connection. Answers questions (``is_idle``...), does no scheduling."""
 
     __slots__ = (
-        "pool",
-        "transport",
-        "resp",
-        "closed",
-        "idle_since",
-        "created",
-        "requests",
         "_drain",
-        "_paused",
         "_lost",
+        "_paused",
+        "closed",
+        "created",
+        "idle_since",
+        "pool",
+        "requests",
+        "resp",
+        "transport",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -140,9 +140,7 @@ class Conn(asyncio.Protocol):
                 self.transport.abort()
 
     # -- one request -----------------------------------------------------------------------
-    def send(
-        self, method: str, head: bytes, body: bytes | None, on_end: Callable[[Response], None] | None
-    ) -> Response:
+    def send(self, method: str, head: bytes, body: bytes | None, on_end: Callable[[Response], None] | None) -> Response:
         """Write the request head (and a buffered body); return the Response to wait on."""
         resp = Response(self, method, on_end)
         self.resp = resp
@@ -191,23 +189,23 @@ class Response:
     """An upstream response as the parser sees it; the relay reads it chunk by chunk."""
 
     __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_exc",
+        "_on_end",
+        "_reading_paused",
+        "_released",
+        "_timer",
+        "_waiter",
+        "bytes_read",
+        "complete",
         "conn",
+        "head_done",
+        "headers",
+        "keep_alive",
         "method",
         "parser",
         "status",
-        "headers",
-        "head_done",
-        "complete",
-        "keep_alive",
-        "bytes_read",
-        "_chunks",
-        "_buffered",
-        "_waiter",
-        "_exc",
-        "_released",
-        "_timer",
-        "_on_end",
-        "_reading_paused",
     )
 
     def __init__(self, conn: Conn, method: str, on_end: Callable[[Response], None] | None) -> None:

@@ -613,9 +613,14 @@ _NAME_RE = re.compile(r"[a-z0-9_-]+")
 _COMPRESS = ("br", "gzip", "zstd", "off")
 
 
-def _redact_url(text: str) -> str:
-    """The URL with any password replaced by ***, for messages and /-/status."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@", r"\1:***@", text)
+def _redact_url(text: str, *, keep_user: bool = False) -> str:
+    """The URL with its credentials (or, with ``keep_user``, just the password) shown as ***.
+
+    Greedy up to the last '@', so an unencoded '/' or '@' in a password cannot leak it.
+    """
+    if keep_user:
+        return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):.*@", r"\1:***@", text)
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://).*@", r"\1***@", text)
 
 
 def _split_url(ctx: _Ctx, text: str, path: str, schemes: Sequence[str]) -> SplitResult | None:
@@ -953,10 +958,21 @@ def _upstreams(ctx: _Ctx, raw: object, all_lines: Sequence[str], base: FailoverC
                     "expected a non-empty list of endpoints (e.g. [{url: https://api.openai.com/v1}])",
                 )
         else:
+            seen_urls: dict[str, int] = {}
             for i, ep in enumerate(raw_eps):
                 e = _endpoint(ctx, ep, f"{path}.endpoints[{i}]", all_lines)
-                if e is not None:
-                    endpoints.append(e)
+                if e is None:
+                    continue
+                if e.url in seen_urls:
+                    # Paths are keyed by (upstream, url, line): two endpoints with one URL would
+                    # share state. Several keys for one origin belong in one endpoint's `keys`.
+                    ctx.err(
+                        f"{path}.endpoints[{i}].url",
+                        f"{e.url} is already endpoints[{seen_urls[e.url]}] (list both keys under one endpoint)",
+                    )
+                    continue
+                seen_urls[e.url] = i
+                endpoints.append(e)
         provider = _infer_provider(name, endpoints)
         if m.get("provider") is not None:
             provider = ctx.choice(m, "provider", path, provider, _PROVIDERS)
@@ -1141,7 +1157,7 @@ def dump_redacted(cfg: Config) -> dict[str, Any]:
         if ln.bind is not None:
             out["bind"] = ln.bind
         if ln.proxy is not None:
-            out["proxy"] = _redact_url(ln.proxy)
+            out["proxy"] = _redact_url(ln.proxy, keep_user=True)
         if ln.kind == "via":
             out.update(via=ln.via, token="***", compress=ln.compress, ca=ln.ca)
         return out

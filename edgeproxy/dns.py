@@ -15,7 +15,7 @@ from typing import Final
 
 import aiodns
 
-__all__ = ["Resolver", "Address"]
+__all__ = ["Address", "Resolver"]
 
 # A TTL of 0 (common for /etc/hosts answers) would mean a lookup per connection.
 MIN_TTL: Final = 5.0
@@ -28,7 +28,7 @@ Address = tuple[int, str]  # (family, ip)
 class Resolver:
     """Resolves host names to addresses, caching answers; IP literals skip the resolver."""
 
-    __slots__ = ("_resolver", "_cache", "_inflight")
+    __slots__ = ("_cache", "_inflight", "_resolver")
 
     def __init__(self) -> None:
         self._resolver: aiodns.DNSResolver | None = None

@@ -12,17 +12,17 @@ import asyncio
 from typing import Final
 
 __all__ = [
-    "ProxyError",
+    "ERRORS",
+    "BodyTooLarge",
+    "ClientError",
     "ConnectError",
     "ConnectTimeout",
+    "NoRoute",
+    "ProxyError",
+    "Unauthorized",
+    "UpstreamProtocolError",
     "UpstreamReset",
     "UpstreamTimeout",
-    "UpstreamProtocolError",
-    "ClientError",
-    "BodyTooLarge",
-    "Unauthorized",
-    "NoRoute",
-    "ERRORS",
 ]
 
 

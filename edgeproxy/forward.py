@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final
 
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .state import State, Upstream
 
-__all__ = ["Engine", "Ctx"]
+__all__ = ["Ctx", "Engine"]
 
 log = logging.getLogger("edgeproxy")
 
@@ -63,30 +64,33 @@ BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 # Read size when streaming a large upload through.
 UPLOAD_CHUNK: Final = 256 * 1024
 STATUS_CLIENT_CLOSED: Final = 499  # nginx's convention for "client went away first"
+# Request ids: a random per-process prefix and a counter; unique without a uuid4 per request.
+_RID_PREFIX: Final = os.urandom(6).hex()
+_rid_counter = itertools.count(1)
 
 
 class Ctx:
     """Everything about one request in flight, and what the access log records."""
 
     __slots__ = (
-        "request",
-        "state",
-        "upstream",
-        "started",
-        "request_id",
-        "method",
-        "raw_path",
         "body",
         "body_stream",
-        "tried",
-        "path",
-        "status",
-        "ttfb",
         "bytes_in",
         "bytes_out",
-        "streamed",
         "committed",
         "error",
+        "method",
+        "path",
+        "raw_path",
+        "request",
+        "request_id",
+        "started",
+        "state",
+        "status",
+        "streamed",
+        "tried",
+        "ttfb",
+        "upstream",
     )
 
     def __init__(self, request: web.BaseRequest, state: State) -> None:
@@ -113,7 +117,7 @@ class Ctx:
 class Engine:
     """Runs requests through the phases. One per listener; the State is swapped on reload."""
 
-    __slots__ = ("state", "listener", "metrics", "access", "_tokens", "_inflight")
+    __slots__ = ("_inflight", "_tokens", "access", "listener", "metrics", "state")
 
     def __init__(self, state: State, listener: ListenerConfig, metrics: Metrics, access: AccessLog) -> None:
         self.state = state
@@ -167,7 +171,7 @@ class Engine:
             raise NoRoute(f"no upstream serves {ctx.raw_path.split('?', 1)[0]}")
         ctx.upstream = upstream
         rid = ctx.request.headers.get("x-request-id")
-        ctx.request_id = rid if rid and len(rid) <= 200 else uuid.uuid4().hex
+        ctx.request_id = rid if rid and len(rid) <= 200 else f"{_RID_PREFIX}{next(_rid_counter):012x}"
         return upstream
 
     def _accept(self, ctx: Ctx, upstream: Upstream) -> None:
@@ -478,4 +482,3 @@ class Engine:
                 "error": ctx.error,
             }
         )
-

@@ -37,13 +37,12 @@ def tls_context(cafile: str | None = None) -> ssl.SSLContext:
 class Line:
     """An egress line. Only ``direct`` (optionally bound to a source address) for now."""
 
-    __slots__ = ("name", "kind", "bind", "config")
+    __slots__ = ("bind", "config", "kind", "name")
 
     def __init__(self, config: LineConfig) -> None:
         if config.kind != "direct":
             raise ValueError(
-                f"lines.{config.name}: '{config.kind}' lines are not supported by this build yet;"
-                " use a direct line"
+                f"lines.{config.name}: '{config.kind}' lines are not supported by this build yet; use a direct line"
             )
         self.name = config.name
         self.kind = config.kind
@@ -68,8 +67,8 @@ class Line:
         async with asyncio.timeout_at(deadline):
             addrs = await resolver.resolve(host)
         if self.bind is not None:
-            family = socket.AF_INET6 if ":" in self.bind else socket.AF_INET
-            addrs = [a for a in addrs if a[0] == family] or addrs
+            want = int(socket.AF_INET6 if ":" in self.bind else socket.AF_INET)
+            addrs = [a for a in addrs if a[0] == want] or addrs
         last: BaseException | None = None
         for family, ip in addrs:
             try:
@@ -84,7 +83,7 @@ class Line:
                         local_addr=(self.bind, 0) if self.bind else None,
                     )
                 return proto
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise
             except OSError as exc:
                 last = exc
@@ -96,18 +95,18 @@ class Path:
     """One (endpoint, line) pair with its own pool and counters."""
 
     __slots__ = (
-        "key",
-        "upstream",
+        "_tls",
+        "connect_rtt",
         "endpoint",
+        "failures",
+        "inflight",
+        "key",
+        "last_error",
+        "last_error_at",
         "line",
         "pool",
         "requests",
-        "failures",
-        "inflight",
-        "last_error",
-        "last_error_at",
-        "connect_rtt",
-        "_tls",
+        "upstream",
     )
 
     def __init__(
@@ -173,4 +172,3 @@ class Path:
             "failures": self.failures,
             "last_error": self.last_error,
         }
-

@@ -42,11 +42,12 @@ class Metrics:
         self.active_streams = Gauge(
             "edgeproxy_active_streams", "SSE streams being relayed now", ["upstream"], registry=r
         )
-        self.active_requests = Gauge(
-            "edgeproxy_active_requests", "Requests in progress", ["upstream"], registry=r
-        )
+        self.active_requests = Gauge("edgeproxy_active_requests", "Requests in progress", ["upstream"], registry=r)
         self.bytes = Counter(
-            "edgeproxy_bytes", "Body bytes relayed (in: from clients, out: to clients)", ["upstream", "direction"], registry=r
+            "edgeproxy_bytes",
+            "Body bytes relayed (in: from clients, out: to clients)",
+            ["upstream", "direction"],
+            registry=r,
         )
         self.attempts = Counter(
             "edgeproxy_attempts", "Attempts by path and outcome", ["upstream", "line", "outcome"], registry=r

@@ -19,7 +19,7 @@ from typing import Final
 from .client import Conn
 from .errors import ConnectError, ConnectTimeout
 
-__all__ = ["Pool", "Connector"]
+__all__ = ["Connector", "Pool"]
 
 # Opens a connection for the pool: (protocol factory, timeout) -> the connected protocol.
 Connector = Callable[[Callable[[], Conn], float], Awaitable[Conn]]
@@ -32,23 +32,23 @@ class Pool:
     """Connections of one path. ``acquire`` gives a connection, ``release`` takes it back."""
 
     __slots__ = (
-        "label",
-        "_connector",
-        "max_size",
-        "keepalive",
-        "warm",
-        "connect_timeout",
-        "_idle",
         "_active",
-        "_connecting",
-        "_waiters",
         "_closed",
+        "_connecting",
+        "_connector",
+        "_idle",
         "_maintainer",
         "_tasks",
+        "_waiters",
+        "connect_errors",
+        "connect_timeout",
+        "connects",
+        "keepalive",
+        "label",
+        "max_size",
         "on_connect",
         "on_connect_error",
-        "connects",
-        "connect_errors",
+        "warm",
     )
 
     def __init__(
@@ -120,7 +120,7 @@ class Pool:
                     if fut.done() and not fut.cancelled() and fut.exception() is None:
                         self.release(fut.result())  # handed over as we were cancelled
                     raise
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise ConnectTimeout(
                         f"{self.label}: all {self.max_size} connections busy for {self.connect_timeout:g}s"
                     ) from None
@@ -148,14 +148,12 @@ class Pool:
         except (ConnectError, asyncio.CancelledError):
             self.connect_errors += 1
             raise
-        except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
             self.connect_errors += 1
             if self.on_connect_error is not None:
                 self.on_connect_error(exc)
             if isinstance(exc, asyncio.TimeoutError):
-                raise ConnectTimeout(
-                    f"{self.label}: connect timed out after {self.connect_timeout:g}s"
-                ) from None
+                raise ConnectTimeout(f"{self.label}: connect timed out after {self.connect_timeout:g}s") from None
             raise ConnectError(f"{self.label}: {_describe(exc)}") from None
         finally:
             self._connecting -= 1

@@ -46,7 +46,7 @@ class _Refuse(asyncio.Protocol):
 class Listener:
     """One bound client socket: its config, engine, aiohttp server and asyncio server."""
 
-    __slots__ = ("config", "engine", "web_server", "server")
+    __slots__ = ("config", "engine", "server", "web_server")
 
     def __init__(self, config: ListenerConfig, engine: Engine, web_server: web.Server) -> None:
         self.config = config
@@ -100,7 +100,7 @@ class Proxy:
                     listener.server = await loop.create_unix_server(factory, lc.unix, ssl=tls, backlog=1024)
                 else:
                     listener.server = await loop.create_server(
-                        factory, lc.host, lc.port, ssl=tls, backlog=1024, reuse_address=True
+                        factory, lc.host, lc.port or 0, ssl=tls, backlog=1024, reuse_address=True
                     )
                 self.listeners.append(listener)
                 log.info("listening on %s%s", lc.address, " (tls)" if tls else "")
@@ -178,11 +178,20 @@ class Proxy:
             "config_source": self.config.source,
             "ready": self.ready,
             "listeners": [
-                {"address": lst.config.address, "inflight": lst.engine.inflight, "connections": len(lst.web_server.connections)}
+                {
+                    "address": lst.config.address,
+                    "inflight": lst.engine.inflight,
+                    "connections": len(lst.web_server.connections),
+                }
                 for lst in self.listeners
             ],
             "upstreams": [
-                {"name": u.name, "prefix": u.prefix or "/", "provider": u.provider, "paths": [p.status() for p in u.paths]}
+                {
+                    "name": u.name,
+                    "prefix": u.prefix or "/",
+                    "provider": u.provider,
+                    "paths": [p.status() for p in u.paths],
+                }
                 for u in self.state.upstreams
             ],
             "config": dump_redacted(self.config),
@@ -214,7 +223,9 @@ async def serve(config: Config) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("edgeproxy %s ready (%d upstreams, %d paths)", __version__, len(proxy.state.upstreams), len(proxy.state.paths))
+    log.info(
+        "edgeproxy %s ready (%d upstreams, %d paths)", __version__, len(proxy.state.upstreams), len(proxy.state.paths)
+    )
     try:
         await stop.wait()
     finally:

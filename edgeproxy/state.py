@@ -24,7 +24,7 @@ __all__ = ["State", "Upstream"]
 class Upstream:
     """An upstream at run time: where it is mounted and the paths that can serve it."""
 
-    __slots__ = ("config", "name", "prefix", "provider", "paths", "injects_keys", "auth_header", "_keys")
+    __slots__ = ("_keys", "auth_header", "config", "injects_keys", "name", "paths", "prefix", "provider")
 
     def __init__(self, config: UpstreamConfig, paths: list[Path]) -> None:
         self.config = config
@@ -48,9 +48,7 @@ class Upstream:
 
     def matches(self, raw_path: str) -> bool:
         prefix = self.prefix
-        return raw_path.startswith(prefix) and (
-            len(raw_path) == len(prefix) or raw_path[len(prefix)] in "/?"
-        )
+        return raw_path.startswith(prefix) and (len(raw_path) == len(prefix) or raw_path[len(prefix)] in "/?")
 
     def plan(self, tried: list[Path]) -> Path | None:
         """The next path to try: the first untried one in selection order."""
@@ -70,9 +68,11 @@ class Upstream:
 class State:
     """Everything a request needs, built from one Config."""
 
-    __slots__ = ("config", "upstreams", "paths", "lines")
+    __slots__ = ("config", "lines", "paths", "upstreams")
 
-    def __init__(self, config: Config, upstreams: list[Upstream], paths: dict[PathKey, Path], lines: dict[str, Line]) -> None:
+    def __init__(
+        self, config: Config, upstreams: list[Upstream], paths: dict[PathKey, Path], lines: dict[str, Line]
+    ) -> None:
         self.config = config
         # Longest prefix first, so the first match is the longest match.
         self.upstreams = sorted(upstreams, key=lambda u: len(u.prefix), reverse=True)
@@ -111,4 +111,3 @@ class State:
     async def close(self) -> None:
         for path in self.paths.values():
             await path.pool.close()
-

@@ -58,7 +58,7 @@ def test_default_config() -> None:
     assert load_dict(None, env={}) == cfg == load_dict({}, env={})
 
 
-@pytest.mark.parametrize("name", ["sidecar.yaml", "multiline.yaml", "edge.yaml"])
+@pytest.mark.parametrize("name", ["sidecar.yaml", "multiline.yaml"])
 def test_examples_load(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for f in ("tls.crt", "tls.key"):
         (tmp_path / f).write_text("x")
@@ -82,14 +82,13 @@ def test_multiline_example_details(monkeypatch: pytest.MonkeyPatch) -> None:
         ("direct", "direct"),
         ("isp2", "direct"),
         ("corp", "proxy"),
-        ("tokyo", "via"),
     ]
     assert cfg.line("isp2").bind == "192.0.2.10"
     assert cfg.line("corp").proxy == "socks5://127.0.0.1:1080"
-    assert cfg.line("tokyo").token == TOKEN and cfg.line("tokyo").compress == "br"
     openai = cfg.upstreams[0]
-    assert openai.endpoints[0].lines == ("isp2", "direct", "tokyo")
-    assert openai.endpoints[1].lines == ("direct", "isp2", "corp", "tokyo")  # omitted -> all, config order
+    assert openai.endpoints[0].lines == ("isp2", "direct")
+    assert openai.endpoints[0].keys == ()  # as shipped, client keys pass through
+    assert openai.endpoints[1].lines == ("direct", "isp2", "corp")  # omitted -> all, config order
     assert openai.endpoints[1].priority == 2
     assert openai.endpoints[1].model_map() == {"gpt-4o": "gpt-4o-2024-08-06"}
     assert openai.failover.first_event_timeout == 20.0
@@ -321,7 +320,7 @@ def test_lines() -> None:
     )
     assert errs[0].startswith("lines.a: bind and proxy cannot be combined")
     assert errs[1] == "lines.b.token: missing: a peer edge requires a token (one of the edge listener's tokens)"
-    assert errs[2].startswith("lines.c.proxy: 'socks5://user:***@proxy' has no port")
+    assert errs[2].startswith("lines.c.proxy: 'socks5://***@proxy' has no port")
     assert errs[3].startswith("lines.d.bind: 'eth0' is not an IP address")
     assert errs[4].startswith("lines.e.token: only applies to via lines")
     assert "hunter2" not in "\n".join(errs)
@@ -472,6 +471,13 @@ def test_secrets_absent_from_errors() -> None:
     text = "\n".join(errors(data))
     assert "proxy-password-xyz" not in text and SECRET_KEY not in text
     assert "upstreams.openai.endpoints[0].keys[0]: expected a string, got an integer" in text
+    # an unencoded / or @ in a password, and a key pasted as the URL's user name
+    data = {
+        "lines": {"p": {"proxy": "http://bob:pass/word@word@proxy"}},
+        **one_upstream(url=f"ftp://{SECRET_KEY}@api.openai.com/v1"),
+    }
+    text = "\n".join(errors(data))
+    assert "pass/word" not in text and "word@word" not in text and SECRET_KEY not in text
 
 
 # -- upstreams -----------------------------------------------------------------------------
@@ -562,3 +568,19 @@ def test_hedge_values() -> None:
     assert errors({"failover": {"hedge": 0}}) == (
         "failover.hedge: must be greater than 0 (use off to disable hedging)",
     )
+
+
+def test_docs_default_block_is_the_default() -> None:
+    """docs/config.md shows the built-in default as YAML; keep the two in step."""
+    yaml = pytest.importorskip("yaml")
+    text = (CONF.parent / "docs" / "config.md").read_text()
+    block = text.split("## The built-in default", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    assert load_dict(yaml.safe_load(block), env={}) == default_config()
+
+
+def test_duplicate_endpoint_url_is_an_error() -> None:
+    raw = {"upstreams": {"openai": {"prefix": "/v1", "endpoints": ["https://a.example/v1", "https://a.example/v1/"]}}}
+    with pytest.raises(ConfigError) as err:
+        load_dict(raw, env={})
+    assert "upstreams.openai.endpoints[1].url" in str(err.value)
+    assert "already endpoints[0]" in str(err.value)

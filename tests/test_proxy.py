@@ -48,9 +48,11 @@ async def test_forwards_path_query_and_rewrites_host(origin: FakeOrigin, proxy: 
 
 async def test_prefix_replaced_by_endpoint_path(origin: FakeOrigin, make_proxy: Any) -> None:
     cfg = proxy_config(origin.url)
-    cfg["upstreams"] = {"relay": {"prefix": "/openai/v1", "provider": "openai", "endpoints": [{"url": origin.url + "/v1"}]}}
+    cfg["upstreams"] = {
+        "relay": {"prefix": "/openai/v1", "provider": "openai", "endpoints": [{"url": origin.url + "/v1"}]}
+    }
     p = await make_proxy(cfg)
-    status, _, body = await _post(p.url + "/openai/v1/echo?q=1", b"{}")
+    status, _, _body = await _post(p.url + "/openai/v1/echo?q=1", b"{}")
     assert status == 200
     assert origin.requests[-1].path == "/v1/echo?q=1"
 
@@ -73,7 +75,7 @@ async def test_hop_by_hop_headers_stripped_and_request_id(origin: FakeOrigin, pr
     assert seen["x-custom"] == "kept"
     assert seen["x-request-id"] == "req-from-client"
     # without one, a request id is generated, sent upstream and returned
-    status, rh, body = await _post(proxy.url + "/v1/echo", b"{}")
+    status, _rh, body = await _post(proxy.url + "/v1/echo", b"{}")
     rid = orjson.loads(body)["headers"]["x-request-id"]
     assert len(rid) >= 16
 
@@ -112,7 +114,7 @@ async def test_chunked_upload_over_limit_is_413(origin: FakeOrigin, make_proxy: 
         for _ in range(40):
             yield b"y" * 65536
 
-    status, headers, _ = await _post(p.url + "/v1/echo", gen())
+    status, _headers, _ = await _post(p.url + "/v1/echo", gen())
     assert status == 413
 
 
@@ -245,9 +247,7 @@ async def test_500_concurrent_streams_complete_intact(origin: FakeOrigin, proxy:
     for body in bodies:
         events = [e for e in body.split(b"\n\n") if e]
         assert events[-1] == b"data: [DONE]"
-        text = "".join(
-            orjson.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events[1:-2]
-        )
+        text = "".join(orjson.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events[1:-2])
         expected = expected or text
         assert text == expected == "echo: hi"
     assert origin.streams_completed == 500
@@ -275,7 +275,7 @@ async def test_origin_timeout_is_504(origin: FakeOrigin, make_proxy: Any) -> Non
     p = await make_proxy(proxy_config(origin.url, failover={"first_byte_timeout": "300ms"}))
     origin.latency = 2.0
     started = time.monotonic()
-    status, headers, body = await _post(p.url + "/v1/chat/completions", CHAT)
+    status, headers, _body = await _post(p.url + "/v1/chat/completions", CHAT)
     assert status == 504
     assert headers["x-edgeproxy-error"] == "timeout"
     assert time.monotonic() - started < 1.5
@@ -293,7 +293,7 @@ async def test_malformed_requests_get_400_and_proxy_survives(origin: FakeOrigin,
     assert out.split(b" ")[1].startswith(b"4")
     assert b"Traceback" not in out
     # truncated body: client sent less than Content-Length and went away
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nshort")
     writer.close()
     await asyncio.sleep(0.1)

@@ -20,7 +20,11 @@ def _chat(base_url: str, stream: bool) -> dict[str, Any]:
     try:
         if not stream:
             r = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
-            return {"text": r.choices[0].message.content, "model": r.model, "usage": r.usage.model_dump() if r.usage else None}
+            return {
+                "text": r.choices[0].message.content,
+                "model": r.model,
+                "usage": r.usage.model_dump() if r.usage else None,
+            }
         parts: list[str] = []
         usage = None
         with client.chat.completions.create(
@@ -147,7 +151,9 @@ async def test_sdk_gets_provider_shaped_error_when_origin_is_down(make_proxy: An
 
     aclient = anthropic.AsyncAnthropic(base_url=p.url + "/anthropic", api_key="k", max_retries=0)
     with pytest.raises(anthropic.APIStatusError) as aerr:
-        await aclient.messages.create(model="claude-opus-4-6", max_tokens=8, messages=[{"role": "user", "content": "x"}])
+        await aclient.messages.create(
+            model="claude-opus-4-6", max_tokens=8, messages=[{"role": "user", "content": "x"}]
+        )
     await aclient.close()
     assert aerr.value.status_code == 502
     assert aerr.value.body["type"] == "error"  # type: ignore[index]

@@ -67,7 +67,7 @@ async def test_hop_by_hop_headers_stripped_and_request_id(origin: FakeOrigin, pr
         "X-Custom": "kept",
         "x-request-id": "req-from-client",
     }
-    status, rh, body = await _post(proxy.url + "/v1/echo", b"{}", headers=headers)
+    status, _, body = await _post(proxy.url + "/v1/echo", b"{}", headers=headers)
     assert status == 200
     seen = orjson.loads(body)["headers"]
     for h in ("x-private", "keep-alive", "proxy-authorization", "te", "x-edgeproxy-token"):

@@ -16,8 +16,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .client import Conn
-from .dns import Resolver
+from .dns import Address, Resolver
+from .errors import ConnectError
+from .estimator import Estimator
+from .health import Health
 from .pool import Pool
+from .probe import probe_target
+from .tunnel import Handshake, ProxySpec, http_connect, socks5_connect
 
 if TYPE_CHECKING:
     from .config import EndpointConfig, LineConfig, PoolConfig, UpstreamConfig
@@ -35,22 +40,22 @@ def tls_context(cafile: str | None = None) -> ssl.SSLContext:
 
 
 class Line:
-    """An egress line. Only ``direct`` (optionally bound to a source address) for now."""
+    """An egress line: ``direct`` (optionally bound to a source address) or ``proxy``."""
 
-    __slots__ = ("bind", "config", "kind", "name")
+    __slots__ = ("bind", "config", "kind", "name", "proxy")
 
     def __init__(self, config: LineConfig) -> None:
-        if config.kind != "direct":
-            raise ValueError(
-                f"lines.{config.name}: '{config.kind}' lines are not supported by this build yet; use a direct line"
-            )
+        if config.kind == "via":
+            raise ValueError(f"lines.{config.name}: 'via' lines are not supported by this build yet")
         self.name = config.name
         self.kind = config.kind
         self.bind = config.bind
+        self.proxy = ProxySpec(config.proxy) if config.proxy else None
         self.config = config
 
     def __repr__(self) -> str:
-        return f"<Line {self.name} {self.kind}{' bind=' + self.bind if self.bind else ''}>"
+        where = f" bind={self.bind}" if self.bind else f" {self.proxy.label}" if self.proxy else ""
+        return f"<Line {self.name} {self.kind}{where}>"
 
     async def connect(
         self,
@@ -60,31 +65,60 @@ class Line:
         port: int,
         tls: ssl.SSLContext | None,
         timeout: float,
-    ) -> Conn:
-        """Open one connection to host:port; try each address until one answers."""
+    ) -> tuple[Conn, float]:
+        """Open one connection to host:port over this line.
+
+        Returns the connection and the time it took to reach the origin (TCP, plus the proxy's
+        tunnel set-up), which is about one round trip over the line: an RTT sample. DNS and
+        TLS are not in it.
+        """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        async with asyncio.timeout_at(deadline):
-            addrs = await resolver.resolve(host)
+        transport: asyncio.Transport | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                proxy = self.proxy
+                if proxy is None:
+                    addrs = await resolver.resolve(host)
+                    started = loop.time()
+                    transport, hs = await self._open_tcp(addrs, port)
+                else:
+                    addrs = await resolver.resolve(proxy.host)
+                    target = host
+                    if proxy.scheme == "socks5" and not proxy.remote_dns:
+                        target = (await resolver.resolve(host))[0][1]
+                    started = loop.time()
+                    transport, hs = await self._open_tcp(addrs, proxy.port)
+                    if proxy.scheme == "http":
+                        await http_connect(hs, proxy, host, port)
+                    else:
+                        await socks5_connect(hs, proxy, target, port)
+                reach = loop.time() - started
+                if tls is not None:
+                    transport = await loop.start_tls(transport, hs, tls, server_hostname=host)  # type: ignore[assignment]
+                    if transport is None:
+                        raise ConnectError(f"TLS to {host}: connection closed during the handshake")
+        except BaseException:
+            if transport is not None:
+                transport.abort()
+            raise
+        conn = factory()
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+        return conn, reach
+
+    async def _open_tcp(self, addrs: list[Address], port: int) -> tuple[asyncio.Transport, Handshake]:
+        """TCP to the first address that answers (bound to ``bind`` when set)."""
+        loop = asyncio.get_running_loop()
         if self.bind is not None:
             want = int(socket.AF_INET6 if ":" in self.bind else socket.AF_INET)
             addrs = [a for a in addrs if a[0] == want] or addrs
-        last: BaseException | None = None
+        last: OSError | None = None
         for family, ip in addrs:
             try:
-                async with asyncio.timeout_at(deadline):
-                    _, proto = await loop.create_connection(
-                        factory,
-                        ip,
-                        port,
-                        ssl=tls,
-                        server_hostname=host if tls is not None else None,
-                        family=family,
-                        local_addr=(self.bind, 0) if self.bind else None,
-                    )
-                return proto
-            except TimeoutError:
-                raise
+                transport, hs = await loop.create_connection(
+                    Handshake, ip, port, family=family, local_addr=(self.bind, 0) if self.bind else None
+                )
+                return transport, hs  # type: ignore[return-value]
             except OSError as exc:
                 last = exc
         assert last is not None
@@ -92,21 +126,24 @@ class Line:
 
 
 class Path:
-    """One (endpoint, line) pair with its own pool and counters."""
+    """One (endpoint, line) pair with its own pool, RTT estimate, health and counters."""
 
     __slots__ = (
-        "_tls",
-        "connect_rtt",
+        "key",
+        "upstream",
         "endpoint",
+        "line",
+        "label",
+        "pool",
+        "estimator",
+        "health",
+        "probe_head",
+        "requests",
         "failures",
         "inflight",
-        "key",
         "last_error",
         "last_error_at",
-        "line",
-        "pool",
-        "requests",
-        "upstream",
+        "connect_rtt",
     )
 
     def __init__(
@@ -121,14 +158,15 @@ class Path:
         self.upstream = upstream.name
         self.endpoint = endpoint
         self.line = line
-        self._tls = tls_context() if endpoint.scheme == "https" else None
-        host, port, tls = endpoint.host, endpoint.port, self._tls
+        self.label = f"{upstream.name}:{endpoint.host}:{endpoint.port} via {line.name}"
+        tls = tls_context() if endpoint.scheme == "https" else None
+        host, port = endpoint.host, endpoint.port
 
-        async def connector(factory: Callable[[], Conn], timeout: float) -> Conn:
+        async def connector(factory: Callable[[], Conn], timeout: float) -> tuple[Conn, float]:
             return await line.connect(factory, resolver, host, port, tls, timeout)
 
         self.pool = Pool(
-            f"{endpoint.host}:{endpoint.port} via {line.name}",
+            self.label,
             connector,
             max_size=pool_config.max_per_path,
             keepalive=pool_config.keepalive,
@@ -136,6 +174,11 @@ class Path:
             connect_timeout=pool_config.connect_timeout,
         )
         self.pool.on_connect = self._on_connect
+        self.estimator = Estimator()
+        self.health = Health()
+        hostport = host if port in (80, 443) else f"{host}:{port}"
+        target = probe_target(upstream.provider, endpoint.base_path)
+        self.probe_head = f"GET {target} HTTP/1.1\r\nHost: {hostport}\r\nUser-Agent: edgeproxy-probe\r\n\r\n".encode()
         self.requests = 0
         self.failures = 0
         self.inflight = 0
@@ -144,10 +187,18 @@ class Path:
         self.connect_rtt: float | None = None
 
     def __repr__(self) -> str:
-        return f"<Path {self.upstream} {self.endpoint.host} via {self.line.name} {self.pool!r}>"
+        return f"<Path {self.label} {self.health.state} {self.estimator!r} {self.pool!r}>"
+
+    def score(self) -> float | None:
+        """Lower is better; None until measured. The formula: see ``estimator``."""
+        return self.estimator.score()
+
+    def is_full(self) -> bool:
+        return self.inflight >= self.pool.max_size
 
     def _on_connect(self, seconds: float) -> None:
         self.connect_rtt = seconds
+        self.estimator.add(seconds, time.monotonic())
 
     def on_response_end(self, resp: object) -> None:
         self.inflight -= 1
@@ -159,16 +210,28 @@ class Path:
 
     def status(self) -> dict[str, object]:
         """What /-/status shows for this path (no secrets: URLs here carry none)."""
+        est, health = self.estimator, self.health
+        now = time.monotonic()
         return {
             "upstream": self.upstream,
             "endpoint": self.endpoint.url,
             "line": self.line.name,
             "priority": self.endpoint.priority,
-            "connect_ms": None if self.connect_rtt is None else round(self.connect_rtt * 1000, 2),
+            "state": health.state,
+            "srtt_ms": _ms(est.srtt),
+            "rttvar_ms": _ms(est.rttvar),
+            "last_rtt_ms": _ms(est.last_sample),
+            "connect_ms": _ms(self.connect_rtt),
+            "last_probe_s_ago": None if health.last_probe_at is None else round(now - health.last_probe_at, 1),
+            "last_probe_ok": health.last_probe_ok,
             "inflight": self.inflight,
             "active": self.pool.active,
             "idle": self.pool.idle,
             "requests": self.requests,
             "failures": self.failures,
-            "last_error": self.last_error,
+            "last_error": self.last_error or health.last_error,
         }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)

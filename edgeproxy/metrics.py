@@ -55,6 +55,22 @@ class Metrics:
         self.connects = Counter(
             "edgeproxy_upstream_connects", "New upstream connections opened", ["upstream", "line"], registry=r
         )
+        self.probes = Counter("edgeproxy_probes", "Probe results by path", ["upstream", "line", "result"], registry=r)
+        self.path_rtt = Gauge(
+            "edgeproxy_path_rtt_seconds",
+            "Smoothed RTT (SRTT) of each path",
+            ["upstream", "endpoint", "line"],
+            registry=r,
+        )
+        self.path_up = Gauge(
+            "edgeproxy_path_up",
+            "1 if the path is healthy (last probe answered)",
+            ["upstream", "endpoint", "line"],
+            registry=r,
+        )
+        self.switches = Counter(
+            "edgeproxy_route_switches", "Times an upstream's preferred path changed", ["upstream"], registry=r
+        )
         self.start_time = Gauge("edgeproxy_start_time_seconds", "Process start time", registry=r)
         self.start_time.set(time.time())
         self._cache: dict[tuple[object, ...], MetricWrapperBase] = {}

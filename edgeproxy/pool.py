@@ -21,8 +21,9 @@ from .errors import ConnectError, ConnectTimeout
 
 __all__ = ["Connector", "Pool"]
 
-# Opens a connection for the pool: (protocol factory, timeout) -> the connected protocol.
-Connector = Callable[[Callable[[], Conn], float], Awaitable[Conn]]
+# Opens a connection for the pool: (protocol factory, timeout) -> the connected protocol and
+# the time it took to reach the origin (an RTT sample for the estimator).
+Connector = Callable[[Callable[[], Conn], float], Awaitable[tuple[Conn, float]]]
 
 # How often idle connections are checked for expiry and the warm set topped up.
 MAINTAIN_INTERVAL: Final = 1.0
@@ -142,9 +143,8 @@ class Pool:
 
     async def _open(self) -> Conn:
         self._connecting += 1
-        started = time.monotonic()
         try:
-            conn = await self._connector(lambda: Conn(self), self.connect_timeout)
+            conn, reach = await self._connector(lambda: Conn(self), self.connect_timeout)
         except (ConnectError, asyncio.CancelledError):
             self.connect_errors += 1
             raise
@@ -159,7 +159,7 @@ class Pool:
             self._connecting -= 1
         self.connects += 1
         if self.on_connect is not None:
-            self.on_connect(time.monotonic() - started)
+            self.on_connect(reach)
         return conn
 
     def release(self, conn: Conn) -> None:

@@ -22,7 +22,9 @@ from .accesslog import AccessLog
 from .config import Config, ListenerConfig, dump_redacted
 from .dns import Resolver
 from .forward import Engine
+from .lines import Path
 from .metrics import Metrics
+from .probe import Prober
 from .state import State
 
 __all__ = ["Proxy", "serve"]
@@ -64,6 +66,7 @@ class Proxy:
         self.access = AccessLog(config.log.access)
         self.resolver = Resolver()
         self.state = State.build(config, self.resolver)
+        self.prober = Prober(config.probe, self.metrics, self._on_probe)
         self.listeners: list[Listener] = []
         self.admin_runner: web.AppRunner | None = None
         self.started_at = time.time()
@@ -110,6 +113,7 @@ class Proxy:
             await self.stop(0)
             raise
         self.state.start()
+        self.prober.sync(self.state.paths.values())
         self.ready = True
 
     async def stop(self, drain_timeout: float) -> None:
@@ -130,9 +134,23 @@ class Proxy:
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
             self.admin_runner = None
+        await self.prober.close()
         await self.state.close()
         self.resolver.close()
         self.access.flush()
+
+    def _on_probe(self, path: Path, changed: bool) -> None:
+        """A probe finished: re-rank that path's upstream; export what changed."""
+        upstream = self.state.upstream(path.upstream)
+        if upstream is not None and upstream.reselect():
+            first = upstream.order[0]
+            log.info("upstream %s now prefers %s", upstream.name, first.label)
+            self.metrics.child(self.metrics.switches, upstream.name).inc()  # type: ignore[attr-defined]
+        m, labels = self.metrics, (path.upstream, path.endpoint.url, path.line.name)
+        srtt = path.estimator.srtt
+        if srtt is not None:
+            m.child(m.path_rtt, *labels).set(srtt)  # type: ignore[attr-defined]
+        m.child(m.path_up, *labels).set(1 if path.health.is_healthy() else 0)  # type: ignore[attr-defined]
 
     # -- admin -----------------------------------------------------------------------------
     async def _start_admin(self, lc: ListenerConfig) -> None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from .lines import Line, Path, PathKey
 from .providers import auth_header, auth_value
+from .select import Candidate, order
 
 if TYPE_CHECKING:
     from .config import Config, EndpointConfig, UpstreamConfig
@@ -24,15 +25,32 @@ __all__ = ["State", "Upstream"]
 class Upstream:
     """An upstream at run time: where it is mounted and the paths that can serve it."""
 
-    __slots__ = ("_keys", "auth_header", "config", "injects_keys", "name", "paths", "prefix", "provider")
+    __slots__ = (
+        "config",
+        "name",
+        "prefix",
+        "provider",
+        "paths",
+        "order",
+        "current",
+        "switches",
+        "tolerance",
+        "injects_keys",
+        "auth_header",
+        "_keys",
+    )
 
-    def __init__(self, config: UpstreamConfig, paths: list[Path]) -> None:
+    def __init__(self, config: UpstreamConfig, paths: list[Path], tolerance: float) -> None:
         self.config = config
         self.name = config.name
         self.prefix = "" if config.prefix == "/" else config.prefix
         self.provider = config.provider
-        # Selection order for now: priority tier, then config order of endpoints and lines.
-        self.paths = sorted(paths, key=lambda p: p.endpoint.priority)
+        self.paths = paths  # config order
+        self.tolerance = tolerance
+        # Try order, best first: recomputed by reselect() when probes change what we know.
+        self.order: tuple[Path, ...] = tuple(paths)
+        self.current: PathKey | None = None
+        self.switches = 0
         # Only when every endpoint brings its own keys may a client's credential header carry
         # our token instead (otherwise it must pass through to the origin untouched).
         self.injects_keys = all(ep.keys for ep in config.endpoints)
@@ -42,6 +60,7 @@ class Upstream:
             for ep in config.endpoints
             if ep.keys
         }
+        self.reselect()
 
     def __repr__(self) -> str:
         return f"<Upstream {self.name} {self.prefix or '/'} paths={len(self.paths)}>"
@@ -51,11 +70,35 @@ class Upstream:
         return raw_path.startswith(prefix) and (len(raw_path) == len(prefix) or raw_path[len(prefix)] in "/?")
 
     def plan(self, tried: list[Path]) -> Path | None:
-        """The next path to try: the first untried one in selection order."""
-        for path in self.paths:
-            if path not in tried:
-                return path
-        return None
+        """The next path to try: the first untried one in ``order`` that has room.
+
+        A path whose in-flight requests fill its pool is passed over (spill to the next);
+        it is still returned when every other path was tried or is full too.
+        """
+        spill = None
+        for path in self.order:
+            if path in tried:
+                continue
+            if path.inflight >= path.pool.max_size:
+                spill = spill or path
+                continue
+            return path
+        return spill
+
+    def reselect(self) -> bool:
+        """Recompute ``order`` from the paths' estimates and health; True if the first changed."""
+        candidates = [
+            Candidate(p.key, p.endpoint.priority, p.score(), p.health.is_healthy(), i, p.health.consecutive_failures)
+            for i, p in enumerate(self.paths)
+        ]
+        by_key = {p.key: p for p in self.paths}
+        self.order = tuple(by_key[c.key] for c in order(candidates, self.current, self.tolerance))
+        first = self.order[0].key if self.order else None
+        switched = self.current is not None and first != self.current
+        if switched:
+            self.switches += 1
+        self.current = first
+        return switched
 
     def key_header(self, endpoint: EndpointConfig) -> tuple[bytes, bytes] | None:
         """(header name, value) presenting the endpoint's next key, or None to pass through."""
@@ -95,8 +138,14 @@ class State:
                         path = Path(uc, ep, lines[line_name], config.pool, resolver)
                     paths[key] = path
                     ups_paths.append(path)
-            upstreams.append(Upstream(uc, ups_paths))
+            upstreams.append(Upstream(uc, ups_paths, config.route.tolerance))
         return cls(config, upstreams, paths, lines)
+
+    def upstream(self, name: str) -> Upstream | None:
+        for upstream in self.upstreams:
+            if upstream.name == name:
+                return upstream
+        return None
 
     def route(self, raw_path: str) -> Upstream | None:
         for upstream in self.upstreams:

@@ -119,6 +119,7 @@ _GOOGLE_STATUS = {
 }
 
 _OPENAI, _ANTHROPIC, _GEMINI = "openai", "anthropic", "gemini"
+PROBE_AGENT = "edgeproxy-probe"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -268,7 +269,8 @@ class FakeOrigin:
         self.record: bool = True  # False: do not append to .requests (benchmarks)
         # observations
         self.requests: list[Recorded] = []
-        self.request_count: int = 0  # counted even when record is False
+        self.request_count: int = 0  # client requests, counted even when record is False
+        self.probe_count: int = 0  # edgeproxy's probes (User-Agent: edgeproxy-probe), never in requests
         self.stream_disconnects: int = 0
         self.streams_completed: int = 0
         self.streams_dropped: int = 0  # streams the origin aborted itself (drop_after_events)
@@ -460,11 +462,15 @@ class FakeOrigin:
             else:
                 body = await request.content.read() if request.body_exists else b""
             request[_BODY_KEY] = body
-            self.request_count += 1
-            if self.record:
-                self.requests.append(
-                    Recorded(request.method, request.raw_path, request.headers.copy(), body, time.time(), size, sha)
-                )
+            if request.headers.get("User-Agent") == PROBE_AGENT:
+                # edgeproxy's health probes: counted apart, so tests see only client traffic.
+                self.probe_count += 1
+            else:
+                self.request_count += 1
+                if self.record:
+                    self.requests.append(
+                        Recorded(request.method, request.raw_path, request.headers.copy(), body, time.time(), size, sha)
+                    )
             if self._waiters:
                 self._notify()
 

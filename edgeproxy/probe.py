@@ -1,0 +1,111 @@
+"""Active probes: a cheap timed HTTP request on every path, over its warm pool.
+
+The probe is ``GET <models list>`` without credentials: every provider answers it (200, or 401
+without a key), it is never billed, and any HTTP answer means the path works end to end. The
+time from request sent to response headers is one RTT sample (plus the origin's trivial work).
+One task per path, owned by the ``Prober``; ``sync(paths)`` starts and stops tasks so a reload
+keeps the probes of unchanged paths running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from .errors import ProxyError
+
+if TYPE_CHECKING:
+    from .config import ProbeConfig
+    from .lines import Path, PathKey
+    from .metrics import Metrics
+
+__all__ = ["Prober", "probe_target"]
+
+log = logging.getLogger("edgeproxy.probe")
+
+# Where each provider lists its models (relative to the endpoint's base path for OpenAI-style
+# APIs, whose base path already ends in the version).
+_PROBE_PATHS = {"openai": "/models", "anthropic": "/v1/models", "gemini": "/v1beta/models"}
+
+
+def probe_target(provider: str, base_path: str) -> str:
+    if provider == "openai":
+        return (base_path or "") + "/models"
+    return _PROBE_PATHS.get(provider, "/")
+
+
+class Prober:
+    """Runs one probe loop per path; reports each result to the path and to ``on_result``."""
+
+    def __init__(self, config: ProbeConfig, metrics: Metrics, on_result: Callable[[Path, bool], None]) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.on_result = on_result
+        self._tasks: dict[PathKey, tuple[Path, asyncio.Task[None]]] = {}
+
+    def sync(self, paths: Iterable[Path], config: ProbeConfig | None = None) -> None:
+        """Probe exactly these paths: start loops for new ones, stop the rest."""
+        if config is not None:
+            self.config = config
+        wanted = {p.key: p for p in paths}
+        for key, (path, task) in list(self._tasks.items()):
+            if wanted.get(key) is not path:
+                task.cancel()
+                del self._tasks[key]
+        loop = asyncio.get_running_loop()
+        for key, path in wanted.items():
+            if key not in self._tasks:
+                task = loop.create_task(self._run(path), name=f"probe {path.label}")
+                self._tasks[key] = (path, task)
+
+    async def close(self) -> None:
+        tasks = [t for _, t in self._tasks.values()]
+        self._tasks.clear()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(self, path: Path) -> None:
+        # The first probe goes out at once: a fresh path has no RTT until it is measured.
+        while True:
+            await self.probe(path)
+            await asyncio.sleep(path.health.next_probe_in(self.config.interval))
+
+    async def probe(self, path: Path) -> bool:
+        """Probe ``path`` once; feed the estimator and health; True if it answered."""
+        loop = asyncio.get_running_loop()
+        timeout = self.config.timeout
+        error: str | None = None
+        resp = None
+        try:
+            async with asyncio.timeout(timeout):
+                conn, _ = await path.pool.acquire()
+                resp = conn.send("GET", path.probe_head, None, None)
+                sent = loop.time()
+                await resp.wait_head(timeout)
+                rtt = loop.time() - sent
+                while await resp.read():
+                    pass
+        except ProxyError as exc:
+            error = exc.message
+        except TimeoutError:
+            error = f"no answer within {timeout:g}s"
+        except OSError as exc:
+            error = str(exc) or type(exc).__name__
+        finally:
+            if resp is not None:
+                resp.release()
+        ok = error is None
+        now = time.monotonic()
+        if ok:
+            path.estimator.add(rtt, now)
+        changed = path.health.on_probe(ok, now, error)
+        if changed:
+            log.info("path %s is %s%s", path.label, path.health.state, f": {error}" if error else "")
+        m = self.metrics
+        m.child(m.probes, path.upstream, path.line.name, "ok" if ok else "fail").inc()  # type: ignore[attr-defined]
+        self.on_result(path, changed)
+        return ok

@@ -1,0 +1,71 @@
+"""Who gets the next request: the order in which an upstream's paths are tried.
+
+A pure function of a snapshot (no sockets, no clock reads): the estimator and health are read
+by the caller into ``Candidate`` rows; ``order`` decides. Rules, in order:
+
+1. Healthy paths first. If none is healthy, all of them, least bad first: never refuse to try.
+2. Within that, the best (lowest) priority tier first; lower tiers follow as fallbacks.
+3. Within a tier, lowest score first (score = the estimator's SRTT, see ``estimator``);
+   unmeasured paths after measured ones, then config order.
+4. Hysteresis: the current path stays first unless another beats it by more than
+   ``tolerance`` (no flapping between lines that are about equal).
+
+Spilling (a path whose in-flight requests reached its pool size goes after the others) is
+decided per request by the caller, on top of this order, because in-flight counts change
+with every request while this order changes only with probes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Candidate", "order"]
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    key: Any  # hashable: the caller's path key
+    priority: int
+    score: float | None  # seconds; None = not measured yet
+    healthy: bool
+    index: int  # config order, the last tie-breaker
+    failures: int = 0  # recent failures, to rank paths when none is healthy
+
+
+def _rank(c: Candidate) -> tuple[bool, float, int]:
+    return (c.score is None, c.score if c.score is not None else 0.0, c.index)
+
+
+def order(candidates: Sequence[Candidate], current: Hashable | None, tolerance: float) -> list[Candidate]:
+    """All candidates, best first. ``current`` is the path that was first last time."""
+    healthy = [c for c in candidates if c.healthy]
+    if healthy:
+        rest = sorted((c for c in candidates if not c.healthy), key=lambda c: (c.priority, c.failures, *_rank(c)))
+    else:
+        healthy = sorted(candidates, key=lambda c: (c.failures, *_rank(c)))
+        rest = []
+    tiers: dict[int, list[Candidate]] = {}
+    for c in healthy:
+        tiers.setdefault(c.priority, []).append(c)
+    out: list[Candidate] = []
+    for n, priority in enumerate(sorted(tiers)):
+        tier = sorted(tiers[priority], key=_rank)
+        if n == 0 and current is not None and len(tier) > 1:
+            tier = _keep_current(tier, current, tolerance)
+        out.extend(tier)
+    out.extend(rest)
+    return out
+
+
+def _keep_current(tier: list[Candidate], current: Hashable, tolerance: float) -> list[Candidate]:
+    best = tier[0]
+    if best.key == current:
+        return tier
+    cur = next((c for c in tier if c.key == current), None)
+    if cur is None or cur.score is None or best.score is None:
+        return tier
+    if best.score < cur.score - tolerance:
+        return tier  # a real gain: switch
+    return [cur, *(c for c in tier if c is not cur)]

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import os
+import re
 import resource
 import signal
 import socket
@@ -21,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+Popen = subprocess.Popen[bytes]
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 NGINX = "/usr/sbin/nginx"
@@ -64,12 +67,9 @@ def background_cpu(seconds: float = 1.0) -> dict[str, float]:
 
 
 def rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        m = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+        return round(int(m.group(1)) / 1024, 1) if m else None
     return None
 
 
@@ -104,7 +104,7 @@ def pct(sorted_values: list[float], p: float) -> float:
     """Nearest-rank percentile of an already sorted list."""
     if not sorted_values:
         return float("nan")
-    k = max(0, min(len(sorted_values) - 1, int(round(p / 100 * len(sorted_values) + 0.5)) - 1))
+    k = max(0, min(len(sorted_values) - 1, math.ceil(p / 100 * len(sorted_values)) - 1))
     return sorted_values[k]
 
 
@@ -120,7 +120,7 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> None:
     cells = [headers] + [["-" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for j, r in enumerate(cells):
-        print(" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        print(" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
         if j == 0:
             print("-+-".join("-" * w for w in widths))
 
@@ -147,11 +147,11 @@ class Procs:
     """Starts child processes and stops every one of them (TERM, then KILL) on exit."""
 
     def __init__(self) -> None:
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.procs: list[tuple[str, Popen]] = []
 
-    def start(self, name: str, argv: list[str], log: Path | None = None, stdout: Path | None = None) -> subprocess.Popen[bytes]:
-        out = open(stdout, "wb") if stdout else subprocess.DEVNULL  # noqa: SIM115
-        err = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+    def start(self, name: str, argv: list[str], log: Path | None = None, stdout: Path | None = None) -> Popen:
+        out = open(stdout, "wb") if stdout else subprocess.DEVNULL
+        err = open(log, "wb") if log else subprocess.DEVNULL
         p = subprocess.Popen(
             argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
             start_new_session=True, preexec_fn=_pdeathsig,
@@ -162,7 +162,7 @@ class Procs:
         self.procs.append((name, p))
         return p
 
-    def stop(self, p: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    def stop(self, p: Popen, timeout: float = 10.0) -> None:
         if p.poll() is None:
             p.terminate()
             try:
@@ -170,6 +170,9 @@ class Procs:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+    def died(self) -> list[str]:
+        return [f"{name} exited with {p.returncode}" for name, p in self.procs if p.poll() is not None]
 
     def __enter__(self) -> Procs:
         return self
@@ -189,7 +192,7 @@ def sigterm_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+def wait_port(port: int, proc: Popen, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -200,7 +203,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+def wait_http(url: str, proc: Popen, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -212,15 +215,17 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) ->
     raise RuntimeError(f"{url} not 200 after {timeout}s")
 
 
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return json.loads(r.read())
+def edgeproxy_status(admin: int) -> dict[str, Any]:
+    """Listener and upstream-path counters from /-/status (in-flight and open connections: leak check)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/-/status", timeout=5) as r:
+        st = json.loads(r.read())
+    return {"listeners": st.get("listeners"), "paths": [p for u in st.get("upstreams", []) for p in u.get("paths", [])]}
 
 
 # --------------------------------------------------------------------------- the actors
 
 
-def start_nginx(procs: Procs, tmp: Path, port: int, body: str) -> subprocess.Popen[bytes]:
+def start_nginx(procs: Procs, tmp: Path, port: int, body: str) -> Popen:
     """nginx answering every request with ``body`` (JSON); all its paths inside ``tmp``."""
     tmp.chmod(0o755)  # as root, the workers run as nobody
     temps = "".join(f"  {k}_temp_path {tmp}/{k}_temp;\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -237,14 +242,14 @@ def start_nginx(procs: Procs, tmp: Path, port: int, body: str) -> subprocess.Pop
     return p
 
 
-def start_fake_origin(procs: Procs, tmp: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+def start_fake_origin(procs: Procs, tmp: Path, port: int, *extra: str) -> Popen:
     argv = [PY, "-m", "tests.fakes.origin", "--port", str(port), *extra]
     p = procs.start("origin", argv, log=tmp / "origin.log")
     wait_port(port, p)
     return p
 
 
-def start_edgeproxy(procs: Procs, tmp: Path, origin: str, pool: int = 2048) -> tuple[subprocess.Popen[bytes], int, int]:
+def start_edgeproxy(procs: Procs, tmp: Path, origin: str, pool: int = 2048) -> tuple[Popen, int, int]:
     """edgeproxy with access log and metrics on (access log to a file). Returns (proc, port, admin port)."""
     port, admin = free_port(), free_port()
     cfg = tmp / "edgeproxy.yaml"
@@ -260,7 +265,7 @@ def start_edgeproxy(procs: Procs, tmp: Path, origin: str, pool: int = 2048) -> t
     return p, port, admin
 
 
-def start_bare(procs: Procs, tmp: Path, origin: str) -> tuple[subprocess.Popen[bytes], int]:
+def start_bare(procs: Procs, tmp: Path, origin: str) -> tuple[Popen, int]:
     port = free_port()
     argv = [PY, str(ROOT / "bench" / "bare_proxy.py"), "--port", str(port), "--upstream", origin]
     p = procs.start("bare_proxy", argv, log=tmp / "bare.log")

@@ -64,8 +64,7 @@ class RawConn:
         self.buf = b""
 
     def _recv(self) -> bytes:
-        d = self.s.recv(65536)
-        if not d:
+        if not (d := self.s.recv(65536)):
             raise ConnectionError("server closed the connection")
         return d
 
@@ -212,18 +211,16 @@ def main() -> None:
     ap.add_argument("--duration", type=float, help="wrk seconds per target (default 10; quick 3)")
     ap.add_argument("--connections", type=int, default=32)
     a = ap.parse_args()
-    n = a.n or (1000 if a.quick else 3000)
-    warmup = a.warmup or (100 if a.quick else 300)
-    dur = a.duration or (3.0 if a.quick else 10.0)
-    warm_dur = 1.0 if a.quick else 2.0
+    n, warmup = a.n or (1000 if a.quick else 3000), a.warmup or (100 if a.quick else 300)
+    dur, warm_dur = a.duration or (3.0 if a.quick else 10.0), 1.0 if a.quick else 2.0
     c.sigterm_as_interrupt()
     c.raise_nofile()
     bg = c.background_cpu(1.0)
     la0 = c.loadavg()
     print(f"overhead: loadavg before {la0}; background CPU {bg['busy_pct']}% busy, {bg['steal_pct']}% steal")
-    res: dict[str, Any] = {"bench": "overhead", "quick": a.quick, "n": n, "warmup": warmup, "rounds": a.rounds,
-                           "wrk_seconds": dur, "connections": a.connections, "body_bytes": len(BODY),
-                           "reply_bytes": len(REPLY), "load_tool": "wrk" if shutil.which("wrk") else "aiohttp"}  # fmt: skip
+    tool = "wrk" if shutil.which("wrk") else "aiohttp"
+    res: dict[str, Any] = dict(bench="overhead", quick=a.quick, n=n, warmup=warmup, rounds=a.rounds, wrk_seconds=dur,
+                               connections=a.connections, body_bytes=len(BODY), reply_bytes=len(REPLY), load_tool=tool)
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as td, c.Procs() as procs:
         tmp = Path(td)
         oport = c.free_port()
@@ -244,8 +241,7 @@ def main() -> None:
         seq = seq_latency(targets, warmup, n, a.rounds)
         for k, p in pids.items():
             rss[k]["after_seq_mb"] = c.rss_mb(p)
-        lua = tmp / "post.lua"
-        lua.write_text(WRK_LUA % BODY)
+        (lua := tmp / "post.lua").write_text(WRK_LUA % BODY)
         thr: dict[str, dict[str, Any]] = {}
         for name, port in targets.items():
             print(f"load {name}: {a.connections} connections, {warm_dur:g}s warm-up + {dur:g}s...", flush=True)
@@ -255,18 +251,16 @@ def main() -> None:
         for k, p in pids.items():
             rss[k]["after_load_mb"] = c.rss_mb(p)
             rss[k]["peak_load_mb"] = thr[k].pop("proxy_rss_peak_mb")
-        status = c.get_json(f"http://127.0.0.1:{admin}/-/status")
-        res["edgeproxy_after"] = {"listeners": status.get("listeners"),
-                                  "paths": [p for u in status.get("upstreams", []) for p in u.get("paths", [])]}  # fmt: skip
-        for name, p in procs.procs:
-            if p.poll() is not None:
-                res.setdefault("died", []).append(f"{name} exited {p.returncode}")
+        res["edgeproxy_after"] = c.edgeproxy_status(admin)
+        res["died"] = procs.died()
         procs.stop(edge)  # so that its logs are complete
         res["edgeproxy_findings"] = c.edgeproxy_findings(tmp)
-    report(res, seq, thr, rss, bg, la0)
+    res.update(seq_us=seq, load=thr, rss_mb=rss, background_cpu=bg, loadavg_before=la0)
+    report(res)
 
 
-def report(res: dict[str, Any], seq: dict[str, Any], thr: dict[str, Any], rss: dict[str, Any], bg: Any, la0: str) -> None:
+def report(res: dict[str, Any]) -> None:
+    seq, thr, rss = res["seq_us"], res["load"], res["rss_mb"]
     d = seq["direct"]
     for name, s in seq.items():
         if name != "direct":
@@ -276,28 +270,28 @@ def report(res: dict[str, Any], seq: dict[str, Any], thr: dict[str, Any], rss: d
     for name, s in seq.items():
         t, r = thr[name], rss.get(name, {})
         mem = f"{r['idle_mb']} / {r['after_load_mb']} (peak {r['peak_load_mb']})" if r else None
-        rows.append([name, f"{s['p50']:.0f}", f"{s['p90']:.0f}", f"{s['p99']:.0f}", s.get("added_p50"), s.get("added_p99"),
-                     f"{t['rps']:.0f}", f"{t['p50_ms']:.2f}/{t['p99_ms']:.2f}", t.get("proxy_cpu_pct"),
-                     t["non2xx"] + t["sock_errors"] + s["non200"], mem])  # fmt: skip
+        errors = t["non2xx"] + t["sock_errors"] + s["non200"]
+        rows.append([name, f"{s['p50']:.0f}", f"{s['p90']:.0f}", f"{s['p99']:.0f}", s.get("added_p50"),
+                     s.get("added_p99"), f"{t['rps']:.0f}", f"{t['p50_ms']:.2f}/{t['p99_ms']:.2f}",
+                     t.get("proxy_cpu_pct"), errors, mem])  # fmt: skip
     c.print_table(["target", "seq p50 µs", "p90 µs", "p99 µs", "added p50", "added p99", f"req/s @{res['connections']}",
                    "load p50/p99 ms", "proxy CPU%", "errors", "RSS MB idle / after (peak)"], rows)  # fmt: skip
-    e, et = seq["edgeproxy"], thr["edgeproxy"]
+    e, et, b = seq["edgeproxy"], thr["edgeproxy"], seq["bare_proxy"]
     print("\ntargets (edgeproxy):")
     print(f"  added p50 <= 150 µs: {e['added_p50']:.0f} µs  {c.verdict(e['added_p50'], 150)}")
     print(f"  added p99 <= 400 µs: {e['added_p99']:.0f} µs  {c.verdict(e['added_p99'], 400)}")
     print(f"  >= 8000 req/s @32:   {et['rps']:.0f}  {c.verdict(et['rps'], 8000, le=False)}")
-    print(f"  (bare_proxy reference: added p50 {seq['bare_proxy']['added_p50']:.0f} µs, "
-          f"p99 {seq['bare_proxy']['added_p99']:.0f} µs, {thr['bare_proxy']['rps']:.0f} req/s)")  # fmt: skip
+    print(f"  (bare_proxy reference: added p50 {b['added_p50']:.0f} µs, p99 {b['added_p99']:.0f} µs,"
+          f" {thr['bare_proxy']['rps']:.0f} req/s)")  # fmt: skip
     print("errors = non-2xx + socket errors (wrk) + non-200 (sequential).")
     print("load tool:", res["load_tool"], "(-t1, one thread, sharing the 2 cores with proxy and origin)")
     c.print_findings(res["edgeproxy_findings"])
     if res["edgeproxy_findings"].get("access_statuses", {}).get("499"):
-        print("  (499 client_disconnected: expected, up to 2x32: wrk closes its connections mid-request when a run ends)")
-    if res.get("died"):
+        print("  (499 client_disconnected is expected, up to 2x32: wrk drops its connections mid-request at the end)")
+    if res["died"]:
         print("DIED DURING THE RUN:", res["died"])
-    la1 = c.loadavg()
-    print("noise:", c.noise_note(bg, la0, la1))
-    res.update({"seq_us": seq, "load": thr, "rss_mb": rss, "background_cpu": bg, "loadavg_before": la0, "loadavg_after": la1})
+    res["loadavg_after"] = c.loadavg()
+    print("noise:", c.noise_note(res["background_cpu"], res["loadavg_before"], res["loadavg_after"]))
     c.final_json(res)
 
 

@@ -25,13 +25,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import _common as c
 import aiohttp
 import uvloop
 
-import _common as c
-
 BODY = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True})
 HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
+Res = dict[str, Any]
 TS = re.compile(rb'"x_origin_ts":\s*([0-9.eE+-]+)')
 
 
@@ -81,7 +81,7 @@ async def one_stream(session: aiohttp.ClientSession, url: str, start_at: float, 
     ph.intact += done and events == expected
 
 
-async def run_phase(url: str, n: int, stagger: float, expected: int, timeout: float, pids: dict[str, int]) -> dict[str, Any]:
+async def run_phase(url: str, n: int, stagger: float, expected: int, timeout: float, pids: dict[str, int]) -> Res:
     """N streams through ``url``; ``pids`` (origin, and the proxy if any) are watched for CPU and RSS."""
     ph, loop = Phase(), asyncio.get_running_loop()
     peak = 0.0
@@ -122,7 +122,8 @@ async def run_phase(url: str, n: int, stagger: float, expected: int, timeout: fl
 
 
 def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    m: dict[str, Any] = {"delay_ms": {k: round(v, 2) for k, v in c.summarize(sum((r["delays"] for r in runs), [])).items()}}
+    delays = [d for r in runs for d in r["delays"]]
+    m: Res = {"delay_ms": {k: round(v, 2) for k, v in c.summarize(delays).items()}}
     for k in ("events", "expected", "intact", "streams"):
         m[k] = sum(r[k] for r in runs)
     m["runs"] = [{k: v for k, v in r.items() if k != "delays"} for r in runs]
@@ -152,22 +153,18 @@ async def bench(a: argparse.Namespace, tmp: Path, procs: c.Procs, res: dict[str,
             r = await run_phase(f"http://127.0.0.1:{port}{path}", a.streams, a.stagger, expected, timeout,
                                 {"origin": origin.pid} | pids)  # fmt: skip
             runs[mode].append(r)
-            print(f"    {r['events']}/{r['expected']} events, {r['intact']}/{a.streams} intact, max open {r['max_open']},"
-                  f" {r['wall_s']} s, {r['events_per_s']} events/s, CPU% {r['cpu_pct']}, statuses {r['statuses']}"
-                  f" errors {r['errors'] or 0}")  # fmt: skip
+            print(f"    {r['events']}/{r['expected']} events, {r['intact']}/{a.streams} intact, max open "
+                  f"{r['max_open']}, {r['wall_s']} s, {r['events_per_s']} events/s, CPU% {r['cpu_pct']}, "
+                  f"statuses {r['statuses']} errors {r['errors'] or 0}")  # fmt: skip
             gc.collect()
             await asyncio.sleep(1.0)
     await asyncio.sleep(1.0)
     res["edgeproxy_rss_peak_mb"] = max(r["rss_peak_mb"] for r in runs["edgeproxy"])
     res["edgeproxy_rss_after_mb"] = c.rss_mb(edge.pid)
-    status = c.get_json(f"http://127.0.0.1:{admin}/-/status")
-    res["edgeproxy_after"] = {"listeners": status.get("listeners"),
-                              "paths": [p for u in status.get("upstreams", []) for p in u.get("paths", [])]}  # fmt: skip
+    res["edgeproxy_after"] = c.edgeproxy_status(admin)
     for mode, rs in runs.items():
         res[mode] = merge(rs)
-    for name, p in procs.procs:
-        if p.poll() is not None:
-            res.setdefault("died", []).append(f"{name} exited {p.returncode}")
+    res["died"] = procs.died()
     procs.stop(edge)  # so that its logs are complete
     res["edgeproxy_findings"] = c.edgeproxy_findings(tmp)
 
@@ -180,7 +177,8 @@ def report(res: dict[str, Any], bg: dict[str, float], la0: str) -> None:
     d = res["direct"]["delay_ms"]
     for mode in ("edgeproxy", "bare_proxy"):
         if mode in res:
-            res[mode]["added_delay_ms"] = {k: round(res[mode]["delay_ms"][k] - d[k], 2) for k in ("p50", "p90", "p99", "max")}
+            dm = res[mode]["delay_ms"]
+            res[mode]["added_delay_ms"] = {k: round(dm[k] - d[k], 2) for k in ("p50", "p90", "p99", "max")}
     print()
     rows = []
     for mode in ("direct", "edgeproxy", "bare_proxy"):
@@ -201,17 +199,18 @@ def report(res: dict[str, Any], bg: dict[str, float], la0: str) -> None:
     print(f"\ntargets (edgeproxy, {n} streams{'' if n >= 1000 else '; the targets are for 1000'}):")
     print(f"  added p50 <= 2 ms:      {added['p50']} ms  {c.verdict(added['p50'], 2)}")
     print(f"  added p99 <= 20 ms:     {added['p99']} ms  {c.verdict(added['p99'], 20)}")
-    print(f"  RSS idle <= 60 MB:      {res['edgeproxy_rss_idle_mb']} MB  {c.verdict(res['edgeproxy_rss_idle_mb'], 60)}")
-    print(f"  RSS holding <= 200 MB:  {res['edgeproxy_rss_peak_mb']} MB  {c.verdict(res['edgeproxy_rss_peak_mb'], 200)}")
-    pr = res["edgeproxy"]
-    print(f"  all streams intact:     {pr['intact']}/{pr['streams']}  {c.verdict(pr['intact'], pr['streams'], le=False)}")
+    idle, peak, pr = res["edgeproxy_rss_idle_mb"], res["edgeproxy_rss_peak_mb"], res["edgeproxy"]
+    print(f"  RSS idle <= 60 MB:      {idle} MB  {c.verdict(idle, 60)}")
+    print(f"  RSS holding <= 200 MB:  {peak} MB  {c.verdict(peak, 200)}")
+    ok = c.verdict(pr["intact"], pr["streams"], le=False)
+    print(f"  all streams intact:     {pr['intact']}/{pr['streams']}  {ok}")
     if "bare_proxy" in res:
-        b = res["bare_proxy"]
-        print(f"  (bare_proxy reference: added p50 {b['added_delay_ms']['p50']} ms, p99 {b['added_delay_ms']['p99']} ms,"
+        b, ba = res["bare_proxy"], res["bare_proxy"]["added_delay_ms"]
+        print(f"  (bare_proxy reference: added p50 {ba['p50']} ms, p99 {ba['p99']} ms,"
               f" RSS peak {max(r['rss_peak_mb'] for r in b['runs'])} MB)")  # fmt: skip
     after = res["edgeproxy_after"]["listeners"]
     print(f"edgeproxy after the run (leak check): listeners {after}")
-    print("CPU% per run: share of one core during the run, o=origin e=edgeproxy b=bare_proxy c=client; 200 = both cores busy.")
+    print("CPU% per run: % of one core over the run, o=origin e=edgeproxy b=bare_proxy c=client (200 = both cores).")
     c.print_findings(res["edgeproxy_findings"])
     if res.get("died"):
         print("DIED DURING THE RUN:", res["died"])
@@ -237,9 +236,10 @@ def main() -> None:
     nofile = c.raise_nofile()
     bg = c.background_cpu(1.0)
     la0 = c.loadavg()
-    print(f"sse: loadavg before {la0}; background CPU {bg['busy_pct']}% busy, {bg['steal_pct']}% steal; nofile {nofile}")
-    res: dict[str, Any] = {"bench": "sse", "quick": a.quick, "streams": a.streams, "events": a.events,
-                           "interval_s": a.interval, "stagger_s": a.stagger, "repeat": a.repeat, "nofile": nofile}  # fmt: skip
+    print(f"sse: loadavg before {la0}; background CPU {bg['busy_pct']}% busy, {bg['steal_pct']}% steal;", end="")
+    print(f" RLIMIT_NOFILE {nofile}")
+    res: Res = dict(bench="sse", quick=a.quick, streams=a.streams, events=a.events, interval_s=a.interval,
+                    stagger_s=a.stagger, repeat=a.repeat, nofile=nofile)
     with tempfile.TemporaryDirectory(prefix="bench-sse-") as td, c.Procs() as procs:
         uvloop.run(bench(a, Path(td), procs, res))
     report(res, bg, la0)

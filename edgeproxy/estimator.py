@@ -8,10 +8,10 @@ Smoothing follows RFC 6298 (SRTT/RTTVAR, gains 1/8 and 1/4), with two changes fo
 where a wrong answer moves real traffic:
 
 * a median-of-three filter in front: one outlier sample (a 1 s spike) never reaches SRTT;
-* level-shift detection: when two filtered samples in a row sit outside SRTT +- max(4*RTTVAR,
-  SHIFT_FLOOR), the line really changed (a reroute, a congested link) and SRTT restarts at the
-  new level instead of crawling there over ~20 samples. Traffic follows within two or three
-  probes, not minutes.
+* level-shift detection: when the filtered sample sits outside SRTT +- max(4*RTTVAR,
+  SHIFT_FLOOR), two of the last three samples agree the line really changed (a reroute, a
+  congested link), and SRTT restarts at the new level instead of crawling there over ~20
+  samples. Traffic follows within two probes, not minutes.
 
 score(path) = SRTT, seconds. The whole-path part for `via` lines (hop RTT + the edge's own
 RTT to the origin) is added by the owner. Lower is better; None means "not measured yet".
@@ -34,7 +34,7 @@ WINDOW: Final = 3  # median-of-three
 class Estimator:
     """SRTT/RTTVAR of one path. ``add(sample, now)`` for each measurement."""
 
-    __slots__ = ("srtt", "rttvar", "samples", "last_sample", "last_at", "_recent", "_shift")
+    __slots__ = ("srtt", "rttvar", "samples", "shifts", "last_sample", "last_at", "_recent")
 
     def __init__(self) -> None:
         self.srtt: float | None = None
@@ -43,7 +43,7 @@ class Estimator:
         self.last_sample: float | None = None
         self.last_at: float | None = None
         self._recent: list[float] = []
-        self._shift = 0  # consecutive filtered samples outside the band, signed by direction
+        self.shifts = 0  # level shifts seen
 
     def __repr__(self) -> str:
         if self.srtt is None:
@@ -69,18 +69,14 @@ class Estimator:
         if srtt is None or rttvar is None:
             self.srtt, self.rttvar = filtered, filtered / 2
             return
-        band = max(4 * rttvar, SHIFT_FLOOR)
-        direction = 1 if filtered > srtt + band else -1 if filtered < srtt - band else 0
-        if direction and (self._shift == 0 or (self._shift > 0) == (direction > 0)):
-            self._shift += direction
-        else:
-            self._shift = direction
-        if abs(self._shift) >= 2:
-            # Confirmed level shift: restart at the new level (RFC 6298's first-sample rule).
-            self.srtt, self.rttvar = filtered, max(rttvar, abs(filtered - srtt) / 4)
-            self._shift = 0
+        delta = abs(filtered - srtt)
+        if delta > max(4 * rttvar, SHIFT_FLOOR):
+            # Two of three samples moved together: a new level. Restart there (RFC 6298's
+            # first-sample rule), keeping RTTVAR wide enough to absorb the settling.
+            self.srtt, self.rttvar = filtered, max(rttvar, delta / 4)
+            self.shifts += 1
             return
-        self.rttvar = (1 - BETA) * rttvar + BETA * abs(srtt - filtered)
+        self.rttvar = (1 - BETA) * rttvar + BETA * delta
         self.srtt = (1 - ALPHA) * srtt + ALPHA * filtered
 
     def rto(self, floor: float, ceiling: float) -> float | None:

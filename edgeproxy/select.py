@@ -41,11 +41,10 @@ def _rank(c: Candidate) -> tuple[bool, float, int]:
 def order(candidates: Sequence[Candidate], current: Hashable | None, tolerance: float) -> list[Candidate]:
     """All candidates, best first. ``current`` is the path that was first last time."""
     healthy = [c for c in candidates if c.healthy]
-    if healthy:
-        rest = sorted((c for c in candidates if not c.healthy), key=lambda c: (c.priority, c.failures, *_rank(c)))
-    else:
-        healthy = sorted(candidates, key=lambda c: (c.failures, *_rank(c)))
-        rest = []
+    if not healthy:
+        # Nothing healthy: never refuse to try; least bad (fewest failures in a row) first.
+        return sorted(candidates, key=lambda c: (c.failures, c.priority, *_rank(c)))
+    rest = sorted((c for c in candidates if not c.healthy), key=lambda c: (c.priority, c.failures, *_rank(c)))
     tiers: dict[int, list[Candidate]] = {}
     for c in healthy:
         tiers.setdefault(c.priority, []).append(c)

@@ -163,10 +163,10 @@ class _Pipe:
     def pump(self) -> None:
         """Deliver every item that is due; arm the timer for the next one."""
         conn = self.conn
-        if self.dead or conn.frozen or conn.finished or self.dst.transport is None:
+        if self.dead or conn.finished:
             return
         q = self.q
-        if q:
+        if q and not conn.frozen and self.dst.transport is not None:
             now = conn.loop.time()
             while q and q[0][0] <= now:
                 _, item = q.popleft()
@@ -293,8 +293,9 @@ class _Conn:
         if side is self.client:
             self.sim.connections_open -= 1
         if self.finished:
+            self._maybe_forget()
             return
-        if self.dead or self.target.transport is None:
+        if self.dead or self.other(side).transport is None or self.other(side).lost:
             self.shutdown(rst=True)
             return
         # the line carries the close / reset to the other side, behind the data already in flight
@@ -344,7 +345,6 @@ class _Conn:
         if self.finished:
             return
         self.finished = True
-        self.sim._conns.discard(self)
         self.up.kill()
         self.down.kill()
         if self.connect_task is not None:
@@ -357,6 +357,12 @@ class _Conn:
                 _rst_transport(tr)
             else:
                 tr.close()
+        self._maybe_forget()
+
+    def _maybe_forget(self) -> None:
+        """Drop from the simulator's set once both transports are gone (stop() aborts those still closing)."""
+        if all(side.transport is None or side.lost for side in (self.client, self.target)):
+            self.sim._conns.discard(self)
 
 
 # --------------------------------------------------------------------------- the simulator
@@ -428,6 +434,7 @@ class LineSim:
         self._unlisten(reserve=False)
         for conn in list(self._conns):
             conn.shutdown(rst=False)
+            self._conns.discard(conn)
             for side in (conn.client, conn.target):
                 if side.transport is not None and not side.lost:
                     side.transport.abort()
@@ -525,17 +532,13 @@ class LineSim:
 
         self._call(reset)
 
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 2.0) -> Any:
-        """An awaitable that polls ``predicate()`` every 5 ms (e.g. ``lambda: sim.connections_open == 0``)."""
-
-        async def wait() -> None:
-            deadline = time.monotonic() + timeout
-            while not predicate():
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"LineSim: condition not reached within {timeout}s")
-                await asyncio.sleep(0.005)
-
-        return wait()
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 2.0) -> None:
+        """Poll ``predicate()`` every 5 ms (e.g. ``lambda: sim.connections_open == 0``); TimeoutError after timeout."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"LineSim: condition not reached within {timeout}s")
+            await asyncio.sleep(0.005)
 
     # ------------------------------------------------------------------ internals
 

@@ -1,0 +1,145 @@
+"""Estimation, health and selection: pure decisions, scripted with an injected clock."""
+
+from __future__ import annotations
+
+import random
+
+from edgeproxy.estimator import Estimator
+from edgeproxy.health import Health
+from edgeproxy.select import Candidate, order
+
+MS = 0.001
+
+
+def feed(est: Estimator, samples: list[float], start: float = 0.0, step: float = 5.0) -> float:
+    now = start
+    for s in samples:
+        est.add(s, now)
+        now += step
+    return now
+
+
+def test_srtt_converges_and_ignores_a_single_spike() -> None:
+    est = Estimator()
+    feed(est, [20 * MS] * 10)
+    assert abs(est.srtt - 20 * MS) < 0.5 * MS  # type: ignore[operator]
+    est.add(1.0, 100.0)  # one 1 s outlier
+    assert abs(est.srtt - 20 * MS) < 1 * MS  # type: ignore[operator]
+    feed(est, [20 * MS] * 3, start=105)
+    assert abs(est.srtt - 20 * MS) < 1 * MS  # type: ignore[operator]
+
+
+def test_level_shift_is_followed_within_two_samples() -> None:
+    a, b = Estimator(), Estimator()
+    feed(a, [20 * MS] * 10)
+    feed(b, [80 * MS] * 10)
+    for n in range(1, 3):
+        a.add(80 * MS, 100 + n)
+        b.add(20 * MS, 100 + n)
+        if b.srtt < a.srtt - 10 * MS:  # type: ignore[operator]
+            break
+    else:
+        raise AssertionError(f"still not swapped after 2 samples: a={a!r} b={b!r}")
+    assert n <= 2
+
+
+def test_jitter_does_not_look_like_a_shift() -> None:
+    rng = random.Random(7)
+    est = Estimator()
+    feed(est, [20 * MS + rng.uniform(-2, 2) * MS for _ in range(200)])
+    assert 18 * MS < est.srtt < 22 * MS  # type: ignore[operator]
+    assert est.rttvar < 3 * MS  # type: ignore[operator]
+
+
+def test_rto_is_bounded() -> None:
+    est = Estimator()
+    assert est.rto(0.1, 2.0) is None
+    feed(est, [5 * MS] * 5)
+    assert est.rto(0.1, 2.0) == 0.1
+    feed(est, [5.0] * 5, start=100)
+    assert est.rto(0.1, 2.0) == 2.0
+
+
+def test_health_reprobes_quickly_after_failure() -> None:
+    h = Health()
+    assert h.is_healthy() and h.state == "unknown"
+    assert h.on_probe(False, 1.0, "refused") is True
+    assert not h.is_healthy()
+    assert h.next_probe_in(5.0) == 0.5
+    h.on_probe(False, 2.0, "refused")
+    assert h.next_probe_in(5.0) == 1.0
+    for t in range(10):
+        h.on_probe(False, 3.0 + t)
+    assert h.next_probe_in(5.0) == 5.0  # capped at the interval
+    assert h.on_probe(True, 20.0) is True
+    assert h.is_healthy() and h.consecutive_failures == 0
+    assert 4.5 <= h.next_probe_in(5.0, random.Random(1)) <= 5.5
+
+
+def c(
+    key: str, score: float | None, *, prio: int = 1, healthy: bool = True, index: int = 0, fails: int = 0
+) -> Candidate:
+    return Candidate(key, prio, score, healthy, index, fails)
+
+
+def keys(cands: list[Candidate]) -> list[str]:
+    return [x.key for x in cands]
+
+
+def test_lowest_score_first_unmeasured_last() -> None:
+    got = order([c("a", 80 * MS, index=0), c("b", None, index=1), c("c", 20 * MS, index=2)], None, 10 * MS)
+    assert keys(got) == ["c", "a", "b"]
+
+
+def test_unhealthy_paths_go_last_and_tiers_are_respected() -> None:
+    got = order(
+        [
+            c("fast-down", 1 * MS, healthy=False, index=0),
+            c("relay", 5 * MS, prio=2, index=1),
+            c("official", 50 * MS, prio=1, index=2),
+        ],
+        None,
+        10 * MS,
+    )
+    assert keys(got) == ["official", "relay", "fast-down"]
+
+
+def test_lower_tier_used_when_best_tier_all_down() -> None:
+    got = order([c("official", 10 * MS, healthy=False), c("relay", 50 * MS, prio=2, index=1)], None, 10 * MS)
+    assert keys(got)[0] == "relay"
+
+
+def test_all_down_uses_least_bad() -> None:
+    got = order(
+        [c("a", 10 * MS, healthy=False, fails=5), c("b", 90 * MS, healthy=False, index=1, fails=1)], None, 10 * MS
+    )
+    assert keys(got) == ["b", "a"]
+
+
+def test_hysteresis_keeps_current_within_tolerance() -> None:
+    cands = [c("a", 20 * MS, index=0), c("b", 25 * MS, index=1)]
+    assert keys(order(cands, "b", 10 * MS))[0] == "b"  # a is better, but not by > 10 ms
+    assert keys(order(cands, "b", 2 * MS))[0] == "a"  # with a tighter tolerance it switches
+    assert keys(order([c("a", 10 * MS), c("b", 25 * MS, index=1)], "b", 10 * MS))[0] == "a"
+
+
+def test_hysteresis_never_keeps_an_unhealthy_current() -> None:
+    cands = [c("a", 20 * MS), c("b", 15 * MS, healthy=False, index=1)]
+    assert keys(order(cands, "b", 10 * MS))[0] == "a"
+
+
+def test_no_flapping_between_equal_lines() -> None:
+    """Two lines within tolerance, jittery samples for an hour of probes: few switches."""
+    rng = random.Random(3)
+    ea, eb = Estimator(), Estimator()
+    current = None
+    switches = 0
+    now = 0.0
+    for _ in range(720):  # 1 h at 5 s
+        ea.add(20 * MS + rng.uniform(-3, 3) * MS, now)
+        eb.add(22 * MS + rng.uniform(-3, 3) * MS, now)
+        first = order([c("a", ea.srtt, index=0), c("b", eb.srtt, index=1)], current, 10 * MS)[0].key
+        switches += current is not None and first != current
+        current = first
+        now += 5
+    assert switches <= 1

@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # --------------------------------------------------------------------------- machine
 
 
-def free_port() -> int:
+def free_port() -> int:  # (a tiny race with other programs binding ports: acceptable here)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -41,7 +42,7 @@ def free_port() -> int:
 
 def raise_nofile() -> int:
     """Soft RLIMIT_NOFILE := hard (children inherit it). Returns the new limit."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
 
@@ -97,9 +98,6 @@ def noise_note(bg: dict[str, float], la_before: str, la_after: str) -> str:
     )
 
 
-# --------------------------------------------------------------------------- stats / output
-
-
 def pct(sorted_values: list[float], p: float) -> float:
     """Nearest-rank percentile of an already sorted list."""
     if not sorted_values:
@@ -133,9 +131,6 @@ def verdict(value: float | None, limit: float, le: bool = True) -> str:
 
 def final_json(obj: dict[str, Any]) -> None:
     print(json.dumps(obj, separators=(",", ":"), default=str), flush=True)
-
-
-# --------------------------------------------------------------------------- processes
 
 
 def _pdeathsig() -> None:
@@ -183,13 +178,14 @@ class Procs:
                 self.stop(p)
 
 
-def sigterm_as_interrupt() -> None:
-    """Make SIGTERM unwind like Ctrl-C, so the ``with Procs()`` cleanup still runs."""
-
-    def handler(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
+def run_main(main: Callable[[], None]) -> None:
+    """Run a benchmark's main(); Ctrl-C / SIGTERM stop it cleanly (its ``with Procs()`` stops the children)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted: every process this benchmark started has been stopped", file=sys.stderr)
+        sys.exit(130)
 
 
 def wait_port(port: int, proc: Popen, timeout: float = 15.0) -> None:
@@ -294,8 +290,7 @@ def edgeproxy_findings(tmp: Path) -> dict[str, Any]:
 
 
 def print_findings(f: dict[str, Any]) -> None:
-    print(f"edgeproxy access log statuses: {f['access_statuses'] or '(empty)'}", end="")
-    print(f"; errors: {f['access_errors']}" if f["access_errors"] else "")
+    print(f"edgeproxy access log statuses: {f['access_statuses']}; errors: {f['access_errors'] or 0}")
     print(f"edgeproxy stderr warnings/errors: {f['log_problem_lines']}")
     for line in f["log_problems"][:10]:
         print("   ", line)

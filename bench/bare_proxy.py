@@ -1,6 +1,5 @@
 """The reference: a bare ~30-line aiohttp + uvloop reverse proxy (no routing, retries, logs or metrics).
-
-    python bench/bare_proxy.py --port 9300 --upstream http://127.0.0.1:9100
+Usage: python bench/bare_proxy.py --port 9300 --upstream http://127.0.0.1:9100
 """
 
 import argparse

@@ -5,8 +5,7 @@ Origin: nginx returning a fixed ~250-byte chat.completion (the fake origin if ng
     the three targets are interleaved in rounds so drift in machine noise hits all alike;
   * throughput: wrk -t1 -c32 (an aiohttp load generator if wrk is missing);
   * edgeproxy's (and the bare proxy's) RSS: idle, after the sequential run, peak under wrk, after.
-
-    .venv/bin/python bench/overhead.py [--quick]
+Usage: .venv/bin/python bench/overhead.py [--quick]   (bench/README.md)
 """
 
 from __future__ import annotations
@@ -140,7 +139,8 @@ end
 
 
 def wrk(port: int, seconds: float, conns: int, lua: Path) -> dict[str, Any]:
-    argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", "-s", str(lua), f"http://127.0.0.1:{port}{PATH}"]
+    argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", "-s", str(lua)]
+    argv.append(f"http://127.0.0.1:{port}{PATH}")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30).stdout
     m = re.search(r"^WRKJSON (.*)$", out, re.M)
     if not m:
@@ -213,14 +213,13 @@ def main() -> None:
     a = ap.parse_args()
     n, warmup = a.n or (1000 if a.quick else 3000), a.warmup or (100 if a.quick else 300)
     dur, warm_dur = a.duration or (3.0 if a.quick else 10.0), 1.0 if a.quick else 2.0
-    c.sigterm_as_interrupt()
     c.raise_nofile()
     bg = c.background_cpu(1.0)
     la0 = c.loadavg()
     print(f"overhead: loadavg before {la0}; background CPU {bg['busy_pct']}% busy, {bg['steal_pct']}% steal")
-    tool = "wrk" if shutil.which("wrk") else "aiohttp"
-    res: dict[str, Any] = dict(bench="overhead", quick=a.quick, n=n, warmup=warmup, rounds=a.rounds, wrk_seconds=dur,
-                               connections=a.connections, body_bytes=len(BODY), reply_bytes=len(REPLY), load_tool=tool)
+    res: dict[str, Any] = dict(bench="overhead", quick=a.quick, n=n, warmup=warmup, rounds=a.rounds, wrk_seconds=dur)
+    res.update(connections=a.connections, body_bytes=len(BODY), reply_bytes=len(REPLY))
+    res["load_tool"] = "wrk" if shutil.which("wrk") else "aiohttp"
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as td, c.Procs() as procs:
         tmp = Path(td)
         oport = c.free_port()
@@ -296,4 +295,4 @@ def report(res: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    c.run_main(main)

@@ -232,18 +232,17 @@ def main() -> None:
     a = ap.parse_args()
     a.streams = a.streams or (200 if a.quick else 1000)
     a.repeat = a.repeat or (1 if a.quick else 2)
-    c.sigterm_as_interrupt()
     nofile = c.raise_nofile()
     bg = c.background_cpu(1.0)
     la0 = c.loadavg()
     print(f"sse: loadavg before {la0}; background CPU {bg['busy_pct']}% busy, {bg['steal_pct']}% steal;", end="")
     print(f" RLIMIT_NOFILE {nofile}")
     res: Res = dict(bench="sse", quick=a.quick, streams=a.streams, events=a.events, interval_s=a.interval,
-                    stagger_s=a.stagger, repeat=a.repeat, nofile=nofile)
+                    stagger_s=a.stagger, repeat=a.repeat, nofile=nofile)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-sse-") as td, c.Procs() as procs:
         uvloop.run(bench(a, Path(td), procs, res))
     report(res, bg, la0)
 
 
 if __name__ == "__main__":
-    main()
+    c.run_main(main)

@@ -60,7 +60,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 __all__ = ["MODES", "LineSim", "main"]
 
@@ -106,8 +106,7 @@ class _Side(asyncio.Protocol):
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports don't subclass asyncio's
         _nodelay(transport.get_extra_info("socket"))
         self.conn.side_made(self)
 

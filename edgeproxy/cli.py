@@ -87,27 +87,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"edgeproxy {status['version']}  pid {status['pid']}  up {status['uptime_s']}s", end="")
     print(f"  generation {status['generation']}")
     rows = [
-        (
-            "UPSTREAM",
-            "ENDPOINT",
-            "LINE",
-            "CONNECT_MS",
-            "INFLIGHT",
-            "ACTIVE",
-            "IDLE",
-            "REQUESTS",
-            "FAILURES",
-            "LAST ERROR",
-        )
+        ("", "UPSTREAM", "ENDPOINT", "LINE", "STATE", "SRTT_MS", "RTTVAR_MS", "PROBED", "INFLIGHT", "ACTIVE", "IDLE")
+        + ("REQUESTS", "FAILURES", "LAST ERROR")
     ]
     for u in status["upstreams"]:
-        for p in u["paths"]:
+        for i, p in enumerate(u["paths"]):
+            ago = p["last_probe_s_ago"]
             rows.append(
                 (
+                    "*" if i == 0 else "",  # the path new requests take
                     u["name"],
                     p["endpoint"],
                     p["line"],
-                    "-" if p["connect_ms"] is None else str(p["connect_ms"]),
+                    p["state"],
+                    _num(p["srtt_ms"]),
+                    _num(p["rttvar_ms"]),
+                    "-" if ago is None else f"{ago}s ago",
                     str(p["inflight"]),
                     str(p["active"]),
                     str(p["idle"]),
@@ -120,6 +115,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
     return 0
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,10 +61,14 @@ class SinkServer:
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            self.data += data
-            self.arrivals.append((time.monotonic(), len(self.data)))
-        writer.close()
+        try:
+            while data := await reader.read(65536):
+                self.data += data
+                self.arrivals.append((time.monotonic(), len(self.data)))
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
 
     async def stop(self) -> None:
         if self.server is not None:

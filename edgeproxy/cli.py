@@ -86,10 +86,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"edgeproxy {status['version']}  pid {status['pid']}  up {status['uptime_s']}s", end="")
     print(f"  generation {status['generation']}")
-    rows = [
-        ("", "UPSTREAM", "ENDPOINT", "LINE", "STATE", "SRTT_MS", "RTTVAR_MS", "PROBED", "INFLIGHT", "ACTIVE", "IDLE")
-        + ("REQUESTS", "FAILURES", "LAST ERROR")
-    ]
+    header = "_ UPSTREAM ENDPOINT LINE STATE SRTT_MS RTTVAR_MS PROBED INFLIGHT ACTIVE IDLE REQUESTS FAILURES"
+    rows = [(*("" if h == "_" else h for h in header.split()), "LAST ERROR")]
     for u in status["upstreams"]:
         for i, p in enumerate(u["paths"]):
             ago = p["last_probe_s_ago"]

@@ -83,12 +83,18 @@ async def echo() -> AsyncIterator[EchoServer]:
     await e.stop()
 
 
-@pytest.fixture
-async def sim(echo: EchoServer) -> AsyncIterator[LineSim]:
+@pytest.fixture(params=["loop", "thread"])
+async def sim(echo: EchoServer, request: pytest.FixtureRequest) -> AsyncIterator[LineSim]:
+    """On the test's event loop, or in a thread of its own (uvloop; knobs then set from another thread)."""
     s = LineSim("127.0.0.1", echo.port)
-    await s.start()
-    yield s
-    await s.stop()
+    if request.param == "thread":
+        s.start_in_thread()
+        yield s
+        s.stop_thread()
+    else:
+        await s.start()
+        yield s
+        await s.stop()
 
 
 async def connect(sim: LineSim, source: str | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

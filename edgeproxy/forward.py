@@ -267,7 +267,9 @@ class Engine:
             ctx.tried.append(path)
             ctx.path = path
             try:
-                return await self._attempt(ctx, upstream, path)
+                resp = await self._attempt(ctx, upstream, path)
+                self.metrics.child(self.metrics.attempts, upstream.name, path.line.name, "ok").inc()  # type: ignore[attr-defined]
+                return resp
             except ProxyError as exc:
                 path.on_failure(exc)
                 self.metrics.child(self.metrics.attempts, upstream.name, path.line.name, exc.kind).inc()  # type: ignore[attr-defined]

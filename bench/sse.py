@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import re
 import resource
 import tempfile
@@ -121,6 +122,12 @@ async def run_phase(url: str, n: int, stagger: float, expected: int, timeout: fl
     return out
 
 
+def pin(pid: int, cpu: int) -> None:
+    """Pin every thread of ``pid`` to one CPU (sched_setaffinity on a pid covers only its main thread)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), {cpu})
+
+
 def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
     delays = [d for r in runs for d in r["delays"]]
     m: Res = {"delay_ms": {k: round(v, 2) for k, v in c.summarize(delays).items()}}
@@ -146,6 +153,10 @@ async def bench(a: argparse.Namespace, tmp: Path, procs: c.Procs, res: dict[str,
     if a.bare:
         bare, bport = c.start_bare(procs, tmp, f"http://127.0.0.1:{oport}")
         modes["bare_proxy"] = (bport, {"bare_proxy": bare.pid})
+    if a.pin:  # client + origin on CPU 0, the proxies on CPU 1: the proxy's own delay, without contention
+        proxies = [p for _, pids in modes.values() for p in pids.values()]
+        for pid, cpu in [(os.getpid(), 0), (origin.pid, 0)] + [(p, 1) for p in proxies]:
+            pin(pid, cpu)
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     for rep in range(a.repeat):
         for mode, (port, pids) in modes.items():
@@ -229,6 +240,7 @@ def main() -> None:
     ap.add_argument("--stagger", type=float, default=0.5, help="stream starts spread over this many seconds")
     ap.add_argument("--repeat", type=int, help="rounds of direct/edgeproxy/bare, alternating (default 2; quick 1)")
     ap.add_argument("--no-bare", dest="bare", action="store_false", help="skip the bare_proxy reference")
+    ap.add_argument("--pin", action="store_true", help="pin client+origin to CPU 0 and the proxy to CPU 1")
     a = ap.parse_args()
     a.streams = a.streams or (200 if a.quick else 1000)
     a.repeat = a.repeat or (1 if a.quick else 2)
@@ -238,7 +250,7 @@ def main() -> None:
     print(f"sse: loadavg before {la0}; background CPU {bg['busy_pct']}% busy, {bg['steal_pct']}% steal;", end="")
     print(f" RLIMIT_NOFILE {nofile}")
     res: Res = dict(bench="sse", quick=a.quick, streams=a.streams, events=a.events, interval_s=a.interval,
-                    stagger_s=a.stagger, repeat=a.repeat, nofile=nofile)  # fmt: skip
+                    stagger_s=a.stagger, repeat=a.repeat, pinned=a.pin, nofile=nofile)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-sse-") as td, c.Procs() as procs:
         uvloop.run(bench(a, Path(td), procs, res))
     report(res, bg, la0)

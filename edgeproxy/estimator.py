@@ -1,8 +1,9 @@
 """Round-trip time estimation per path, and the one score formula selection uses.
 
-Samples come from probes (a cheap timed HTTP request over the path's warm pool) and from
-connection set-up (the time to get a TCP stream to the origin through the line, before TLS).
-Both are about one round trip.
+Samples come from probes: a cheap timed HTTP request over the path's warm pool, about one
+round trip to the origin itself. (Connection set-up times are recorded on the path for
+display but not fed here: a middlebox that terminates TCP near the host answers the
+handshake at once whatever lies behind it.)
 
 Smoothing follows RFC 6298 (SRTT/RTTVAR, gains 1/8 and 1/4), with two changes for routing,
 where a wrong answer moves real traffic:

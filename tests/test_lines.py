@@ -202,7 +202,8 @@ async def test_proxy_lines_carry_requests_and_streams(
     assert body.rstrip().endswith(b"data: [DONE]")
     assert lines_used(p)["corp"] == 2
     path = next(iter(p.proxy.state.paths.values()))
-    assert path.estimator.srtt is not None  # the tunnel set-up was sampled
+    assert path.connect_rtt is not None  # the tunnel set-up was timed
+    await wait_until(lambda: path.estimator.srtt is not None, 3.0, "a probe through the proxy")
 
 
 @pytest.mark.parametrize("scheme", ["http", "socks5"])

@@ -75,13 +75,17 @@ _CLOSE = "close"  # the source went away cleanly: close the connection
 _ABORT = "abort"  # the source was reset / failed: reset the connection
 
 
+# release times are on this clock rather than loop.time(): uvloop's is in whole milliseconds
+_clock = time.monotonic
+
+
 def _nodelay(sock: Any) -> None:
     if sock is not None:
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _rst_transport(transport: asyncio.BaseTransport) -> None:
+def _rst_transport(transport: asyncio.Transport) -> None:
     """Abort with SO_LINGER 0, so that the peer sees a RST."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
@@ -149,7 +153,7 @@ class _Pipe:
     def push(self, item: bytes | str) -> None:
         if self.dead:
             return
-        now = self.conn.loop.time()
+        now = _clock()
         rel = now + self.conn.one_way_delay()
         if rel < self.last:
             rel = self.last
@@ -166,14 +170,15 @@ class _Pipe:
             return
         q = self.q
         if q and not conn.frozen and self.dst.transport is not None:
-            now = conn.loop.time()
+            now = _clock()
             while q and q[0][0] <= now:
                 _, item = q.popleft()
                 self._deliver(item)
                 if self.dead or conn.finished:
                     return
             if q and self.timer is None:
-                self.timer = conn.loop.call_at(q[0][0], self._fire)
+                # a timer that fires early (uvloop rounds to ms) just re-arms: nothing leaves before its time
+                self.timer = conn.loop.call_later(q[0][0] - now, self._fire)
         conn.update_reading(self.src)
 
     def _fire(self) -> None:
@@ -188,11 +193,11 @@ class _Pipe:
             self.queued -= len(item)
             if self.dst.lost or tr.is_closing():
                 return
-            tr.write(item)
-            if self.up:
+            if self.up:  # counted first, so that a peer that got the bytes never sees a stale counter
                 conn.sim.bytes_up += len(item)
             else:
                 conn.sim.bytes_down += len(item)
+            tr.write(item)
         elif item == _EOF:
             self.eof_done = True
             if not (self.dst.lost or tr.is_closing()):
@@ -604,6 +609,8 @@ class LineSim:
         self.port = sock.getsockname()[1]
 
     def _unlisten(self, *, reserve: bool) -> None:
+        if self._lsock is not None and self._loop is not None:
+            self._accept(limit=None)  # connections whose handshake completed are kept, not reset with the backlog
         sock, self._lsock = self._lsock, None
         if sock is not None:
             if self._loop is not None:
@@ -617,11 +624,13 @@ class LineSim:
             self._reserve.close()
             self._reserve = None
 
-    def _accept(self) -> None:
+    def _accept(self, limit: int | None = 128) -> None:
         lsock, loop = self._lsock, self._loop
         if lsock is None or loop is None:
             return
-        for _ in range(128):
+        n = 0
+        while limit is None or n < limit:
+            n += 1
             try:
                 sock, _addr = lsock.accept()
             except (BlockingIOError, InterruptedError):

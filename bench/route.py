@@ -249,12 +249,12 @@ class Load:
 
 
 class Bench:
-    def __init__(self, a: argparse.Namespace, sim: LineSim, admin: Admin, mon: Monitor, load: Load) -> None:
+    def __init__(self, a: argparse.Namespace, sim: LineSim, admin: Admin, mon: Monitor, log: Path) -> None:
         self.a = a
+        self.log = log
         self.sim = sim
         self.admin = admin
         self.mon = mon
-        self.load = load
         self.lines: list[str] = mon.lines
         self.I: float = a.interval
         self.rtt: dict[str, float] = {}  # RTT ms per line, as set now
@@ -329,7 +329,7 @@ class Bench:
             p0 = await self.admin.probes()
             sw0 = await self.mon.switches()
             self.set_rtt(new_rtt)
-            t_swap = time.monotonic()
+            t_swap, wall_swap = time.monotonic(), time.time()
             t_move = await self.mon.wait(lambda t=target: self.mon.pref == t, timeout=8 * self.I)
             p1 = await self.admin.probes()
             secs = None if t_move is None else t_move - t_swap
@@ -338,12 +338,17 @@ class Bench:
             # from estimators whose whole median window sits at the new level
             await self.wait_probes(3, ["a", "b"], since=p0)
             sw1 = await self.mon.switches()
+            # the same from edgeproxy's log: the reselect itself, to the ms (no sampling delay)
+            t_log = next((t for t, ln in prefers_log(self.log) if t >= wall_swap - 0.001 and ln == target), None)
+            log_s = None if t_log is None else t_log - wall_swap
             run = {
                 "swap": k + 1,
+                "wall_swap": wall_swap,
                 "from": old,
                 "to": target,
                 "seconds": None if secs is None else round(secs, 3),
                 "intervals": None if secs is None else round(secs / self.I, 2),
+                "log_seconds": None if log_s is None else round(log_s, 3),
                 # probes finished on the line that turned slow / fast between swap and move
                 "probes_slow_line": p1[other] - p0[other],
                 "probes_fast_line": p1[target] - p0[target],
@@ -357,8 +362,8 @@ class Bench:
                     f"2 time to move #{k + 1} ({old}->{target})",
                     "no move in 8 intervals"
                     if secs is None
-                    else f"{secs:.2f} s = {secs / self.I:.2f} intervals "
-                    f"({run['probes_slow_line']} probes on the slowed line)",
+                    else f"{secs:.2f} s = {secs / self.I:.2f} intervals (log: {ms(log_s, 2)} s; "
+                    f"{run['probes_slow_line']} probes on the slowed line)",
                     "<= 3 intervals",
                     mark(run["met"]),
                 ]
@@ -397,6 +402,8 @@ class Bench:
 
         jt = asyncio.get_running_loop().create_task(jitter())
         try:
+            # settle: 3 probes per line at the new levels before counting
+            await self.wait_probes(3)
             await self.mon.next_sample()
             sw0 = await self.mon.switches()
             t0, r0 = time.monotonic(), dict(self.mon.requests)
@@ -555,7 +562,7 @@ async def bench(a: argparse.Namespace, tmp: Path, procs: c.Procs, sim: LineSim, 
         admin = Admin(s, admin_port)
         mon = Monitor(admin, lines)
         load = Load(f"http://127.0.0.1:{port}", a.rate, a.workers)
-        b = Bench(a, sim, admin, mon, load)
+        b = Bench(a, sim, admin, mon, tmp / "edgeproxy.log")
         b.set_rtt({ln: {"a": 80.0, "b": 20.0, "c": 50.0}[ln] for ln in lines})
         p = procs.start("edgeproxy", [EDGE_PY, "-m", "edgeproxy", "run", "-c", str(cfg)], log=tmp / "edgeproxy.log")
         await asyncio.to_thread(c.wait_http, f"http://127.0.0.1:{admin_port}/-/ready", p)
@@ -614,6 +621,25 @@ async def bench(a: argparse.Namespace, tmp: Path, procs: c.Procs, sim: LineSim, 
     return rows
 
 
+_PREFERS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO .* now prefers .* via (\w+)$")
+
+
+def prefers_log(log: Path) -> list[tuple[float, str]]:
+    """(epoch seconds, line) of every "upstream openai now prefers ... via LINE" in edgeproxy's stderr."""
+    out = []
+    with contextlib.suppress(OSError):
+        for ln in log.read_text(errors="replace").splitlines():
+            m = _PREFERS.match(ln)
+            if m and "upstream openai " in ln:
+                t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+                out.append((t, m.group(3)))
+    return out
+
+
+def add_log_times(res: Res, log: Path) -> None:
+    res["prefers_log"] = [[round(t, 3), line] for t, line in prefers_log(log)]
+
+
 def details(res: Res) -> None:
     print()
     if "share" in res:
@@ -621,7 +647,8 @@ def details(res: Res) -> None:
         print(f"1 share: requests {s['requests']} in {s['seconds']} s ({s['req_per_s']} req/s); srtt_ms {s['srtt_ms']}")
     for r in res.get("move", {}).get("runs", []):
         print(
-            f"2 swap #{r['swap']}: {r['from']}->{r['to']} in {ms(r['seconds'], 3)} s; probes between swap and move: "
+            f"2 swap #{r['swap']}: {r['from']}->{r['to']} in {ms(r['seconds'], 3)} s sampled, "
+            f"{ms(r.get('log_seconds'), 3)} s by edgeproxy's log; probes between swap and move: "
             f"slowed line {r['probes_slow_line']}, sped-up line {r['probes_fast_line']}; "
             f"srtt_ms at the move {r['srtt_ms_at_move']}; switches {r['switches']}"
         )
@@ -710,6 +737,7 @@ def main() -> None:
             rows = uvloop.run(bench(a, tmp, procs, sim, res))
         finally:
             sim.stop_thread()
+            add_log_times(res, tmp / "edgeproxy.log")
     la1 = c.loadavg()
     res["loadavg_after"] = la1
     print()

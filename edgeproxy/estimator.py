@@ -65,11 +65,14 @@ class Estimator:
         recent.append(sample)
         if len(recent) > WINDOW:
             del recent[0]
-        filtered = sorted(recent)[len(recent) // 2] if len(recent) == WINDOW else min(recent)
         srtt, rttvar = self.srtt, self.rttvar
-        if srtt is None or rttvar is None:
+        if len(recent) < WINDOW or srtt is None or rttvar is None:
+            # Warming up: the lowest sample so far (RFC 6298's first-sample rule, applied to
+            # it). A first probe slowed by start-up load must not hold SRTT up for minutes.
+            filtered = min(recent)
             self.srtt, self.rttvar = filtered, filtered / 2
             return
+        filtered = sorted(recent)[WINDOW // 2]
         delta = abs(filtered - srtt)
         if delta > max(4 * rttvar, SHIFT_FLOOR):
             # Two of three samples moved together: a new level. Restart there (RFC 6298's

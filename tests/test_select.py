@@ -43,6 +43,12 @@ def test_level_shift_is_followed_within_two_samples() -> None:
     assert n <= 2
 
 
+def test_a_slow_first_sample_does_not_stick() -> None:
+    est = Estimator()
+    feed(est, [0.4, 10 * MS, 11 * MS, 10 * MS])
+    assert est.srtt < 12 * MS  # type: ignore[operator]
+
+
 def test_jitter_does_not_look_like_a_shift() -> None:
     rng = random.Random(7)
     est = Estimator()

@@ -98,7 +98,7 @@ async def run_phase(url: str, n: int, stagger: float, expected: int, timeout: fl
 
     conn = aiohttp.TCPConnector(limit=0)
     cpu0 = {k: c.cpu_seconds(p) for k, p in pids.items()}
-    ru0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    ru0, w0, ov0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic(), listen_overflows()
     gc.disable()
     sampler = asyncio.create_task(sample())
     try:
@@ -117,9 +117,16 @@ async def run_phase(url: str, n: int, stagger: float, expected: int, timeout: fl
     out = {"delays": ph.delays, "events": ph.events, "expected": n * expected, "intact": ph.intact, "streams": n,
            "max_open": ph.max_open, "statuses": dict(ph.statuses), "errors": dict(ph.errors), "wall_s": round(wall, 2),
            "events_per_s": round(ph.events / wall), "cpu_pct": cpu}  # fmt: skip
+    out["listen_overflows"] = listen_overflows() - ov0
     if proxy_pid:
         out["rss_peak_mb"] = peak
     return out
+
+
+def listen_overflows() -> int:
+    """Machine-wide TcpExtListenOverflows: connections dropped on a full accept queue (client retries in 1 s)."""
+    head, values = [ln.split() for ln in Path("/proc/net/netstat").read_text().splitlines()[:2]]
+    return int(dict(zip(head, values, strict=True)).get("ListenOverflows", 0))
 
 
 def pin(pid: int, cpu: int) -> None:
@@ -166,7 +173,8 @@ async def bench(a: argparse.Namespace, tmp: Path, procs: c.Procs, res: dict[str,
             runs[mode].append(r)
             print(f"    {r['events']}/{r['expected']} events, {r['intact']}/{a.streams} intact, max open "
                   f"{r['max_open']}, {r['wall_s']} s, {r['events_per_s']} events/s, CPU% {r['cpu_pct']}, "
-                  f"statuses {r['statuses']} errors {r['errors'] or 0}")  # fmt: skip
+                  f"statuses {r['statuses']} errors {r['errors'] or 0}, accept-queue overflows "
+                  f"{r['listen_overflows']}")  # fmt: skip
             gc.collect()
             await asyncio.sleep(1.0)
     await asyncio.sleep(1.0)

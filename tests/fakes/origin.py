@@ -327,7 +327,7 @@ class FakeOrigin:
             shutdown_timeout=1.0,
         )
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, ssl_context=self.ssl_context)
+        site = web.TCPSite(runner, self.host, self.port, ssl_context=self.ssl_context, backlog=4096)
         try:
             await site.start()
         except BaseException:

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from .client import Response
 from .errors import (
@@ -268,11 +267,11 @@ class Engine:
             ctx.path = path
             try:
                 resp = await self._attempt(ctx, upstream, path)
-                self.metrics.child(self.metrics.attempts, upstream.name, path.line.name, "ok").inc()  # type: ignore[attr-defined]
+                self.metrics.attempts.inc((upstream.name, path.line.name, "ok"))
                 return resp
             except ProxyError as exc:
                 path.on_failure(exc)
-                self.metrics.child(self.metrics.attempts, upstream.name, path.line.name, exc.kind).inc()  # type: ignore[attr-defined]
+                self.metrics.attempts.inc((upstream.name, path.line.name, exc.kind))
                 ctx.error = exc.kind
                 if not (
                     exc.retry
@@ -348,10 +347,11 @@ class Engine:
         """Copy the response to the client as it arrives."""
         request = ctx.request
         ctx.status = resp.status
-        headers: CIMultiDict[str] = CIMultiDict()
+        # A plain list: aiohttp copies the headers into its own multidict once.
+        headers: list[tuple[str, str]] = []
         connection_listed: tuple[bytes, ...] = ()
         length: int | None = None
-        is_sse = False
+        is_sse = has_rid = False
         for name, value in resp.headers:
             lname = name.lower()
             if lname in RESPONSE_SKIP:
@@ -360,13 +360,15 @@ class Engine:
                 elif lname == b"connection":
                     connection_listed = tuple(v.strip().lower() for v in value.split(b","))
                 continue
-            if lname == b"content-type" and value[:17].lower() == b"text/event-stream":
-                is_sse = True
-            headers.add(name.decode("latin-1"), value.decode("latin-1"))
-        for name in connection_listed:
-            headers.popall(name.decode("latin-1"), None)
-        if "x-request-id" not in headers:
-            headers["x-request-id"] = ctx.request_id
+            if lname == b"content-type":
+                is_sse = value[:17].lower() == b"text/event-stream"
+            elif lname == b"x-request-id":
+                has_rid = True
+            headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        if connection_listed:
+            headers = [h for h in headers if h[0].lower().encode("latin-1") not in connection_listed]
+        if not has_rid:
+            headers.append(("x-request-id", ctx.request_id))
 
         body = None if is_sse else resp.buffered()
         if body is not None:
@@ -377,7 +379,7 @@ class Engine:
             ctx.committed = True
             if ctx.method == "HEAD":
                 if length is not None:
-                    headers["Content-Length"] = str(length)
+                    headers.append(("Content-Length", str(length)))
                 return web.Response(status=resp.status, headers=headers)
             return web.Response(status=resp.status, headers=headers, body=body)
 
@@ -388,13 +390,14 @@ class Engine:
             out.headers["X-Accel-Buffering"] = "no"
             ctx.streamed = True
         idle = upstream.config.failover.stream_idle_timeout
-        streams = self.metrics.child(self.metrics.active_streams, upstream.name) if is_sse else None
+        streams = self.metrics.active_streams if is_sse else None
+        stream_labels = (upstream.name,)
         try:
             await out.prepare(request)
             ctx.committed = True
             ctx.ttfb = time.monotonic() - ctx.started
             if streams is not None:
-                streams.inc()  # type: ignore[attr-defined]
+                streams.inc(stream_labels)
             while True:
                 try:
                     chunk = await resp.read(idle)
@@ -415,7 +418,7 @@ class Engine:
         finally:
             resp.release()
             if streams is not None:
-                streams.dec()  # type: ignore[attr-defined]
+                streams.inc(stream_labels, -1)
 
     async def _broken_stream(
         self, ctx: Ctx, upstream: Upstream, out: web.StreamResponse, exc: ProxyError, is_sse: bool
@@ -454,14 +457,15 @@ class Engine:
         duration = now - ctx.started
         name = ctx.upstream.name if ctx.upstream is not None else "-"
         m = self.metrics
-        m.child(m.requests, name, str(ctx.status)).inc()  # type: ignore[attr-defined]
-        m.child(m.duration, name).observe(duration)  # type: ignore[attr-defined]
+        labels = (name,)
+        m.requests.inc((name, str(ctx.status)))
+        m.duration.observe(labels, duration)
         if ctx.ttfb is not None:
-            m.child(m.ttfb, name).observe(ctx.ttfb)  # type: ignore[attr-defined]
+            m.ttfb.observe(labels, ctx.ttfb)
         if ctx.bytes_in:
-            m.child(m.bytes, name, "in").inc(ctx.bytes_in)  # type: ignore[attr-defined]
+            m.bytes.inc((name, "in"), ctx.bytes_in)
         if ctx.bytes_out:
-            m.child(m.bytes, name, "out").inc(ctx.bytes_out)  # type: ignore[attr-defined]
+            m.bytes.inc((name, "out"), ctx.bytes_out)
         if self.access.mode == "off":
             return
         path = ctx.path

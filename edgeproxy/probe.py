@@ -105,7 +105,6 @@ class Prober:
         changed = path.health.on_probe(ok, now, error)
         if changed:
             log.info("path %s is %s%s", path.label, path.health.state, f": {error}" if error else "")
-        m = self.metrics
-        m.child(m.probes, path.upstream, path.line.name, "ok" if ok else "fail").inc()  # type: ignore[attr-defined]
+        self.metrics.probes.inc((path.upstream, path.line.name, "ok" if ok else "fail"))
         self.on_result(path, changed)
         return ok

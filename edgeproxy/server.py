@@ -145,12 +145,12 @@ class Proxy:
         if upstream is not None and upstream.reselect():
             first = upstream.order[0]
             log.info("upstream %s now prefers %s", upstream.name, first.label)
-            self.metrics.child(self.metrics.switches, upstream.name).inc()  # type: ignore[attr-defined]
+            self.metrics.switches.inc((upstream.name,))
         m, labels = self.metrics, (path.upstream, path.endpoint.url, path.line.name)
         srtt = path.estimator.srtt
         if srtt is not None:
-            m.child(m.path_rtt, *labels).set(srtt)  # type: ignore[attr-defined]
-        m.child(m.path_up, *labels).set(1 if path.health.is_healthy() else 0)  # type: ignore[attr-defined]
+            m.path_rtt.set(labels, srtt)
+        m.path_up.set(labels, 1 if path.health.is_healthy() else 0)
 
     # -- admin -----------------------------------------------------------------------------
     async def _start_admin(self, lc: ListenerConfig) -> None:

@@ -195,8 +195,10 @@ class Response:
         "_on_end",
         "_reading_paused",
         "_released",
-        "_timer",
+        "_sink",
+        "_sink_blocked",
         "_waiter",
+        "last_data_at",
         "bytes_read",
         "complete",
         "conn",
@@ -223,9 +225,11 @@ class Response:
         self._waiter: asyncio.Future[None] | None = None
         self._exc: BaseException | None = None
         self._released = False
-        self._timer: asyncio.TimerHandle | None = None
         self._on_end = on_end
         self._reading_paused = False
+        self._sink: Callable[[bytes], bool] | None = None
+        self._sink_blocked = False
+        self.last_data_at = 0.0
 
     def __repr__(self) -> str:
         return f"<Response {self.status} complete={self.complete} read={self.bytes_read}>"
@@ -254,13 +258,39 @@ class Response:
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        self.last_data_at = time.monotonic()
+        sink = self._sink
+        if sink is not None:
+            # Push mode: straight to the client, no task wake-up per chunk.
+            self.bytes_read += len(body)
+            if not sink(body):
+                self._block_on_sink()
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > READ_HIGH_WATER and not self._reading_paused:
-            self._reading_paused = True
+            self._pause_reading()
+        self._wake()
+
+    def _pause_reading(self) -> None:
+        self._reading_paused = True
+        transport = self.conn.transport
+        if transport is not None and not self.conn.closed:
+            transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
             transport = self.conn.transport
-            if transport is not None:
-                transport.pause_reading()
+            if transport is not None and not self.conn.closed:
+                transport.resume_reading()
+
+    def _block_on_sink(self) -> None:
+        # The client is not keeping up: stop reading from the origin (TCP pushes back on it)
+        # until the relay has drained the client side.
+        if not self._reading_paused:
+            self._pause_reading()
+        self._sink_blocked = True
         self._wake()
 
     def on_message_complete(self) -> None:
@@ -349,11 +379,7 @@ class Response:
                     self._chunks.clear()
                 self._buffered = 0
                 self.bytes_read += len(data)
-                if self._reading_paused:
-                    self._reading_paused = False
-                    transport = self.conn.transport
-                    if transport is not None and not self.conn.closed:
-                        transport.resume_reading()
+                self._resume_reading()
                 return data
             if self._exc is not None:
                 raise self._exc
@@ -374,6 +400,57 @@ class Response:
     def _on_idle(self, waiter: asyncio.Future[None], timeout: float) -> None:
         if not waiter.done():
             self.fail(UpstreamTimeout(f"origin sent nothing for {timeout:g}s mid-response"))
+
+    # -- push mode (streams) ---------------------------------------------------------------
+    def push_to(self, sink: Callable[[bytes], bool]) -> None:
+        """From now on hand each body chunk to ``sink`` as it arrives (what already arrived
+        first). ``sink`` returns False when the client is full: reading then pauses and
+        ``wait_pushed`` returns False so the relay can drain the client."""
+        self._sink = sink
+        while self._chunks:
+            data = self._chunks.popleft()
+            self.bytes_read += len(data)
+            if not sink(data):
+                self._block_on_sink()
+        self._buffered = 0
+
+    async def wait_pushed(self, idle_timeout: float) -> bool:
+        """True when the whole body was pushed; False when the sink is blocked.
+
+        Raises UpstreamReset if the origin cut the body short, UpstreamTimeout if it sent
+        nothing for ``idle_timeout`` seconds. One timer per wait, not per chunk.
+        """
+        loop = asyncio.get_running_loop()
+        if not self.last_data_at:
+            self.last_data_at = time.monotonic()
+        while True:
+            if self._exc is not None:
+                raise self._exc
+            if self.complete:
+                return True
+            if self._sink_blocked:
+                self._sink_blocked = False
+                return False
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(idle_timeout, self._on_push_idle, waiter, idle_timeout)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+
+    def _on_push_idle(self, waiter: asyncio.Future[None], timeout: float) -> None:
+        if waiter.done():
+            return
+        quiet = time.monotonic() - self.last_data_at
+        if quiet >= timeout:
+            self.fail(UpstreamTimeout(f"origin sent nothing for {timeout:g}s mid-response"))
+        else:  # data came meanwhile: look again when the silence could first reach the limit
+            asyncio.get_running_loop().call_later(timeout - quiet, self._on_push_idle, waiter, timeout)
+
+    def resume_push(self) -> None:
+        """The client drained: read from the origin again."""
+        self._resume_reading()
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:

@@ -29,6 +29,7 @@ from .errors import (
     UpstreamReset,
 )
 from .providers import CREDENTIAL_HEADERS, client_credential, error_body, sse_error_event
+from .relay import push_body
 
 if TYPE_CHECKING:
     from .accesslog import AccessLog
@@ -392,23 +393,17 @@ class Engine:
         idle = upstream.config.failover.stream_idle_timeout
         streams = self.metrics.active_streams if is_sse else None
         stream_labels = (upstream.name,)
+        ctx.committed = True  # the first byte goes out now
+        ctx.ttfb = time.monotonic() - ctx.started
+        if streams is not None:
+            streams.inc(stream_labels)
         try:
-            await out.prepare(request)
-            ctx.committed = True
-            ctx.ttfb = time.monotonic() - ctx.started
-            if streams is not None:
-                streams.inc(stream_labels)
-            while True:
-                try:
-                    chunk = await resp.read(idle)
-                except ProxyError as exc:
-                    return await self._broken_stream(ctx, upstream, out, exc, is_sse)
-                if not chunk:
-                    break
-                ctx.bytes_out += len(chunk)
-                await out.write(chunk)
-            resp.release()
-            await out.write_eof()
+            try:
+                await push_body(request, out, resp, idle)
+            except ProxyError as exc:
+                return await self._broken_stream(ctx, upstream, out, exc, is_sse)
+            finally:
+                ctx.bytes_out = resp.bytes_read
             return out
         except ConnectionResetError:
             # The client went away mid-response; releasing closes the upstream connection,

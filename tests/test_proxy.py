@@ -366,3 +366,18 @@ async def test_origin_error_statuses_pass_through(origin: FakeOrigin, proxy: Run
     assert code == status
     assert headers["Retry-After"] == "7"
     assert "fake origin failure" in orjson.loads(body)["error"]["message"]
+
+
+async def test_slow_client_gets_a_large_stream_intact(origin: FakeOrigin, proxy: RunningProxy) -> None:
+    """Backpressure: a client that stops reading pauses the origin, loses nothing."""
+    # ~16 MB: more than the kernel's socket buffers on both sides can hide
+    origin.reply = "".join(chr(0x4E00 + i % 500) for i in range(2_000_000)) + "x" * 10_000_000
+    origin.events = 200
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            await asyncio.sleep(0.5)  # not reading: buffers fill up to the origin
+            body = await r.read()
+    events = [e for e in body.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    text = "".join(orjson.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events[1:-2])
+    assert text == origin.reply

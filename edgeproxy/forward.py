@@ -287,9 +287,15 @@ class Engine:
         timeout = upstream.config.failover.first_byte_timeout
         fresh = False
         while True:
-            conn, reused = await path.pool.acquire(fresh=fresh)
-            path.requests += 1
+            # Counted in flight from the moment it is planned on this path, so concurrent
+            # requests see the pool filling up and spill before they wait for a connection.
             path.inflight += 1
+            try:
+                conn, reused = await path.pool.acquire(fresh=fresh)
+            except BaseException:
+                path.inflight -= 1
+                raise
+            path.requests += 1
             resp = conn.send(ctx.method, head, ctx.body, path.on_response_end)
             try:
                 if ctx.body_stream is not None:

@@ -242,3 +242,18 @@ async def test_proxy_down_is_a_clear_502(origin: FakeOrigin, make_proxy: Any) ->
     async with aiohttp.ClientSession() as s, s.post(p.url + "/v1/chat/completions", json=CHAT) as r:
         assert r.status == 502
         assert "connection refused" in await r.text()
+
+
+async def test_full_pool_spills_to_the_next_line(sim: LineSim, origin: FakeOrigin, make_proxy: Any) -> None:
+    sim.delay_by_source = {"127.0.0.2": 0.001, "127.0.0.3": 0.020}
+    cfg = only_openai(proxy_config(""), f"http://{sim.address}")
+    cfg["lines"] = {"a": {"bind": "127.0.0.2"}, "b": {"bind": "127.0.0.3"}}
+    cfg["probe"] = {"interval": "5s", "timeout": "1s"}
+    cfg["pool"] = {"max_per_path": 2, "warm": 1}
+    p = await make_proxy(cfg)
+    await wait_until(lambda: preferred(p) == "a", 3.0, "line a preferred")
+    origin.latency = 0.3  # hold each request for a while
+    statuses = await asyncio.gather(*(chat(p.url) for _ in range(4)))
+    assert statuses == [200] * 4
+    used = lines_used(p)
+    assert used == {"a": 2, "b": 2}, used  # a's pool holds two; the rest spilled to b

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Final
 
 import httptools
 
-from .errors import UpstreamProtocolError, UpstreamReset, UpstreamTimeout
+from .errors import FirstEventTimeout, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -348,6 +348,43 @@ class Response:
                 self._waiter = None
         if self._exc is not None and not self.head_done:
             raise self._exc
+
+    async def wait_event(self, timeout: float) -> None:
+        """Wait until one whole SSE block (an event, or a comment) has arrived, or the body
+        ended. Raises FirstEventTimeout after ``timeout`` seconds, or the origin's failure.
+
+        Any complete block counts: an origin that sends keep-alive comments is alive.
+        """
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(timeout, self._on_event_timeout, timeout)
+        try:
+            while True:
+                if self._exc is not None:
+                    raise self._exc
+                if self.complete or self._has_block():
+                    return
+                self._waiter = loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+        finally:
+            timer.cancel()
+
+    def _has_block(self) -> bool:
+        chunks = self._chunks
+        if not chunks:
+            return False
+        if len(chunks) > 1:
+            joined = b"".join(chunks)
+            chunks.clear()
+            chunks.append(joined)
+        data = chunks[0]
+        return b"\n\n" in data or b"\r\n\r\n" in data or b"\r\r" in data
+
+    def _on_event_timeout(self, timeout: float) -> None:
+        if not self.complete and not self._has_block():
+            self.fail(FirstEventTimeout(f"no SSE event from origin within {timeout:g}s of its headers"))
 
     def _on_timeout(self, waiter: asyncio.Future[None], timeout: float) -> None:
         if self.head_done:

@@ -17,7 +17,9 @@ __all__ = [
     "ClientError",
     "ConnectError",
     "ConnectTimeout",
+    "FirstEventTimeout",
     "NoRoute",
+    "PathDown",
     "ProxyError",
     "Unauthorized",
     "UpstreamProtocolError",
@@ -38,6 +40,8 @@ class ProxyError(Exception):
     source: str = "internal"
     retry: bool = False
     sent: bool = False
+    # The `failover.retry_on` class this outcome belongs to ("" = never configurable).
+    outcome: str = ""
 
     def __init__(self, message: str, *, retry: bool | None = None, sent: bool | None = None) -> None:
         super().__init__(message)
@@ -57,6 +61,7 @@ class ConnectError(ProxyError, ConnectionError):
     kind = "connect"
     source = "upstream"
     retry = True
+    outcome = "connect"
 
 
 class ConnectTimeout(ConnectError, asyncio.TimeoutError):
@@ -69,6 +74,7 @@ class UpstreamReset(ProxyError, ConnectionResetError):
     kind = "reset"
     source = "upstream"
     retry = True
+    outcome = "reset"
 
 
 class UpstreamTimeout(ProxyError, asyncio.TimeoutError):
@@ -78,6 +84,19 @@ class UpstreamTimeout(ProxyError, asyncio.TimeoutError):
     source = "upstream"
     retry = True
     sent = True
+    outcome = "timeout"
+
+
+class FirstEventTimeout(UpstreamTimeout):
+    """SSE headers came, but no first event within `first_event_timeout` (before commit)."""
+
+    kind = "first_event_timeout"
+
+
+class PathDown(UpstreamReset):
+    """The prober declared this attempt's path dead while the attempt waited for an answer."""
+
+    kind = "path_down"
 
 
 class UpstreamProtocolError(ProxyError):
@@ -87,6 +106,7 @@ class UpstreamProtocolError(ProxyError):
     source = "upstream"
     retry = True
     sent = True
+    outcome = "reset"
 
 
 class ClientError(ProxyError):
@@ -120,5 +140,8 @@ ERRORS: Final[dict[str, tuple[int, str, str]]] = {
     "reset": (502, "api_error", "upstream_reset"),
     "protocol": (502, "api_error", "upstream_protocol_error"),
     "timeout": (504, "api_error", "upstream_timeout"),
+    "first_event_timeout": (504, "api_error", "upstream_first_event_timeout"),
+    "path_down": (502, "api_error", "upstream_path_down"),
+    "overloaded": (503, "api_error", "retry_budget_exhausted"),
     "internal": (500, "api_error", "internal_error"),
 }

@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
@@ -24,11 +24,12 @@ from .errors import (
     BodyTooLarge,
     ClientError,
     NoRoute,
+    PathDown,
     ProxyError,
     Unauthorized,
     UpstreamReset,
 )
-from .providers import CREDENTIAL_HEADERS, client_credential, error_body, sse_error_event
+from .providers import CREDENTIAL_HEADERS, client_credential, error_body, retry_wait, sse_error_event
 from .relay import push_body
 
 if TYPE_CHECKING:
@@ -63,6 +64,10 @@ RESPONSE_SKIP: Final = HOP_BY_HOP | {b"content-length"}
 BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 # Read size when streaming a large upload through.
 UPLOAD_CHUNK: Final = 256 * 1024
+# 429 without a usable wait in its headers: cool the endpoint down this long.
+DEFAULT_COOL_DOWN: Final = 1.0
+# A 429 asking for at most this long, with no other path to go to, is waited out.
+SHORT_WAIT: Final = 2.0
 STATUS_CLIENT_CLOSED: Final = 499  # nginx's convention for "client went away first"
 # Request ids: a random per-process prefix and a counter; unique without a uuid4 per request.
 _RID_PREFIX: Final = os.urandom(6).hex()
@@ -73,6 +78,7 @@ class Ctx:
     """Everything about one request in flight, and what the access log records."""
 
     __slots__ = (
+        "attempt_log",
         "body",
         "body_stream",
         "bytes_in",
@@ -112,15 +118,26 @@ class Ctx:
         self.streamed = False
         self.committed = False
         self.error: str | None = None
+        self.attempt_log: list[dict[str, object]] = []
 
 
 class Engine:
     """Runs requests through the phases. One per listener; the State is swapped on reload."""
 
-    __slots__ = ("_inflight", "_tokens", "access", "listener", "metrics", "state")
+    __slots__ = ("_inflight", "_tokens", "access", "listener", "metrics", "on_slow_path", "state")
 
-    def __init__(self, state: State, listener: ListenerConfig, metrics: Metrics, access: AccessLog) -> None:
+    def __init__(
+        self,
+        state: State,
+        listener: ListenerConfig,
+        metrics: Metrics,
+        access: AccessLog,
+        on_slow_path: Callable[[Path], None] = lambda path: None,
+    ) -> None:
         self.state = state
+        # Called when an attempt waits for headers longer than its path's RTT suggests: the
+        # prober checks the line at once instead of at its next interval.
+        self.on_slow_path = on_slow_path
         self.listener = listener
         self.metrics = metrics
         self.access = access
@@ -258,61 +275,134 @@ class Engine:
             yield chunk
 
     async def _attempts(self, ctx: Ctx, upstream: Upstream) -> Response:
-        """Try paths in plan order until one answers or the error says stop."""
-        failover = upstream.config.failover
+        """Try paths in plan order until one answers, or an outcome says stop.
+
+        A failed attempt is retried on another path only if `failover.retry_on` names its
+        outcome (connect, reset, timeout, or the status), nothing reached the client yet,
+        the body can be sent again, `failover.retries` and the retry budget allow, and an
+        untried path is left. Otherwise the client gets the last answer as the origin gave
+        it, or our error for the last failure.
+        """
+        upstream.budget.on_request(time.monotonic())
+        retry = False
         while True:
-            path = upstream.plan(ctx.tried)
+            path = upstream.plan(ctx.tried, retry)
             if path is None:
-                raise ProxyError("no path to try")  # only with an upstream without paths
+                raise ProxyError("no path to try")  # an upstream without paths
             ctx.tried.append(path)
             ctx.path = path
+            started = time.monotonic()
             try:
                 resp = await self._attempt(ctx, upstream, path)
-                self.metrics.attempts.inc((upstream.name, path.line.name, "ok"))
-                return resp
             except ProxyError as exc:
+                if exc.source != "upstream":
+                    raise  # the client's fault (a body over the limit...): not the path's
+                self._note_attempt(ctx, upstream, path, exc.kind, started)
                 path.on_failure(exc)
-                self.metrics.attempts.inc((upstream.name, path.line.name, exc.kind))
                 ctx.error = exc.kind
-                if not (
-                    exc.retry
-                    and ctx.body_stream is None
-                    and len(ctx.tried) <= failover.retries
-                    and upstream.plan(ctx.tried) is not None
-                ):
+                if exc.outcome and not isinstance(exc, PathDown):
+                    upstream.on_attempt(path, "local")
+                if not self._may_retry(ctx, upstream, exc.outcome, exc.kind):
                     raise
+                retry = True
+                continue
+            status = resp.status
+            if status != 429 and status < 500:
+                upstream.on_attempt(path, "ok")
+                self._note_attempt(ctx, upstream, path, "ok", started)
+                return resp
+            # 429 and 5xx: the origin answered, but maybe another path or endpoint can do better.
+            self._note_attempt(ctx, upstream, path, str(status), started)
+            wait = None
+            if status == 429:
+                wait = retry_wait(resp.headers)
+                upstream.cool_down(path.endpoint, DEFAULT_COOL_DOWN if wait is None else wait)
+            else:
+                upstream.on_attempt(path, "5xx")
+            if self._may_retry(ctx, upstream, str(status), f"status_{status}"):
+                resp.release()
+                ctx.error = f"status_{status}"
+                retry = True
+                continue
+            if status == 429 and wait is not None and wait <= SHORT_WAIT and self._may_wait(ctx, upstream):
+                # Nowhere else to go, and the origin asks for only a short pause: wait it out
+                # rather than hand the client a 429 it would have to retry itself.
+                resp.release()
+                await asyncio.sleep(wait)
+                ctx.tried.remove(path)
+                path.cooldown_until = 0.0
+                upstream.reselect()
+                continue
+            return resp
+
+    def _may_retry(self, ctx: Ctx, upstream: Upstream, outcome: str, reason: str) -> bool:
+        failover = upstream.config.failover
+        if not (
+            outcome in failover.retry_on
+            and ctx.body_stream is None
+            and len(ctx.tried) <= failover.retries
+            and upstream.plan(ctx.tried, retry=True) is not None
+        ):
+            return False
+        if not upstream.budget.try_retry(time.monotonic()):
+            self.metrics.budget_exhausted.inc((upstream.name,))
+            return False
+        self.metrics.failovers.inc((upstream.name, reason))
+        return True
+
+    def _may_wait(self, ctx: Ctx, upstream: Upstream) -> bool:
+        failover = upstream.config.failover
+        return (
+            ctx.body_stream is None
+            and len(ctx.tried) <= failover.retries
+            and upstream.budget.try_retry(time.monotonic())
+        )
+
+    def _note_attempt(self, ctx: Ctx, upstream: Upstream, path: Path, outcome: str, started: float) -> None:
+        self.metrics.attempts.inc((upstream.name, path.line.name, outcome))
+        ms = round((time.monotonic() - started) * 1000, 3)
+        ctx.attempt_log.append({"line": path.line.name, "endpoint": path.endpoint.host, "outcome": outcome, "ms": ms})
 
     async def _attempt(self, ctx: Ctx, upstream: Upstream, path: Path) -> Response:
+        """One try on one path: send, then wait for headers (and for SSE, the first event)."""
         head = self._request_head(ctx, upstream, path)
-        timeout = upstream.config.failover.first_byte_timeout
+        failover = upstream.config.failover
         fresh = False
         while True:
             # Counted in flight from the moment it is planned on this path, so concurrent
             # requests see the pool filling up and spill before they wait for a connection.
             path.inflight += 1
             try:
-                conn, reused = await path.pool.acquire(fresh=fresh)
+                conn, reused = await path.pool.acquire(fresh=fresh, timeout=path.connect_timeout())
             except BaseException:
                 path.inflight -= 1
                 raise
             path.requests += 1
             resp = conn.send(ctx.method, head, ctx.body, path.on_response_end)
+            path.waiting.add(resp)  # the prober may fail it over if the line dies meanwhile
+            suspect = asyncio.get_running_loop().call_later(path.suspect_after(), self.on_slow_path, path)
             try:
                 if ctx.body_stream is not None:
                     await conn.send_stream(ctx.body_stream, chunked=ctx.request.content_length is None)
-                await resp.wait_head(timeout)
+                await resp.wait_head(failover.first_byte_timeout)
+                suspect.cancel()
+                if resp.status == 200 and _is_sse(resp):
+                    await resp.wait_event(failover.first_event_timeout)
                 return resp
             except UpstreamReset:
                 resp.release()
                 # A reused keep-alive connection the origin had just closed: nothing reached
                 # it, so one more try on a new connection is safe and invisible.
-                if reused and not resp.head_done and ctx.body_stream is None and not fresh:
+                if reused and not resp.head_done and ctx.body_stream is None and not fresh and not resp.bytes_read:
                     fresh = True
                     continue
                 raise
             except BaseException:
                 resp.release()
                 raise
+            finally:
+                suspect.cancel()
+                path.waiting.discard(resp)
 
     def _request_head(self, ctx: Ctx, upstream: Upstream, path: Path) -> bytes:
         endpoint = path.endpoint
@@ -480,7 +570,8 @@ class Engine:
                 "endpoint": path.endpoint.host if path is not None else None,
                 "line": path.line.name if path is not None else None,
                 "status": ctx.status,
-                "attempts": len(ctx.tried),
+                "attempts": len(ctx.attempt_log),
+                "attempt_log": ctx.attempt_log if len(ctx.attempt_log) > 1 else None,
                 "ttfb_ms": None if ctx.ttfb is None else round(ctx.ttfb * 1000, 3),
                 "duration_ms": round(duration * 1000, 3),
                 "bytes_in": ctx.bytes_in,
@@ -489,3 +580,8 @@ class Engine:
                 "error": ctx.error,
             }
         )
+
+
+def _is_sse(resp: Response) -> bool:
+    ctype = resp.header(b"content-type")
+    return ctype is not None and ctype[:17].lower() == b"text/event-stream"

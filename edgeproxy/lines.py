@@ -13,9 +13,9 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
-from .client import Conn
+from .client import Conn, Response
 from .dns import Address, Resolver
 from .errors import ConnectError
 from .estimator import Estimator
@@ -30,6 +30,12 @@ if TYPE_CHECKING:
 __all__ = ["Line", "Path", "PathKey", "tls_context"]
 
 PathKey = tuple[str, str, str]  # (upstream name, endpoint url, line name)
+
+# Bounds for the RTT-derived timeouts below (seconds). The floors keep a loaded machine's
+# scheduling hiccups from looking like a dead line.
+CONNECT_FLOOR: Final = 0.5
+SUSPECT_FLOOR: Final = 0.2
+SUSPECT_CEILING: Final = 1.0
 
 
 def tls_context(cafile: str | None = None) -> ssl.SSLContext:
@@ -144,6 +150,8 @@ class Path:
         "last_error",
         "last_error_at",
         "connect_rtt",
+        "cooldown_until",
+        "waiting",
     )
 
     def __init__(
@@ -185,6 +193,9 @@ class Path:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.connect_rtt: float | None = None
+        self.cooldown_until = 0.0  # monotonic; the endpoint asked us to wait (429) until then
+        # Attempts sent on this path and not yet committed: failed over if the line dies.
+        self.waiting: set[Response] = set()
 
     def __repr__(self) -> str:
         return f"<Path {self.label} {self.health.state} {self.estimator!r} {self.pool!r}>"
@@ -192,6 +203,34 @@ class Path:
     def score(self) -> float | None:
         """Lower is better; None until measured. The formula: see ``estimator``."""
         return self.estimator.score()
+
+    def connect_timeout(self) -> float:
+        """How long a new connection may take here: set-up is TCP, maybe a proxy tunnel and
+        TLS, up to about four round trips; so 4 x (SRTT + 4 RTTVAR), between CONNECT_FLOOR
+        and pool.connect_timeout. Unmeasured paths get the configured bound."""
+        est = self.estimator
+        if est.srtt is None or est.rttvar is None:
+            return self.pool.connect_timeout
+        return min(max(4 * (est.srtt + 4 * est.rttvar), CONNECT_FLOOR), self.pool.connect_timeout)
+
+    def suspect_after(self) -> float:
+        """Waiting longer than this for response headers makes the line suspect (an early
+        probe checks it): a few round trips, at least SUSPECT_FLOOR."""
+        est = self.estimator
+        if est.srtt is None or est.rttvar is None:
+            return SUSPECT_CEILING
+        return min(max(3 * (est.srtt + 4 * est.rttvar), SUSPECT_FLOOR), SUSPECT_CEILING)
+
+    def urgent_probe_timeout(self, ceiling: float) -> float:
+        """Timeout for a probe sent because the line is suspect: a generous RTO."""
+        est = self.estimator
+        if est.srtt is None or est.rttvar is None:
+            return ceiling
+        return min(max(2 * (est.srtt + 4 * est.rttvar), SUSPECT_FLOOR), ceiling)
+
+    def is_usable(self, now: float) -> bool:
+        """Healthy and not cooling down: a path a request should go to."""
+        return self.cooldown_until <= now and self.health.is_healthy(now)
 
     def is_full(self) -> bool:
         return self.inflight >= self.pool.max_size
@@ -220,7 +259,7 @@ class Path:
             "endpoint": self.endpoint.url,
             "line": self.line.name,
             "priority": self.endpoint.priority,
-            "state": health.state,
+            "state": "cooling" if self.cooldown_until > now and health.state == "up" else health.state,
             "srtt_ms": _ms(est.srtt),
             "rttvar_ms": _ms(est.rttvar),
             "last_rtt_ms": _ms(est.last_sample),

@@ -99,6 +99,19 @@ class Metrics(Collector):
             "edgeproxy_bytes", "Body bytes relayed (in: from clients, out: to clients)", ("upstream", "direction")
         )
         self.attempts = Counter("edgeproxy_attempts", "Attempts by path and outcome", ("upstream", "line", "outcome"))
+        self.failovers = Counter(
+            "edgeproxy_failovers", "Attempts retried on another path, by reason", ("upstream", "reason")
+        )
+        self.budget_exhausted = Counter(
+            "edgeproxy_retry_budget_exhausted", "Retries refused by the retry budget", ("upstream",)
+        )
+        self.stream_errors = Counter(
+            "edgeproxy_stream_errors", "Streams ended with an in-band error after commit", ("upstream", "reason")
+        )
+        self.ejections = Counter("edgeproxy_ejections", "Paths ejected after failing attempts", ("upstream", "line"))
+        self.rescues = Counter(
+            "edgeproxy_rescues", "Waiting attempts failed over: a probe found the line dead", ("upstream", "line")
+        )
         self.probes = Counter("edgeproxy_probes", "Probe results by path", ("upstream", "line", "result"))
         self.path_rtt = Gauge(
             "edgeproxy_path_rtt_seconds", "Smoothed RTT (SRTT) of each path", ("upstream", "endpoint", "line")

@@ -100,8 +100,16 @@ class Pool:
         return len(self._active) + len(self._idle) + self._connecting >= self.max_size
 
     # -- use -------------------------------------------------------------------------------
-    async def acquire(self, *, fresh: bool = False) -> tuple[Conn, bool]:
-        """A connection for one request, and whether it was reused from the idle set."""
+    async def acquire(
+        self, *, fresh: bool = False, timeout: float | None = None, probe: bool = False
+    ) -> tuple[Conn, bool]:
+        """A connection for one request, and whether it was reused from the idle set.
+
+        ``timeout`` bounds setting up a new connection (default: the pool's connect_timeout).
+        A ``probe`` never queues behind a full pool (it opens one connection past the limit):
+        a pool busy with long completions is not a dead line.
+        """
+        timeout = self.connect_timeout if timeout is None else timeout
         if self._closed:
             raise ConnectError(f"{self.label}: pool is closed")
         if not fresh:
@@ -109,14 +117,14 @@ class Pool:
             if conn is not None:
                 self._active.add(conn)
                 return conn, True
-        if self.is_full():
+        if self.is_full() and not probe:
             if fresh and self._idle:
                 self._idle.pop(0).close()  # make room: oldest idle goes
             else:
                 fut: asyncio.Future[Conn] = asyncio.get_running_loop().create_future()
                 self._waiters.append(fut)
                 try:
-                    conn = await asyncio.wait_for(fut, self.connect_timeout)
+                    conn = await asyncio.wait_for(fut, self.connect_timeout)  # a busy pool: not the line's fault
                 except asyncio.CancelledError:
                     if fut.done() and not fut.cancelled() and fut.exception() is None:
                         self.release(fut.result())  # handed over as we were cancelled
@@ -127,7 +135,7 @@ class Pool:
                     ) from None
                 self._active.add(conn)
                 return conn, True
-        conn = await self._open()
+        conn = await self._open(timeout)
         self._active.add(conn)
         return conn, False
 
@@ -141,10 +149,11 @@ class Pool:
             conn.close()
         return None
 
-    async def _open(self) -> Conn:
+    async def _open(self, timeout: float | None = None) -> Conn:
+        timeout = self.connect_timeout if timeout is None else timeout
         self._connecting += 1
         try:
-            conn, reach = await self._connector(lambda: Conn(self), self.connect_timeout)
+            conn, reach = await self._connector(lambda: Conn(self), timeout)
         except (ConnectError, asyncio.CancelledError):
             self.connect_errors += 1
             raise

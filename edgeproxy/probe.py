@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Final
 
 from .errors import ProxyError
 
@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 __all__ = ["Prober", "probe_target"]
 
 log = logging.getLogger("edgeproxy.probe")
+
+# At most one urgent probe per path this often (seconds), however many attempts wait.
+URGENT_SPACING: Final = 0.25
 
 # Where each provider lists its models (relative to the endpoint's base path for OpenAI-style
 # APIs, whose base path already ends in the version).
@@ -45,6 +48,9 @@ class Prober:
         self.metrics = metrics
         self.on_result = on_result
         self._tasks: dict[PathKey, tuple[Path, asyncio.Task[None]]] = {}
+        self._probing: set[PathKey] = set()  # a probe is in flight on these paths
+        self._urgent_tasks: set[asyncio.Task[bool]] = set()
+        self._urgent_at: dict[PathKey, float] = {}
 
     def sync(self, paths: Iterable[Path], config: ProbeConfig | None = None) -> None:
         """Probe exactly these paths: start loops for new ones, stop the rest."""
@@ -62,7 +68,8 @@ class Prober:
                 self._tasks[key] = (path, task)
 
     async def close(self) -> None:
-        tasks = [t for _, t in self._tasks.values()]
+        tasks: list[asyncio.Task[Any]] = [t for _, t in self._tasks.values()]
+        tasks += self._urgent_tasks
         self._tasks.clear()
         for t in tasks:
             t.cancel()
@@ -74,15 +81,32 @@ class Prober:
             await self.probe(path)
             await asyncio.sleep(path.health.next_probe_in(self.config.interval))
 
-    async def probe(self, path: Path) -> bool:
+    def urgent(self, path: Path) -> None:
+        """An attempt on ``path`` waits longer than the path's RTT suggests: probe it now
+        (with an RTT-sized timeout) unless a probe is already out or went out just now."""
+        now = time.monotonic()
+        if path.key in self._probing or now - self._urgent_at.get(path.key, 0.0) < URGENT_SPACING:
+            return
+        if path.key not in self._tasks:
+            return  # not (or no longer) a probed path
+        self._urgent_at[path.key] = now
+        task = asyncio.get_running_loop().create_task(
+            self.probe(path, path.urgent_probe_timeout(self.config.timeout), urgent=True),
+            name=f"urgent probe {path.label}",
+        )
+        self._urgent_tasks.add(task)
+        task.add_done_callback(self._urgent_tasks.discard)
+
+    async def probe(self, path: Path, timeout: float | None = None, urgent: bool = False) -> bool:
         """Probe ``path`` once; feed the estimator and health; True if it answered."""
         loop = asyncio.get_running_loop()
-        timeout = self.config.timeout
+        timeout = self.config.timeout if timeout is None else timeout
         error: str | None = None
         resp = None
+        self._probing.add(path.key)
         try:
             async with asyncio.timeout(timeout):
-                conn, _ = await path.pool.acquire()
+                conn, _ = await path.pool.acquire(probe=True, timeout=timeout)
                 resp = conn.send("GET", path.probe_head, None, None)
                 sent = loop.time()
                 await resp.wait_head(timeout)
@@ -96,13 +120,14 @@ class Prober:
         except OSError as exc:
             error = str(exc) or type(exc).__name__
         finally:
+            self._probing.discard(path.key)
             if resp is not None:
                 resp.release()
         ok = error is None
         now = time.monotonic()
         if ok:
             path.estimator.add(rtt, now)
-        changed = path.health.on_probe(ok, now, error)
+        changed = path.health.on_probe(ok, now, error, urgent)
         if changed:
             log.info("path %s is %s%s", path.label, path.health.state, f": {error}" if error else "")
         self.metrics.probes.inc((path.upstream, path.line.name, "ok" if ok else "fail"))

@@ -6,13 +6,25 @@ exception type with our message instead of choking on an unknown body.
 
 from __future__ import annotations
 
+import email.utils
+import re
+import time
+from datetime import UTC, datetime
 from typing import Final
 
 import orjson
 
 from .errors import ERRORS
 
-__all__ = ["AUTH_HEADERS", "auth_header", "auth_value", "client_credential", "error_body", "sse_error_event"]
+__all__ = [
+    "AUTH_HEADERS",
+    "auth_header",
+    "auth_value",
+    "client_credential",
+    "error_body",
+    "retry_wait",
+    "sse_error_event",
+]
 
 # The header each provider reads the API key from, lower-case as bytes for the hot path.
 AUTH_HEADERS: Final[dict[str, bytes]] = {
@@ -62,3 +74,74 @@ def sse_error_event(provider: str, kind: str, message: str) -> bytes:
         return b"event: error\ndata: " + data + b"\n\n"
     data = orjson.dumps({"error": {"message": message, "type": etype, "code": code}})
     return b"data: " + data + b"\n\n"
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(text: str) -> float | None:
+    """OpenAI's reset durations: "6m0s", "1s", "20ms", "1h2m3.5s"."""
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
+        return None
+    return sum(float(n) * _UNITS[u] for n, u in parts)
+
+
+def _until(text: str, now: float) -> float | None:
+    """Seconds from ``now`` (epoch) until an RFC 3339 or HTTP date."""
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp() - now
+
+
+def retry_wait(headers: list[tuple[bytes, bytes]], now: float | None = None) -> float | None:
+    """How long the origin asked us to wait, from its 429 headers; None if it did not say.
+
+    ``Retry-After`` (seconds or a date) and ``retry-after-ms`` win. Otherwise the rate-limit
+    reset headers (OpenAI ``x-ratelimit-reset-*``, durations; Anthropic
+    ``anthropic-ratelimit-*-reset``, RFC 3339): the longest reset among limits whose
+    ``remaining`` is 0, or if none says so, the longest of them all.
+    """
+    now = time.time() if now is None else now
+    resets: dict[str, float] = {}
+    remaining: dict[str, str] = {}
+    for raw_name, raw_value in headers:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1").strip()
+        if name == "retry-after-ms":
+            try:
+                return max(0.0, float(value) / 1000)
+            except ValueError:
+                continue
+        if name == "retry-after":
+            wait: float | None
+            try:
+                wait = float(value)
+            except ValueError:
+                wait = _until(value, now)
+            if wait is not None:
+                return max(0.0, wait)
+        elif name.startswith("x-ratelimit-reset-"):
+            d = _duration(value)
+            if d is not None:
+                resets[name[len("x-ratelimit-reset-") :]] = d
+        elif name.startswith("x-ratelimit-remaining-"):
+            remaining[name[len("x-ratelimit-remaining-") :]] = value
+        elif name.startswith("anthropic-ratelimit-") and name.endswith("-reset"):
+            u = _until(value, now)
+            if u is not None:
+                resets[name[len("anthropic-ratelimit-") : -len("-reset")]] = u
+        elif name.startswith("anthropic-ratelimit-") and name.endswith("-remaining"):
+            remaining[name[len("anthropic-ratelimit-") : -len("-remaining")]] = value
+    if not resets:
+        return None
+    exhausted = [v for k, v in resets.items() if remaining.get(k) == "0"]
+    return max(0.0, max(exhausted or resets.values()))

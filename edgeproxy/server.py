@@ -21,6 +21,7 @@ from . import __version__
 from .accesslog import AccessLog
 from .config import Config, ListenerConfig, dump_redacted
 from .dns import Resolver
+from .errors import PathDown
 from .forward import Engine
 from .lines import Path
 from .metrics import Metrics
@@ -81,7 +82,7 @@ class Proxy:
         limits = self.config.limits
         try:
             for lc in self.config.listen:
-                engine = Engine(self.state, lc, self.metrics, self.access)
+                engine = Engine(self.state, lc, self.metrics, self.access, self.prober.urgent)
                 ws = web.Server(
                     engine.handle,
                     handler_cancellation=True,  # client gone -> cancel -> upstream closed
@@ -140,7 +141,12 @@ class Proxy:
         self.access.flush()
 
     def _on_probe(self, path: Path, changed: bool) -> None:
-        """A probe finished: re-rank that path's upstream; export what changed."""
+        """A probe finished: re-rank that path's upstream; export what changed. A line found
+        dead fails over the attempts waiting on it now, not at their own timeouts."""
+        if changed and path.health.state == "down" and path.waiting:
+            self.metrics.rescues.inc((path.upstream, path.line.name), len(path.waiting))
+            for resp in list(path.waiting):
+                resp.fail(PathDown(f"{path.label} stopped answering probes ({path.health.last_error})"))
         upstream = self.state.upstream(path.upstream)
         if upstream is not None and upstream.reselect():
             first = upstream.order[0]
@@ -150,7 +156,7 @@ class Proxy:
         srtt = path.estimator.srtt
         if srtt is not None:
             m.path_rtt.set(labels, srtt)
-        m.path_up.set(labels, 1 if path.health.is_healthy() else 0)
+        m.path_up.set(labels, 1 if path.health.is_healthy(time.monotonic()) else 0)
 
     # -- admin -----------------------------------------------------------------------------
     async def _start_admin(self, lc: ListenerConfig) -> None:

@@ -7,10 +7,13 @@ one reference. Requests keep the State they started with to their end.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from .budget import RetryBudget
 from .lines import Line, Path, PathKey
 from .providers import auth_header, auth_value
 from .select import Candidate, order
@@ -37,6 +40,7 @@ class Upstream:
         "tolerance",
         "injects_keys",
         "auth_header",
+        "budget",
         "_keys",
     )
 
@@ -51,6 +55,7 @@ class Upstream:
         self.order: tuple[Path, ...] = tuple(paths)
         self.current: PathKey | None = None
         self.switches = 0
+        self.budget = RetryBudget()
         # Only when every endpoint brings its own keys may a client's credential header carry
         # our token instead (otherwise it must pass through to the origin untouched).
         self.injects_keys = all(ep.keys for ep in config.endpoints)
@@ -69,15 +74,17 @@ class Upstream:
         prefix = self.prefix
         return raw_path.startswith(prefix) and (len(raw_path) == len(prefix) or raw_path[len(prefix)] in "/?")
 
-    def plan(self, tried: list[Path]) -> Path | None:
+    def plan(self, tried: list[Path], retry: bool = False) -> Path | None:
         """The next path to try: the first untried one in ``order`` that has room.
 
         A path whose in-flight requests fill its pool is passed over (spill to the next);
-        it is still returned when every other path was tried or is full too.
+        it is still returned when every other path was tried or is full too. A retry never
+        goes to an endpoint that asked us to wait (429).
         """
         spill = None
+        now = time.monotonic() if retry else 0.0
         for path in self.order:
-            if path in tried:
+            if path in tried or (retry and path.cooldown_until > now):
                 continue
             if path.inflight >= path.pool.max_size:
                 spill = spill or path
@@ -87,8 +94,9 @@ class Upstream:
 
     def reselect(self) -> bool:
         """Recompute ``order`` from the paths' estimates and health; True if the first changed."""
+        now = time.monotonic()
         candidates = [
-            Candidate(p.key, p.endpoint.priority, p.score(), p.health.is_healthy(), i, p.health.consecutive_failures)
+            Candidate(p.key, p.endpoint.priority, p.score(), p.is_usable(now), i, p.health.badness())
             for i, p in enumerate(self.paths)
         ]
         by_key = {p.key: p for p in self.paths}
@@ -99,6 +107,28 @@ class Upstream:
             self.switches += 1
         self.current = first
         return switched
+
+    def reselect_at(self, when: float) -> None:
+        """Re-rank again at monotonic time ``when`` (an ejection or a cool-down ends)."""
+        delay = max(0.0, when - time.monotonic()) + 0.001
+        asyncio.get_running_loop().call_later(delay, self.reselect)
+
+    def on_attempt(self, path: Path, outcome: str) -> None:
+        """Feed a real attempt's outcome ("ok", "local", "5xx") to the path's health."""
+        now = time.monotonic()
+        if path.health.on_attempt(outcome, now):
+            self.reselect()
+            if path.health.state == "ejected":
+                self.reselect_at(path.health.ejected_until)
+
+    def cool_down(self, endpoint: EndpointConfig, seconds: float) -> None:
+        """The origin asked for a pause (429): no path of this endpoint gets traffic for it."""
+        until = time.monotonic() + seconds
+        for path in self.paths:
+            if path.endpoint.url == endpoint.url:
+                path.cooldown_until = max(path.cooldown_until, until)
+        self.reselect()
+        self.reselect_at(until)
 
     def key_header(self, endpoint: EndpointConfig) -> tuple[bytes, bytes] | None:
         """(header name, value) presenting the endpoint's next key, or None to pass through."""

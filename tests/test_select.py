@@ -68,17 +68,19 @@ def test_rto_is_bounded() -> None:
 
 def test_health_reprobes_quickly_after_failure() -> None:
     h = Health()
-    assert h.is_healthy() and h.state == "unknown"
-    assert h.on_probe(False, 1.0, "refused") is True
-    assert not h.is_healthy()
+    assert h.is_healthy(0.0) and h.state == "unknown"
+    assert h.on_probe(False, 1.0, "refused") is False  # one failure: suspect, looked at again soon
+    assert h.is_healthy(1.0)
     assert h.next_probe_in(5.0) == 0.5
-    h.on_probe(False, 2.0, "refused")
+    assert h.on_probe(False, 1.5, "refused") is True  # the second in a row: down
+    assert not h.is_healthy(1.5)
     assert h.next_probe_in(5.0) == 1.0
     for t in range(10):
         h.on_probe(False, 3.0 + t)
+    assert h.state == "down"
     assert h.next_probe_in(5.0) == 5.0  # capped at the interval
     assert h.on_probe(True, 20.0) is True
-    assert h.is_healthy() and h.consecutive_failures == 0
+    assert h.is_healthy(20.0) and h.consecutive_failures == 0
     assert 4.5 <= h.next_probe_in(5.0, random.Random(1)) <= 5.5
 
 
@@ -149,3 +151,40 @@ def test_no_flapping_between_equal_lines() -> None:
         current = first
         now += 5
     assert switches <= 1
+
+
+def test_attempt_failures_eject_with_growing_backoff_and_half_open_trial() -> None:
+    h = Health()
+    h.on_probe(True, 0.0)
+    assert h.on_attempt("local", 1.0) is False
+    assert h.on_attempt("local", 1.1) is False
+    assert h.on_attempt("local", 1.2) is True  # third in a row: ejected
+    assert h.state == "ejected" and not h.is_healthy(1.5)
+    assert h.is_healthy(1.2 + 2.0)  # base ejection 2 s over: one trial may go (half-open)
+    assert h.on_attempt("local", 3.3) is True  # the trial failed: ejected again, for longer
+    assert not h.is_healthy(3.3 + 3.9) and h.is_healthy(3.3 + 4.0)
+    h.on_attempt("ok", 8.0)
+    assert h.state == "up" and h.is_healthy(8.0)
+
+
+def test_origin_errors_counted_apart_and_probe_does_not_cut_5xx_ejection_short() -> None:
+    h = Health()
+    h.on_probe(True, 0.0)
+    for t in range(4):
+        h.on_attempt("5xx", float(t))
+        h.on_attempt("local", float(t)) if t < 2 else None  # local run: 2, below its limit
+    assert h.state == "up"
+    h.on_attempt("ok", 4.0)
+    for t in range(5):
+        h.on_attempt("5xx", 5.0 + t)
+    assert h.state == "ejected"
+    h.on_probe(True, 9.5)  # the line answers probes, but the origin failed real requests
+    assert h.state == "ejected" and not h.is_healthy(9.5)
+    assert h.is_healthy(9.0 + 2.0)
+
+
+def test_urgent_probe_failure_marks_down_at_once() -> None:
+    h = Health()
+    h.on_probe(True, 0.0)
+    assert h.on_probe(False, 1.0, "timeout", urgent=True) is True
+    assert h.state == "down"

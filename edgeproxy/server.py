@@ -214,7 +214,10 @@ class Proxy:
                     "name": u.name,
                     "prefix": u.prefix or "/",
                     "provider": u.provider,
-                    "paths": [p.status() for p in u.paths],
+                    "preferred": u.order[0].line.name if u.order else None,
+                    "switches": u.switches,
+                    "retry_budget_exhausted": u.budget.exhausted,
+                    "paths": [p.status() for p in u.order],  # in try order: the first takes traffic
                 }
                 for u in self.state.upstreams
             ],

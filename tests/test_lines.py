@@ -81,6 +81,8 @@ async def test_bind_lines_take_the_faster_source_address(sim: LineSim, make_prox
     sim.delay_by_source = {"127.0.0.2": 0.010, "127.0.0.3": 0.040}
     await wait_until(lambda: preferred(p) == "slow", 2.5, "traffic to move after the swap")
     status = p.proxy.status()
+    assert status["upstreams"][0]["preferred"] == "slow"
+    assert status["upstreams"][0]["paths"][0]["line"] == "slow"  # in try order
     rows = {row["line"]: row for row in status["upstreams"][0]["paths"]}
     assert rows["slow"]["srtt_ms"] < rows["fast"]["srtt_ms"]
     assert rows["slow"]["state"] == "up" and rows["fast"]["last_probe_ok"] is True

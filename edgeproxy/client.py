@@ -49,6 +49,7 @@ class Conn(asyncio.Protocol):
         "idle_since",
         "pool",
         "requests",
+        "reusable",
         "resp",
         "transport",
     )
@@ -61,6 +62,7 @@ class Conn(asyncio.Protocol):
         self.created = time.monotonic()
         self.idle_since = self.created
         self.requests = 0
+        self.reusable = True  # False once a request was cut short on it
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
         self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -103,6 +105,9 @@ class Conn(asyncio.Protocol):
             self.close()
 
     def eof_received(self) -> bool:
+        # The origin is done with this connection: never hand it out again, even before
+        # connection_lost arrives (a request written now would meet a closed socket).
+        self.closed = True
         return False  # close the transport; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -141,12 +146,19 @@ class Conn(asyncio.Protocol):
 
     # -- one request -----------------------------------------------------------------------
     def send(self, method: str, head: bytes, body: bytes | None, on_end: Callable[[Response], None] | None) -> Response:
-        """Write the request head (and a buffered body); return the Response to wait on."""
+        """Write the request head (and a buffered body); return the Response to wait on.
+
+        On a connection that closed meanwhile, the Response is failed at once (nothing was
+        sent, so another attempt is safe).
+        """
         resp = Response(self, method, on_end)
         self.resp = resp
         self.requests += 1
         transport = self.transport
-        assert transport is not None
+        if self.closed or transport is None or transport.is_closing():
+            resp.fail(UpstreamReset("connection closed before the request was sent", sent=False))
+            return resp
+        resp.sent_at = time.monotonic()
         if body:
             if len(body) <= JOIN_LIMIT:
                 transport.write(head + body)
@@ -161,6 +173,12 @@ class Conn(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         async for chunk in chunks:
+            resp = self.resp
+            if resp is not None and resp.head_done:
+                # The origin answered before the upload ended (a 413, a 401): stop sending;
+                # its answer stands, and this connection cannot carry another request.
+                self.reusable = False
+                return
             if self.closed:
                 raise UpstreamReset("origin closed the connection during the upload", sent=True)
             if not chunk:
@@ -177,7 +195,7 @@ class Conn(asyncio.Protocol):
         """Called once per response, when its reader is finished with it."""
         if self.resp is resp:
             self.resp = None
-        if reusable and not self.closed:
+        if reusable and self.reusable and not self.closed:
             self.idle_since = time.monotonic()
             self.pool.release(self)
         else:
@@ -199,6 +217,7 @@ class Response:
         "_sink_blocked",
         "_waiter",
         "last_data_at",
+        "sent_at",
         "bytes_read",
         "complete",
         "conn",
@@ -230,15 +249,27 @@ class Response:
         self._sink: Callable[[bytes], bool] | None = None
         self._sink_blocked = False
         self.last_data_at = 0.0
+        self.sent_at = 0.0
 
     def __repr__(self) -> str:
         return f"<Response {self.status} complete={self.complete} read={self.bytes_read}>"
 
     # -- parser callbacks (httptools calls these by name) ----------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.complete:
+            self._after_end()
+            return
         self.headers.append((name, value))
 
+    def _after_end(self) -> None:
+        # Bytes after the end of the response: a second message nobody asked for (a buggy
+        # or hostile origin). It must not touch this response; the connection is retired.
+        self.conn.close()
+
     def on_headers_complete(self) -> None:
+        if self.complete:
+            self._after_end()
+            return
         parser = self.parser
         assert parser is not None
         status = parser.get_status_code()
@@ -258,6 +289,9 @@ class Response:
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.complete:
+            self._after_end()
+            return
         self.last_data_at = time.monotonic()
         sink = self._sink
         if sink is not None:
@@ -304,9 +338,9 @@ class Response:
     def on_connection_lost(self, exc: Exception | None) -> None:
         if self.complete:
             return
-        if self.head_done and self.parser is not None and not self._has_framing():
-            # A body delimited by connection close (no Content-Length, not chunked): EOF
-            # is its normal end.
+        if exc is None and self.head_done and self.parser is not None and not self._has_framing():
+            # A body delimited by connection close (no Content-Length, not chunked): a clean
+            # EOF is its normal end (a reset is not).
             self.complete = True
             self._wake()
             return
@@ -501,6 +535,8 @@ class Response:
             return
         self._released = True
         reusable = self.complete and self.keep_alive and self._exc is None
+        if reusable and self._reading_paused:
+            self._resume_reading()  # never pool a connection that does not read
         self.parser = None
         if self._on_end is not None:
             self._on_end(self)

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Final
 
+import orjson
 from aiohttp import web
 
 from .client import Response
@@ -188,7 +189,8 @@ class Engine:
             raise NoRoute(f"no upstream serves {ctx.raw_path.split('?', 1)[0]}")
         ctx.upstream = upstream
         rid = ctx.request.headers.get("x-request-id")
-        ctx.request_id = rid if rid and len(rid) <= 200 else f"{_RID_PREFIX}{next(_rid_counter):012x}"
+        ok = rid is not None and len(rid) <= 200 and rid.isascii() and rid.isprintable()
+        ctx.request_id = rid if ok else f"{_RID_PREFIX}{next(_rid_counter):012x}"  # type: ignore[assignment]
         return upstream
 
     def _accept(self, ctx: Ctx, upstream: Upstream) -> None:
@@ -211,7 +213,7 @@ class Engine:
     def _token_ok(self, token: str | None) -> bool:
         if token is None:
             return False
-        given = token.encode()
+        given = token.encode("utf-8", "surrogateescape")  # aiohttp keeps odd bytes that way
         ok = False
         for expected in self._tokens:  # compare with all, in constant time each
             ok |= hmac.compare_digest(given, expected)
@@ -301,14 +303,14 @@ class Engine:
                 path.on_failure(exc)
                 ctx.error = exc.kind
                 if exc.outcome and not isinstance(exc, PathDown):
-                    upstream.on_attempt(path, "local")
+                    self._health(upstream, path, "local")
                 if not self._may_retry(ctx, upstream, exc.outcome, exc.kind):
                     raise
                 retry = True
                 continue
             status = resp.status
             if status != 429 and status < 500:
-                upstream.on_attempt(path, "ok")
+                self._health(upstream, path, "ok")
                 self._note_attempt(ctx, upstream, path, "ok", started)
                 return resp
             # 429 and 5xx: the origin answered, but maybe another path or endpoint can do better.
@@ -318,7 +320,7 @@ class Engine:
                 wait = retry_wait(resp.headers)
                 upstream.cool_down(path.endpoint, DEFAULT_COOL_DOWN if wait is None else wait)
             else:
-                upstream.on_attempt(path, "5xx")
+                self._health(upstream, path, "5xx")
             if self._may_retry(ctx, upstream, str(status), f"status_{status}"):
                 resp.release()
                 ctx.error = f"status_{status}"
@@ -335,6 +337,16 @@ class Engine:
                 continue
             return resp
 
+    def _health(self, upstream: Upstream, path: Path, outcome: str) -> None:
+        if upstream.on_attempt(path, outcome):
+            self.metrics.ejections.inc((upstream.name, path.line.name))
+            log.warning(
+                "ejected %s after %s failures (until +%.1fs)",
+                path.label,
+                outcome,
+                path.health.ejected_until - time.monotonic(),
+            )
+
     def _may_retry(self, ctx: Ctx, upstream: Upstream, outcome: str, reason: str) -> bool:
         failover = upstream.config.failover
         if not (
@@ -344,7 +356,9 @@ class Engine:
             and upstream.plan(ctx.tried, retry=True) is not None
         ):
             return False
-        if not upstream.budget.try_retry(time.monotonic()):
+        # The budget protects origins from amplification: it is charged for retries after the
+        # origin failed (a status, a timeout), not when a line failed to carry the request.
+        if outcome not in LINE_OUTCOMES and not upstream.budget.try_retry(time.monotonic()):
             self.metrics.budget_exhausted.inc((upstream.name,))
             return False
         self.metrics.failovers.inc((upstream.name, reason))
@@ -365,7 +379,8 @@ class Engine:
 
     async def _attempt(self, ctx: Ctx, upstream: Upstream, path: Path) -> Response:
         """One try on one path: send, then wait for headers (and for SSE, the first event)."""
-        head = self._request_head(ctx, upstream, path)
+        body = self._body_for(ctx, path)
+        head = self._request_head(ctx, upstream, path, body)
         failover = upstream.config.failover
         fresh = False
         while True:
@@ -373,27 +388,32 @@ class Engine:
             # requests see the pool filling up and spill before they wait for a connection.
             path.inflight += 1
             try:
-                conn, reused = await path.pool.acquire(fresh=fresh, timeout=path.connect_timeout())
+                conn, _ = await path.pool.acquire(fresh=fresh, timeout=path.connect_timeout())
             except BaseException:
                 path.inflight -= 1
                 raise
             path.requests += 1
-            resp = conn.send(ctx.method, head, ctx.body, path.on_response_end)
+            reused = conn.requests > 0
+            resp = conn.send(ctx.method, head, body, path.on_response_end)
             path.waiting.add(resp)  # the prober may fail it over if the line dies meanwhile
             suspect = asyncio.get_running_loop().call_later(path.suspect_after(), self.on_slow_path, path)
             try:
                 if ctx.body_stream is not None:
-                    await conn.send_stream(ctx.body_stream, chunked=ctx.request.content_length is None)
+                    try:
+                        await conn.send_stream(ctx.body_stream, chunked=ctx.request.content_length is None)
+                    except UpstreamReset:
+                        if not resp.head_done:
+                            raise
+                        # The origin answered (and closed) before the upload ended: its answer
+                        # (a 413, a 401) is what the client should see.
                 await resp.wait_head(failover.first_byte_timeout)
                 suspect.cancel()
                 if resp.status == 200 and _is_sse(resp):
                     await resp.wait_event(failover.first_event_timeout)
                 return resp
-            except UpstreamReset:
+            except UpstreamReset as exc:
                 resp.release()
-                # A reused keep-alive connection the origin had just closed: nothing reached
-                # it, so one more try on a new connection is safe and invisible.
-                if reused and not resp.head_done and ctx.body_stream is None and not fresh and not resp.bytes_read:
+                if not fresh and reused and _stale_connection(ctx, resp, exc):
                     fresh = True
                     continue
                 raise
@@ -404,13 +424,32 @@ class Engine:
                 suspect.cancel()
                 path.waiting.discard(resp)
 
-    def _request_head(self, ctx: Ctx, upstream: Upstream, path: Path) -> bytes:
+    def _body_for(self, ctx: Ctx, path: Path) -> bytes | None:
+        """The request body for this path: the client's, or with the model renamed when the
+        endpoint has a `models` map that names it. Only then is the body parsed (JSON)."""
+        body = ctx.body
+        renames = path.endpoint.models
+        if not renames or not body or ctx.request.headers.get("content-encoding"):
+            return body
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body  # not JSON: not ours to touch; the origin will say what is wrong
+        if not isinstance(doc, dict) or not isinstance(doc.get("model"), str):
+            return body
+        new = path.endpoint.model_map().get(doc["model"])
+        if new is None:
+            return body
+        doc["model"] = new
+        return orjson.dumps(doc)
+
+    def _request_head(self, ctx: Ctx, upstream: Upstream, path: Path, body: bytes | None) -> bytes:
         endpoint = path.endpoint
         rest = ctx.raw_path[len(upstream.prefix) :]
         target = endpoint.base_path + rest if rest[:1] != "?" else endpoint.base_path + "/" + rest
         if not target or target[0] != "/":
             target = "/" + target
-        host = endpoint.host if endpoint.port in (80, 443) else f"{endpoint.host}:{endpoint.port}"
+        host = path.host_header
         key = upstream.key_header(endpoint)
         out = [f"{ctx.method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1")]
         connection_listed: set[bytes] = set()
@@ -435,8 +474,8 @@ class Engine:
         if ctx.body_stream is not None:
             length = ctx.request.content_length
             out.append(b"Content-Length: %d\r\n" % length if length is not None else b"Transfer-Encoding: chunked\r\n")
-        elif ctx.body is not None and (ctx.body or ctx.method in BODY_METHODS):
-            out.append(b"Content-Length: %d\r\n" % len(ctx.body))
+        elif body is not None and (body or ctx.method in BODY_METHODS):
+            out.append(b"Content-Length: %d\r\n" % len(body))
         out.append(b"\r\n")
         return b"".join(out)
 
@@ -495,7 +534,7 @@ class Engine:
             streams.inc(stream_labels)
         try:
             try:
-                await push_body(request, out, resp, idle)
+                await push_body(request, out, resp, idle, is_sse)
             except ProxyError as exc:
                 return await self._broken_stream(ctx, upstream, out, exc, is_sse)
             finally:
@@ -516,6 +555,7 @@ class Engine:
     ) -> web.StreamResponse:
         """The origin failed after commit: tell the client honestly, never fake an end."""
         ctx.error = f"{exc.kind}_after_commit"
+        self.metrics.stream_errors.inc((upstream.name, exc.kind))
         if ctx.path is not None:
             ctx.path.on_failure(exc)
         if is_sse:
@@ -585,3 +625,29 @@ class Engine:
 def _is_sse(resp: Response) -> bool:
     ctype = resp.header(b"content-type")
     return ctype is not None and ctype[:17].lower() == b"text/event-stream"
+
+
+# Outcomes that blame the line, not the origin: retrying them on another path is free.
+LINE_OUTCOMES: Final = frozenset({"connect", "reset"})
+
+# Methods that may be sent twice without harm (RFC 9110 9.2.2), for the stale-connection retry.
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# A reset this soon after sending on a reused connection is the origin's idle close racing
+# our request (it closed before reading it), not an answer to it.
+STALE_WINDOW: Final = 0.05
+
+
+def _stale_connection(ctx: Ctx, resp: Response, exc: UpstreamReset) -> bool:
+    """May a reset on a reused keep-alive connection be retried on a new one, invisibly?
+
+    Only if nothing can have been processed twice: nothing was sent, or the method is
+    idempotent (or the client sent an Idempotency-Key), or the reset came within
+    STALE_WINDOW of sending, before any byte of answer. Like Go's net/http.
+    """
+    if ctx.body_stream is not None or resp.head_done or resp.bytes_read:
+        return False
+    if not exc.sent:
+        return True
+    if ctx.method in IDEMPOTENT or "idempotency-key" in ctx.request.headers:
+        return True
+    return bool(resp.sent_at) and time.monotonic() - resp.sent_at < STALE_WINDOW

@@ -152,6 +152,7 @@ class Path:
         "connect_rtt",
         "cooldown_until",
         "waiting",
+        "host_header",
     )
 
     def __init__(
@@ -184,9 +185,13 @@ class Path:
         self.pool.on_connect = self._on_connect
         self.estimator = Estimator()
         self.health = Health()
-        hostport = host if port in (80, 443) else f"{host}:{port}"
+        default_port = 443 if endpoint.scheme == "https" else 80
+        bracketed = f"[{host}]" if ":" in host else host
+        self.host_header = bracketed if port == default_port else f"{bracketed}:{port}"
         target = probe_target(upstream.provider, endpoint.base_path)
-        self.probe_head = f"GET {target} HTTP/1.1\r\nHost: {hostport}\r\nUser-Agent: edgeproxy-probe\r\n\r\n".encode()
+        self.probe_head = (
+            f"GET {target} HTTP/1.1\r\nHost: {self.host_header}\r\nUser-Agent: edgeproxy-probe\r\n\r\n".encode()
+        )
         self.requests = 0
         self.failures = 0
         self.inflight = 0

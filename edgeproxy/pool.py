@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -175,6 +174,7 @@ class Pool:
         """Take a connection back (closed ones are just forgotten); serve a waiter first."""
         self._active.discard(conn)
         if conn.closed or self._closed:
+            conn.close()  # after close(): an active connection coming home is shut, not kept
             self._kick_waiter()
             return
         while self._waiters:
@@ -207,10 +207,13 @@ class Pool:
             fut.set_result(conn)
 
     def on_conn_lost(self, conn: Conn) -> None:
-        with contextlib.suppress(ValueError):
+        # Only an idle connection's loss frees a slot here; an active one frees its slot
+        # when its response is released (kicking a waiter twice would exceed max_size).
+        try:
             self._idle.remove(conn)
-        if conn not in self._active:
-            self._kick_waiter()
+        except ValueError:
+            return
+        self._kick_waiter()
 
     # -- warmth ----------------------------------------------------------------------------
     def start(self) -> None:

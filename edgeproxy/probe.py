@@ -117,7 +117,7 @@ class Prober:
             error = exc.message
         except TimeoutError:
             error = f"no answer within {timeout:g}s"
-        except OSError as exc:
+        except Exception as exc:  # whatever it was, the probe loop must live on
             error = str(exc) or type(exc).__name__
         finally:
             self._probing.discard(path.key)

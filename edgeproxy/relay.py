@@ -12,6 +12,7 @@ is ours to frame (chunked or raw, as aiohttp chose), and ``write_eof()`` still e
 
 from __future__ import annotations
 
+import asyncio
 from typing import Final
 
 from aiohttp import web
@@ -22,10 +23,19 @@ __all__ = ["push_body"]
 
 # Client socket bytes buffered before we stop reading from the origin.
 CLIENT_HIGH_WATER: Final = 256 * 1024
+# An "event" longer than this without a blank line is not SSE we can frame: pass it on.
+MAX_HELD_EVENT: Final = 1024 * 1024
 
 
-async def push_body(request: web.BaseRequest, out: web.StreamResponse, resp: Response, idle_timeout: float) -> None:
+async def push_body(
+    request: web.BaseRequest, out: web.StreamResponse, resp: Response, idle_timeout: float, sse: bool
+) -> None:
     """Stream ``resp``'s body to the client; return at its end.
+
+    For SSE (``sse``) only whole events go out: a partial event is held until its blank line
+    arrives (no delay: a client cannot use half an event), so that if the origin breaks off,
+    the in-band error that follows starts on an event boundary instead of gluing itself to
+    half a JSON line. At a clean end, whatever is held goes out as it is.
 
     Raises ProxyError if the origin fails or falls silent for ``idle_timeout`` (the caller
     reports it in-band), ConnectionResetError if the client is gone.
@@ -41,20 +51,50 @@ async def push_body(request: web.BaseRequest, out: web.StreamResponse, resp: Res
 
     if writer.chunked:  # type: ignore[attr-defined]  # aiohttp decided the framing in prepare()
 
-        def sink(data: bytes) -> bool:
+        def emit(data: bytes) -> bool:
             write(b"%x\r\n%b\r\n" % (len(data), data))
             return buffered() <= CLIENT_HIGH_WATER
 
     else:
 
-        def sink(data: bytes) -> bool:
+        def emit(data: bytes) -> bool:
             write(data)
             return buffered() <= CLIENT_HIGH_WATER
 
-    resp.push_to(sink)
+    held = b""
+
+    def sse_sink(data: bytes) -> bool:
+        nonlocal held
+        if held:
+            data, held = held + data, b""
+        if data[-2:] != b"\n\n" and data[-4:] != b"\r\n\r\n":
+            end = _last_event_end(data)
+            if end < 0 and len(data) <= MAX_HELD_EVENT:
+                held = data
+                return True
+            if end >= 0:
+                data, held = data[:end], data[end:]
+        return emit(data)
+
+    resp.push_to(sse_sink if sse else emit)
     while not await resp.wait_pushed(idle_timeout):
-        await writer.drain()
+        try:
+            # A client that stops reading must not hold an upstream connection for ever.
+            async with asyncio.timeout(idle_timeout):
+                await writer.drain()
+        except TimeoutError:
+            transport.abort()
+            raise ConnectionResetError(f"client read nothing for {idle_timeout:g}s") from None
         if transport.is_closing():
             raise ConnectionResetError("client went away")
         resp.resume_push()
+    if held:
+        emit(held)  # a last event without its blank line: passed on as the origin sent it
     await out.write_eof()
+
+
+def _last_event_end(data: bytes) -> int:
+    """Index just past the last event boundary (a blank line) in ``data``; -1 if none."""
+    lf = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1)

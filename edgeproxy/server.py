@@ -143,7 +143,7 @@ class Proxy:
     def _on_probe(self, path: Path, changed: bool) -> None:
         """A probe finished: re-rank that path's upstream; export what changed. A line found
         dead fails over the attempts waiting on it now, not at their own timeouts."""
-        if changed and path.health.state == "down" and path.waiting:
+        if path.health.state == "down" and path.waiting:  # at every failed probe: late senders too
             self.metrics.rescues.inc((path.upstream, path.line.name), len(path.waiting))
             for resp in list(path.waiting):
                 resp.fail(PathDown(f"{path.label} stopped answering probes ({path.health.last_error})"))

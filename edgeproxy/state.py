@@ -113,13 +113,17 @@ class Upstream:
         delay = max(0.0, when - time.monotonic()) + 0.001
         asyncio.get_running_loop().call_later(delay, self.reselect)
 
-    def on_attempt(self, path: Path, outcome: str) -> None:
-        """Feed a real attempt's outcome ("ok", "local", "5xx") to the path's health."""
+    def on_attempt(self, path: Path, outcome: str) -> bool:
+        """Feed a real attempt's outcome ("ok", "local", "5xx") to the path's health; True
+        if that ejected the path."""
         now = time.monotonic()
-        if path.health.on_attempt(outcome, now):
-            self.reselect()
-            if path.health.state == "ejected":
-                self.reselect_at(path.health.ejected_until)
+        if not path.health.on_attempt(outcome, now):
+            return False
+        self.reselect()
+        if path.health.state == "ejected":
+            self.reselect_at(path.health.ejected_until)
+            return True
+        return False
 
     def cool_down(self, endpoint: EndpointConfig, seconds: float) -> None:
         """The origin asked for a pause (429): no path of this endpoint gets traffic for it."""

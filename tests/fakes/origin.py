@@ -267,6 +267,7 @@ class FakeOrigin:
         self.require_key: str | None = None
         self.reply: str | None = None  # if set: the reply text for every completion (instead of "echo: ...")
         self.record: bool = True  # False: do not append to .requests (benchmarks)
+        self.probes_affected: bool = False  # True: the knobs apply to edgeproxy's probes too
         # observations
         self.requests: list[Recorded] = []
         self.request_count: int = 0  # client requests, counted even when record is False
@@ -462,9 +463,14 @@ class FakeOrigin:
             else:
                 body = await request.content.read() if request.body_exists else b""
             request[_BODY_KEY] = body
-            if request.headers.get("User-Agent") == PROBE_AGENT:
-                # edgeproxy's health probes: counted apart, so tests see only client traffic.
+            is_probe = request.headers.get("User-Agent") == PROBE_AGENT
+            if is_probe:
+                # edgeproxy's health probes: counted apart, so tests see only client traffic;
+                # and answered normally (the models list works while completions fail),
+                # unless probes_affected is set.
                 self.probe_count += 1
+                if not self.probes_affected:
+                    return await handler(request, None, size, sha)
             else:
                 self.request_count += 1
                 if self.record:

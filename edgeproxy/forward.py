@@ -453,7 +453,6 @@ class Engine:
         key = upstream.key_header(endpoint)
         out = [f"{ctx.method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1")]
         connection_listed: set[bytes] = set()
-        has_rid = False
         for name, value in ctx.request.raw_headers:
             lname = name.lower()
             if lname in REQUEST_SKIP:
@@ -463,12 +462,11 @@ class Engine:
             if key is not None and lname in CREDENTIAL_HEADERS:
                 continue
             if lname == b"x-request-id":
-                has_rid = True
+                continue  # ours goes out below: the client's when it was sane, else a new one
             out.append(name + b": " + value + b"\r\n")
         if connection_listed:
             out = [out[0]] + [h for h in out[1:] if h.split(b":", 1)[0].lower() not in connection_listed]
-        if not has_rid:
-            out.append(b"x-request-id: " + ctx.request_id.encode() + b"\r\n")
+        out.append(b"x-request-id: " + ctx.request_id.encode() + b"\r\n")
         if key is not None:
             out.append(key[0] + b": " + key[1] + b"\r\n")
         if ctx.body_stream is not None:

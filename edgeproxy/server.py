@@ -143,11 +143,13 @@ class Proxy:
     def _on_probe(self, path: Path, changed: bool) -> None:
         """A probe finished: re-rank that path's upstream; export what changed. A line found
         dead fails over the attempts waiting on it now, not at their own timeouts."""
-        if path.health.state == "down" and path.waiting:  # at every failed probe: late senders too
+        upstream = self.state.upstream(path.upstream)
+        if path.health.state == "down" and path.waiting and upstream is not None and upstream.has_alternative(path):
+            # At every failed probe (late senders too), and only with somewhere else to go:
+            # with none, the attempt keeps its own chance and its own timeouts.
             self.metrics.rescues.inc((path.upstream, path.line.name), len(path.waiting))
             for resp in list(path.waiting):
                 resp.fail(PathDown(f"{path.label} stopped answering probes ({path.health.last_error})"))
-        upstream = self.state.upstream(path.upstream)
         if upstream is not None and upstream.reselect():
             first = upstream.order[0]
             log.info("upstream %s now prefers %s", upstream.name, first.label)

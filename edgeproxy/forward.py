@@ -286,6 +286,7 @@ class Engine:
         it, or our error for the last failure.
         """
         upstream.budget.on_request(time.monotonic())
+        hedge = upstream.config.failover.hedge
         retry = False
         while True:
             path = upstream.plan(ctx.tried, retry)
@@ -295,8 +296,12 @@ class Engine:
             ctx.path = path
             started = time.monotonic()
             try:
-                resp = await self._attempt(ctx, upstream, path)
+                if hedge is not None and not retry and ctx.body_stream is None:
+                    resp = await self._hedged(ctx, upstream, path, hedge, started)
+                else:
+                    resp = await self._attempt(ctx, upstream, path)
             except ProxyError as exc:
+                path = ctx.path
                 if exc.source != "upstream":
                     raise  # the client's fault (a body over the limit...): not the path's
                 self._note_attempt(ctx, upstream, path, exc.kind, started)
@@ -308,6 +313,7 @@ class Engine:
                     raise
                 retry = True
                 continue
+            path = ctx.path
             status = resp.status
             if status != 429 and status < 500:
                 self._health(upstream, path, "ok")
@@ -346,6 +352,36 @@ class Engine:
                 outcome,
                 path.health.ejected_until - time.monotonic(),
             )
+
+    async def _hedged(self, ctx: Ctx, upstream: Upstream, path: Path, delay: float, started: float) -> Response:
+        """`failover.hedge`: if ``path`` has not answered after ``delay``, start the same
+        request on the next path too; the first answer wins and the other is cancelled (its
+        connection closed, so that origin stops). Off by default: both may be billed."""
+        first = asyncio.ensure_future(self._attempt(ctx, upstream, path))
+        done, _ = await asyncio.wait({first}, timeout=delay)
+        second_path = None if done else upstream.plan(ctx.tried, retry=True)
+        if second_path is None:
+            return await first
+        ctx.tried.append(second_path)
+        self.metrics.hedges.inc((upstream.name,))
+        second = asyncio.ensure_future(self._attempt(ctx, upstream, second_path))
+        owner = {first: path, second: second_path}
+        pending = set(owner)
+        try:
+            while True:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    ctx.path = owner[task]
+                    if task.exception() is None or not pending:
+                        return task.result()
+                    # This one failed while the other still runs: note it, wait for the other.
+                    exc = task.exception()
+                    assert isinstance(exc, BaseException)
+                    kind = exc.kind if isinstance(exc, ProxyError) else "internal"
+                    self._note_attempt(ctx, upstream, owner[task], kind, started)
+        finally:
+            for task in pending:
+                task.cancel()  # the loser: its connection closes, the origin stops
 
     def _may_retry(self, ctx: Ctx, upstream: Upstream, outcome: str, reason: str) -> bool:
         failover = upstream.config.failover

@@ -102,6 +102,7 @@ class Metrics(Collector):
         self.failovers = Counter(
             "edgeproxy_failovers", "Attempts retried on another path, by reason", ("upstream", "reason")
         )
+        self.hedges = Counter("edgeproxy_hedges", "Second attempts started by failover.hedge", ("upstream",))
         self.budget_exhausted = Counter(
             "edgeproxy_retry_budget_exhausted", "Retries refused by the retry budget", ("upstream",)
         )

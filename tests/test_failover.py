@@ -228,3 +228,17 @@ async def test_retry_budget_bounds_attempts_when_everything_fails(
     attempts = len(origin.requests) + len(origin2.requests)
     assert attempts <= 40 + max(5, 0.2 * 40) + 1, attempts
     assert p.proxy.state.upstreams[0].budget.exhausted > 0
+
+
+async def test_hedge_sends_a_second_attempt_and_the_first_answer_wins(
+    origin: FakeOrigin, origin2: FakeOrigin, make_proxy: Any
+) -> None:
+    p = await make_proxy(two_endpoints(origin.url, origin2.url, failover={"hedge": "200ms"}))
+    origin.latency = 3.0  # slow, not dead
+    status, _, took = await post(p.url)
+    assert status == 200 and took < 1.5
+    assert len(origin.requests) == 1 and len(origin2.requests) == 1
+    assert p.proxy.metrics.hedges.values[("openai",)] == 1
+    origin.latency = 0
+    status, _, _ = await post(p.url)  # a quick answer: no hedge
+    assert status == 200 and p.proxy.metrics.hedges.values[("openai",)] == 1

@@ -54,13 +54,14 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import signal
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
+
+from tests.fakes.threaded import Threaded, serve_forever
 
 __all__ = ["MODES", "LineSim", "main"]
 
@@ -372,7 +373,7 @@ class _Conn:
 # --------------------------------------------------------------------------- the simulator
 
 
-class LineSim:
+class LineSim(Threaded):
     """TCP relay on ``host:port`` to ``target_host:target_port`` simulating a network line."""
 
     def __init__(
@@ -453,62 +454,6 @@ class LineSim:
         await asyncio.sleep(0)  # let the transports report connection_lost
         self._loop = None
         self._loop_thread_id = None
-
-    async def __aenter__(self) -> LineSim:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    def start_in_thread(self, timeout: float = 10.0) -> LineSim:
-        """Run on a (uv)loop of its own in a daemon thread."""
-        if self._thread is not None:
-            raise RuntimeError("already running in a thread")
-        ready = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            loop = _new_loop()
-            asyncio.set_event_loop(loop)
-            try:
-                try:
-                    loop.run_until_complete(self.start())
-                except BaseException as e:
-                    errors.append(e)
-                    return
-                finally:
-                    ready.set()
-                loop.run_forever()
-                loop.run_until_complete(self.stop())
-            finally:
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name=f"LineSim:{self.port}", daemon=True)
-        self._thread.start()
-        if not ready.wait(timeout):
-            raise TimeoutError("LineSim did not start")
-        if errors:
-            self._thread.join()
-            self._thread = None
-            raise errors[0]
-        return self
-
-    def stop_thread(self, timeout: float = 10.0) -> None:
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout)
-
-    def __enter__(self) -> LineSim:
-        return self.start_in_thread()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_thread()
 
     # ------------------------------------------------------------------ knobs
 
@@ -668,14 +613,6 @@ class LineSim:
         self._adopting.pop(task, None)
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 # --------------------------------------------------------------------------- CLI
 
 
@@ -698,24 +635,7 @@ def main(argv: list[str] | None = None) -> None:
     sim = LineSim(args.target[0], args.target[1], host=args.listen_host, port=args.listen_port, delay=args.delay)
     sim.set_mode(args.mode)
 
-    async def serve() -> None:
-        await sim.start()
-        print(f"linesim listening on {sim.address} -> {args.target[0]}:{args.target[1]}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            await sim.stop()
-
-    loop = _new_loop()
-    try:
-        loop.run_until_complete(serve())
-    finally:
-        loop.close()
+    serve_forever(sim, lambda: f"linesim listening on {sim.address} -> {args.target[0]}:{args.target[1]}")
 
 
 if __name__ == "__main__":

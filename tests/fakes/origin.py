@@ -32,11 +32,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import gzip
 import hashlib
 import itertools
-import signal
 import ssl
 import struct
 import threading
@@ -47,6 +45,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
+
+from tests.fakes.threaded import Threaded, serve_forever
 
 __all__ = [
     "EMBEDDING",
@@ -235,7 +235,7 @@ Frame = tuple[bytes, dict[str, Any] | None, bytes]  # prefix, JSON object (gets 
 # --------------------------------------------------------------------------- the origin
 
 
-class FakeOrigin:
+class FakeOrigin(Threaded):
     """Fake OpenAI / Anthropic / Gemini API server on aiohttp."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None) -> None:
@@ -347,61 +347,6 @@ class FakeOrigin:
             await runner.cleanup()
         finally:
             self._stopping = False
-
-    async def __aenter__(self) -> FakeOrigin:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    def start_in_thread(self, timeout: float = 10.0) -> FakeOrigin:
-        """Serve from a daemon thread with its own (uvloop if available) event loop."""
-        if self._thread is not None:
-            raise RuntimeError("already running in a thread")
-        ready = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            loop = _new_loop()
-            asyncio.set_event_loop(loop)
-            try:
-                try:
-                    loop.run_until_complete(self.start())
-                except BaseException as e:
-                    errors.append(e)
-                    return
-                finally:
-                    ready.set()
-                loop.run_forever()
-                loop.run_until_complete(self.stop())
-            finally:
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name=f"FakeOrigin:{self.port}", daemon=True)
-        self._thread.start()
-        if not ready.wait(timeout):
-            raise TimeoutError("FakeOrigin did not start")
-        if errors:
-            self._thread.join()
-            self._thread = None
-            raise errors[0]
-        return self
-
-    def stop_thread(self, timeout: float = 10.0) -> None:
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout)
-
-    def __enter__(self) -> FakeOrigin:
-        return self.start_in_thread()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_thread()
 
     # ------------------------------------------------------------------ waiting
 
@@ -996,14 +941,6 @@ def _abort(request: web.Request) -> None:
         tr.abort()
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 # --------------------------------------------------------------------------- CLI
 
 
@@ -1025,24 +962,7 @@ def main(argv: list[str] | None = None) -> None:
     origin.reply = args.reply
     origin.record = args.record
 
-    async def serve() -> None:
-        await origin.start()
-        print(f"fake origin listening on {origin.url}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            await origin.stop()
-
-    loop = _new_loop()
-    try:
-        loop.run_until_complete(serve())
-    finally:
-        loop.close()
+    serve_forever(origin, lambda: f"fake origin listening on {origin.url}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import urllib.error
 import urllib.request
@@ -115,6 +116,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    if args.pid is not None:
+        try:
+            os.kill(args.pid, signal.SIGHUP)
+        except OSError as exc:
+            print(f"edgeproxy reload: cannot signal pid {args.pid}: {exc}", file=sys.stderr)
+            return 1
+        print(f"sent SIGHUP to {args.pid} (the outcome is in its log)")
+        return 0
+    url = args.admin.rstrip("/") + "/-/reload"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="POST", data=b""), timeout=30) as r:
+            result = orjson.loads(r.read())
+    except urllib.error.HTTPError as exc:  # 400: the new file is invalid; the old one serves on
+        result = orjson.loads(exc.read() or b"{}")
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"edgeproxy reload: cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
+    if result.get("ok"):
+        print(f"reloaded (generation {result.get('generation')}): {result.get('changes')}")
+        return 0
+    print(f"reload failed, still serving the previous config:\n{result.get('error')}", file=sys.stderr)
+    return 1
+
+
 def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
 
@@ -129,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="validate a config file; exit 1 with every error found")
     p.add_argument("-c", "--config", help="YAML config file")
     p.set_defaults(func=cmd_check)
+    p = sub.add_parser("reload", help="make a running edgeproxy re-read its config file")
+    p.add_argument("--admin", default="http://127.0.0.1:8788", help="admin listener URL")
+    p.add_argument("--pid", type=int, help="send SIGHUP to this process instead")
+    p.set_defaults(func=cmd_reload)
     p = sub.add_parser("status", help="show paths and counters of a running edgeproxy")
     p.add_argument("--admin", default="http://127.0.0.1:8788", help="admin listener URL")
     p.add_argument("--json", action="store_true", help="print the raw JSON")

@@ -145,6 +145,12 @@ class Engine:
         self._tokens = [t.encode() for t in listener.tokens]
         self._inflight: set[Ctx] = set()
 
+    def reconfigure(self, state: State, listener: ListenerConfig) -> None:
+        """A reload: new requests see the new state and this listener's new tokens."""
+        self.state = state
+        self.listener = listener
+        self._tokens = [t.encode() for t in listener.tokens]
+
     @property
     def inflight(self) -> int:
         return len(self._inflight)

@@ -121,6 +121,9 @@ class Metrics(Collector):
             "edgeproxy_path_up", "1 if the path is healthy (last probe answered)", ("upstream", "endpoint", "line")
         )
         self.switches = Counter("edgeproxy_route_switches", "Times an upstream's preferred path changed", ("upstream",))
+        self.reloads = Counter("edgeproxy_reloads", "Config reloads by result (ok, failed)", ("result",))
+        self.generation = Gauge("edgeproxy_config_generation", "Config generation: 1 at start, +1 per reload", ())
+        self.generation.set((), 1)
         self.start_time = Gauge("edgeproxy_start_time_seconds", "Process start time", ())
         self.start_time.set((), time.time())
         self._all: tuple[Counter | Histogram, ...] = tuple(

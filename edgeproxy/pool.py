@@ -13,10 +13,13 @@ import collections
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from .client import Conn
 from .errors import ConnectError, ConnectTimeout
+
+if TYPE_CHECKING:
+    from .config import PoolConfig
 
 __all__ = ["Connector", "Pool"]
 
@@ -85,6 +88,11 @@ class Pool:
             f"<Pool {self.label} [active {len(self._active)} | idle {len(self._idle)}"
             f" | connecting {self._connecting} | waiting {len(self._waiters)}]>"
         )
+
+    def reconfigure(self, config: PoolConfig) -> None:
+        """A reload changed pool settings: apply them in place (connections stay)."""
+        self.max_size, self.keepalive = config.max_per_path, config.keepalive
+        self.warm, self.connect_timeout = config.warm, config.connect_timeout
 
     # -- questions -------------------------------------------------------------------------
     @property

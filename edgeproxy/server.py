@@ -12,6 +12,7 @@ import os
 import signal
 import ssl
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import orjson
@@ -19,14 +20,14 @@ from aiohttp import web
 
 from . import __version__
 from .accesslog import AccessLog
-from .config import Config, ListenerConfig, dump_redacted
+from .config import Config, ConfigError, ListenerConfig, dump_redacted, load_file
 from .dns import Resolver
 from .errors import PathDown
 from .forward import Engine
 from .lines import Path
 from .metrics import Metrics
 from .probe import Prober
-from .state import State
+from .state import State, describe_changes
 
 __all__ = ["Proxy", "serve"]
 
@@ -74,40 +75,15 @@ class Proxy:
         self.generation = 1
         self.draining = False
         self.ready = False
+        self._reload_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         """Bind every listener (all or none), open warm pools, start the admin endpoint."""
-        loop = asyncio.get_running_loop()
-        limits = self.config.limits
         try:
             for lc in self.config.listen:
-                engine = Engine(self.state, lc, self.metrics, self.access, self.prober.urgent)
-                ws = web.Server(
-                    engine.handle,
-                    handler_cancellation=True,  # client gone -> cancel -> upstream closed
-                    access_log=None,
-                    max_line_size=limits.max_header,
-                    max_field_size=limits.max_header,
-                )
-                listener = Listener(lc, engine, ws)
-                max_conns = limits.max_connections
-
-                def factory(ws: web.Server = ws, max_conns: int = max_conns) -> asyncio.Protocol:
-                    if len(ws.connections) >= max_conns:
-                        return _Refuse()
-                    return ws()
-
-                tls = _server_tls(lc)
-                if lc.unix is not None:
-                    _remove_stale_socket(lc.unix)
-                    listener.server = await loop.create_unix_server(factory, lc.unix, ssl=tls, backlog=1024)
-                else:
-                    listener.server = await loop.create_server(
-                        factory, lc.host, lc.port or 0, ssl=tls, backlog=1024, reuse_address=True
-                    )
-                self.listeners.append(listener)
-                log.info("listening on %s%s", lc.address, " (tls)" if tls else "")
+                self.listeners.append(await self._open_listener(lc))
             if self.config.admin.listen is not None:
                 await self._start_admin(self.config.admin.listen)
         except BaseException:
@@ -117,21 +93,143 @@ class Proxy:
         self.prober.sync(self.state.paths.values())
         self.ready = True
 
+    async def _open_listener(self, lc: ListenerConfig) -> Listener:
+        loop = asyncio.get_running_loop()
+        limits = self.config.limits
+        engine = Engine(self.state, lc, self.metrics, self.access, self.prober.urgent)
+        ws = web.Server(
+            engine.handle,
+            handler_cancellation=True,  # client gone -> cancel -> upstream closed
+            access_log=None,
+            max_line_size=limits.max_header,
+            max_field_size=limits.max_header,
+        )
+        listener = Listener(lc, engine, ws)
+
+        def factory() -> asyncio.Protocol:
+            if len(ws.connections) >= self.config.limits.max_connections:
+                return _Refuse()
+            return ws()
+
+        tls = _server_tls(lc)
+        if lc.unix is not None:
+            _remove_stale_socket(lc.unix)
+            listener.server = await loop.create_unix_server(factory, lc.unix, ssl=tls, backlog=1024)
+        else:
+            listener.server = await loop.create_server(
+                factory, lc.host, lc.port or 0, ssl=tls, backlog=1024, reuse_address=True
+            )
+        log.info("listening on %s%s", lc.address, " (tls)" if tls else "")
+        return listener
+
+    async def _close_listener(self, listener: Listener, drain_timeout: float) -> None:
+        """Stop accepting on it; let its requests finish (up to drain_timeout); close it."""
+        if listener.server is not None:
+            listener.server.close()
+        deadline = time.monotonic() + drain_timeout
+        while listener.engine.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await listener.web_server.shutdown(0.1)
+        if listener.config.unix is not None:
+            _remove_stale_socket(listener.config.unix)
+
+    # -- reload ----------------------------------------------------------------------------
+    async def reload(self) -> tuple[bool, str]:
+        """SIGHUP / POST /-/reload: read and validate the file; swap, or change nothing.
+
+        Unchanged paths keep their pools, probes and RTT history; new paths are warmed and
+        probed before they take traffic; removed paths and listeners drain, then close.
+        """
+        async with self._reload_lock:
+            source = self.config.source
+            if source is None:
+                return False, "running the built-in default config: there is no file to reload"
+            try:
+                new = load_file(source)
+            except ConfigError as exc:
+                self.metrics.reloads.inc(("failed",))
+                log.error("reload failed, still serving the previous config:\n%s", exc)
+                return False, str(exc)
+            try:
+                summary = await self._apply(new)
+            except Exception as exc:  # a listener that cannot bind: nothing was swapped
+                self.metrics.reloads.inc(("failed",))
+                log.error("reload failed, still serving the previous config: %s", exc)
+                return False, str(exc)
+            self.generation += 1
+            self.metrics.reloads.inc(("ok",))
+            self.metrics.generation.set((), self.generation)
+            log.info("reloaded %s (generation %d): %s", source, self.generation, summary)
+            return True, summary
+
+    async def _apply(self, new: Config) -> str:
+        old, old_state = self.config, self.state
+        state = State.build(new, self.resolver, old_state)
+        kept_addrs = {lst.config.address: lst for lst in self.listeners}
+        new_addrs = {lc.address for lc in new.listen}
+        # 1. Everything that can fail first: bind the new listeners (rolled back on error).
+        opened: list[Listener] = []
+        try:
+            for lc in new.listen:
+                if lc.address not in kept_addrs:
+                    opened.append(await self._open_listener(lc))
+        except BaseException:
+            for listener in opened:
+                await self._close_listener(listener, 0)
+            raise
+        # 2. New paths warm up and get a first probe before they can be chosen.
+        added = [p for k, p in state.paths.items() if old_state.paths.get(k) is not p]
+        state.start()
+        self.prober.sync(state.paths.values(), new.probe)
+        if added:
+            await self._first_probes(added, new.probe.timeout + 0.5)
+        for upstream in state.upstreams:
+            upstream.reselect()
+        # 3. Swap: one reference per engine; requests in flight keep the state they began with.
+        self.config, self.state = new, state
+        self.access.mode = new.log.access
+        logging.getLogger("edgeproxy").setLevel(new.log.level.upper())
+        removed_listeners = [lst for lst in self.listeners if lst.config.address not in new_addrs]
+        by_addr = {lc.address: lc for lc in new.listen}
+        for listener in self.listeners:
+            if listener.config.address in by_addr:
+                listener.config = by_addr[listener.config.address]
+                listener.engine.reconfigure(state, listener.config)
+        for listener in opened:
+            listener.engine.reconfigure(state, listener.config)
+        self.listeners = [lst for lst in self.listeners if lst not in removed_listeners] + opened
+        # 4. What left: drain in the background, then close.
+        removed_paths = [p for k, p in old_state.paths.items() if state.paths.get(k) is not p]
+        for path in removed_paths:
+            self._spawn(path.pool.close())  # idle connections now; active ones when released
+        for listener in removed_listeners:
+            self._spawn(self._close_listener(listener, new.drain_timeout))
+        if old.admin.listen != new.admin.listen:
+            if self.admin_runner is not None:
+                await self.admin_runner.cleanup()
+                self.admin_runner = None
+            if new.admin.listen is not None:
+                await self._start_admin(new.admin.listen)
+        return describe_changes(old, new, old_state, state, opened, removed_listeners)
+
+    async def _first_probes(self, paths: list[Path], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(p.health.last_probe_at is None for p in paths):
+            await asyncio.sleep(0.02)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def stop(self, drain_timeout: float) -> None:
         """Stop accepting, let requests in flight finish (up to drain_timeout), then close."""
         self.draining = True
         self.ready = False
-        for listener in self.listeners:
-            if listener.server is not None:
-                listener.server.close()
-        deadline = time.monotonic() + drain_timeout
-        while any(lst.engine.inflight for lst in self.listeners) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for listener in self.listeners:
-            await listener.web_server.shutdown(0.1)
-            if listener.config.unix is not None:
-                _remove_stale_socket(listener.config.unix)
+        await asyncio.gather(*(self._close_listener(lst, drain_timeout) for lst in self.listeners))
         self.listeners.clear()
+        for task in list(self._background):
+            task.cancel()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
             self.admin_runner = None
@@ -167,6 +265,7 @@ class Proxy:
         app.router.add_get("/-/ready", self._ready)
         app.router.add_get("/-/status", self._status)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/-/reload", self._reload)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         self.admin_runner = runner
@@ -189,6 +288,11 @@ class Proxy:
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(self.status()), content_type="application/json")
+
+    async def _reload(self, request: web.Request) -> web.Response:
+        ok, detail = await self.reload()
+        body = {"ok": ok, "generation": self.generation, ("changes" if ok else "error"): detail}
+        return web.Response(body=orjson.dumps(body), status=200 if ok else 400, content_type="application/json")
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
@@ -244,6 +348,10 @@ def _remove_stale_socket(path: str) -> None:
         pass
 
 
+async def _reload_quietly(proxy: Proxy) -> None:
+    await proxy.reload()  # logs its own outcome
+
+
 async def serve(config: Config) -> None:
     """Run until SIGTERM/SIGINT, then drain and return."""
     loop = asyncio.get_running_loop()
@@ -252,6 +360,7 @@ async def serve(config: Config) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: proxy._spawn(_reload_quietly(proxy)))
     log.info(
         "edgeproxy %s ready (%d upstreams, %d paths)", __version__, len(proxy.state.upstreams), len(proxy.state.paths)
     )

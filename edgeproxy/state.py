@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .budget import RetryBudget
 from .lines import Line, Path, PathKey
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .config import Config, EndpointConfig, UpstreamConfig
     from .dns import Resolver
 
-__all__ = ["State", "Upstream"]
+__all__ = ["State", "Upstream", "describe_changes"]
 
 
 class Upstream:
@@ -175,9 +175,20 @@ class State:
                     path = old.paths.get(key) if old is not None else None
                     if path is None or path.endpoint != ep or path.line.config != lines[line_name].config:
                         path = Path(uc, ep, lines[line_name], config.pool, resolver)
+                    else:
+                        path.pool.reconfigure(config.pool)  # kept: its warm pool stays
                     paths[key] = path
                     ups_paths.append(path)
-            upstreams.append(Upstream(uc, ups_paths, config.route.tolerance))
+            upstream = Upstream(uc, ups_paths, config.route.tolerance)
+            previous = old.upstream(uc.name) if old is not None else None
+            if previous is not None:  # keep the current choice and its history across reloads
+                upstream.current, upstream.switches, upstream.budget = (
+                    previous.current,
+                    previous.switches,
+                    previous.budget,
+                )
+                upstream.reselect()
+            upstreams.append(upstream)
         return cls(config, upstreams, paths, lines)
 
     def upstream(self, name: str) -> Upstream | None:
@@ -199,3 +210,38 @@ class State:
     async def close(self) -> None:
         for path in self.paths.values():
             await path.pool.close()
+
+
+def describe_changes(
+    old: Config, new: Config, old_state: State, state: State, opened: list[Any], closed: list[Any]
+) -> str:
+    """One line saying what a reload changed."""
+    kept = [k for k, p in state.paths.items() if old_state.paths.get(k) is p]
+    added = [k for k in state.paths if k not in kept]
+    removed = [k for k in old_state.paths if state.paths.get(k) is not old_state.paths[k]]
+    parts = [f"paths: {len(kept)} kept, {len(added)} new, {len(removed)} removed"]
+    if added:
+        parts.append("new " + ", ".join(f"{u}:{url} via {line}" for u, url, line in added))
+    if removed:
+        parts.append("removed " + ", ".join(f"{u}:{url} via {line}" for u, url, line in removed))
+    if opened or closed:
+        parts.append(
+            "listeners: "
+            + ", ".join([f"+{x.config.address}" for x in opened] + [f"-{x.config.address}" for x in closed])
+        )
+    sections = [
+        name
+        for name in ("admin", "probe", "route", "failover", "pool", "limits", "log", "drain_timeout")
+        if getattr(old, name) != getattr(new, name)
+    ]
+    changed_upstreams = sorted(
+        {u.name for u in new.upstreams} ^ {u.name for u in old.upstreams}
+        | {u.name for u in new.upstreams for v in old.upstreams if u.name == v.name and u != v}
+    )
+    if changed_upstreams:
+        parts.append("upstreams changed: " + ", ".join(changed_upstreams))
+    if sections:
+        parts.append("sections changed: " + ", ".join(sections))
+    if len(parts) == 1 and not added and not removed:
+        parts.append("nothing else changed")
+    return "; ".join(parts)

@@ -1,0 +1,293 @@
+"""Config reload: swap atomically or change nothing; unchanged paths keep their warm pools."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+
+from edgeproxy.config import load_file
+from edgeproxy.server import Proxy
+from tests.conftest import free_port
+from tests.fakes.linesim import LineSim
+from tests.fakes.origin import FakeOrigin
+from tests.test_cli import EDGEPROXY, ROOT, _wait_ready
+
+CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def write_config(path: Path, port: int, lines: dict[str, Any], endpoints: list[dict[str, Any]], **more: Any) -> None:
+    cfg: dict[str, Any] = {
+        "listen": f"127.0.0.1:{port}",
+        "admin": {"listen": "off"},
+        "log": {"access": "off"},
+        "lines": lines,
+        "upstreams": {"openai": {"prefix": "/v1", "endpoints": endpoints}},
+        "probe": {"interval": "1s", "timeout": "500ms"},
+    }
+    cfg.update(more)
+    path.write_text(yaml.safe_dump(cfg))
+
+
+@pytest.fixture
+async def sims(origin: FakeOrigin) -> Any:
+    a, b = LineSim("127.0.0.1", origin.port), LineSim("127.0.0.1", origin.port)
+    await a.start()
+    await b.start()
+    yield a, b
+    await a.stop()
+    await b.stop()
+
+
+async def started(path: Path) -> Proxy:
+    proxy = Proxy(load_file(str(path)))
+    await proxy.start()
+    return proxy
+
+
+async def chat(port: int) -> int:
+    async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT) as r:
+        await r.read()
+        return r.status
+
+
+async def test_reload_keeps_unchanged_paths_and_adds_new_ones(sims: Any, tmp_path: Path) -> None:
+    a, b = sims
+    conf, port = tmp_path / "c.yaml", free_port()
+    ep_a = {"url": f"http://{a.address}/v1"}
+    write_config(conf, port, {"direct": {}}, [ep_a])
+    proxy = await started(conf)
+    try:
+        assert await chat(port) == 200
+        (path_a,) = proxy.state.paths.values()
+        connects = path_a.pool.connects
+        write_config(conf, port, {"direct": {}}, [ep_a, {"url": f"http://{b.address}/v1", "priority": 2}])
+        ok, summary = await proxy.reload()
+        assert ok, summary
+        assert "1 kept, 1 new, 0 removed" in summary
+        assert proxy.generation == 2
+        kept = proxy.state.paths[("openai", f"http://{a.address}/v1", "direct")]
+        assert kept is path_a and path_a.pool.connects == connects  # same warm pool
+        new = proxy.state.paths[("openai", f"http://{b.address}/v1", "direct")]
+        assert new.health.last_probe_at is not None  # probed before it could take traffic
+        # and back: the removed path drains and closes
+        write_config(conf, port, {"direct": {}}, [ep_a])
+        ok, summary = await proxy.reload()
+        assert ok and "1 removed" in summary
+        await asyncio.sleep(0.1)
+        assert new.pool.idle == 0 and new.pool._closed
+        assert await chat(port) == 200
+    finally:
+        await proxy.stop(1)
+
+
+async def test_invalid_reload_changes_nothing(origin: FakeOrigin, tmp_path: Path, caplog: Any) -> None:
+    conf, port = tmp_path / "c.yaml", free_port()
+    write_config(conf, port, {"direct": {}}, [{"url": origin.url + "/v1"}])
+    proxy = await started(conf)
+    try:
+        state = proxy.state
+        conf.write_text(conf.read_text().replace("interval: 1s", "interval: 1s\n  intervall: 2s"))
+        ok, error = await proxy.reload()
+        assert not ok and "probe.intervall" in error
+        assert proxy.state is state and proxy.generation == 1
+        assert proxy.metrics.reloads.values[("failed",)] == 1
+        assert "probe.intervall" in caplog.text and "still serving the previous config" in caplog.text
+        assert await chat(port) == 200
+    finally:
+        await proxy.stop(1)
+
+
+async def test_listeners_added_and_removed(origin: FakeOrigin, tmp_path: Path) -> None:
+    conf, port, port2 = tmp_path / "c.yaml", free_port(), free_port()
+    eps = [{"url": origin.url + "/v1"}]
+    write_config(conf, port, {"direct": {}}, eps)
+    proxy = await started(conf)
+    try:
+        cfg = yaml.safe_load(conf.read_text())
+        cfg["listen"] = [f"127.0.0.1:{port}", f"127.0.0.1:{port2}"]
+        conf.write_text(yaml.safe_dump(cfg))
+        ok, summary = await proxy.reload()
+        assert ok and f"+127.0.0.1:{port2}" in summary
+        assert await chat(port2) == 200
+        cfg["listen"] = [f"127.0.0.1:{port2}"]
+        conf.write_text(yaml.safe_dump(cfg))
+        ok, summary = await proxy.reload()
+        assert ok and f"-127.0.0.1:{port}" in summary
+        await asyncio.sleep(0.2)
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await chat(port)
+        assert await chat(port2) == 200
+    finally:
+        await proxy.stop(1)
+
+
+async def test_a_listener_that_cannot_bind_fails_the_reload_whole(origin: FakeOrigin, tmp_path: Path) -> None:
+    conf, port = tmp_path / "c.yaml", free_port()
+    write_config(conf, port, {"direct": {}}, [{"url": origin.url + "/v1"}])
+    proxy = await started(conf)
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        cfg = yaml.safe_load(conf.read_text())
+        cfg["listen"] = [f"127.0.0.1:{port}", f"127.0.0.1:{busy.getsockname()[1]}"]
+        cfg["probe"]["interval"] = "2s"
+        conf.write_text(yaml.safe_dump(cfg))
+        try:
+            ok, error = await proxy.reload()
+            assert not ok and "address already in use" in error.lower()
+            assert proxy.config.probe.interval == 1.0 and len(proxy.listeners) == 1
+            assert await chat(port) == 200
+        finally:
+            await proxy.stop(1)
+
+
+async def test_reloads_under_load_drop_nothing(origin: FakeOrigin, sims: Any, tmp_path: Path) -> None:
+    """20 reloads alternating two configs (a line added and removed) under requests and
+    streams: no failed request, no broken stream, no new connection on the unchanged path."""
+    a, b = sims
+    conf, port = tmp_path / "c.yaml", free_port()
+    one = [{"url": f"http://{a.address}/v1"}]
+    two = [*one, {"url": f"http://{b.address}/v1", "priority": 2}]
+    # warm 0 and slow probes: the pool on line a then holds exactly what the load needs
+    quiet = {"pool": {"warm": 0}, "probe": {"interval": "30s", "timeout": "1s"}}
+    write_config(conf, port, {"direct": {}}, one, **quiet)
+    proxy = await started(conf)
+    origin.event_interval = 0.02
+    origin.events = 40
+    failures: list[str] = []
+    stop = asyncio.Event()
+
+    async def requests() -> None:
+        async with aiohttp.ClientSession() as s:
+            while not stop.is_set():
+                async with s.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT) as r:
+                    await r.read()
+                    if r.status != 200:
+                        failures.append(f"status {r.status}")
+
+    async def streams() -> None:
+        async with aiohttp.ClientSession() as s:
+            while not stop.is_set():
+                async with s.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+                    body = await r.read()
+                    if not body.rstrip().endswith(b"data: [DONE]"):
+                        failures.append("broken stream")
+
+    try:
+        workers = [asyncio.create_task(requests()) for _ in range(3)] + [
+            asyncio.create_task(streams()) for _ in range(4)
+        ]
+        await asyncio.sleep(1.0)  # warm: the pool on line a has what the load needs
+        connects = a.connections_total
+        for i in range(20):
+            write_config(conf, port, {"direct": {}}, two if i % 2 == 0 else one, **quiet)
+            ok, summary = await proxy.reload()
+            assert ok, summary
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.gather(*workers)
+        assert failures == []
+        assert proxy.generation == 21
+        assert a.connections_total == connects, "the unchanged path opened new connections"
+    finally:
+        stop.set()
+        await proxy.stop(1)
+
+
+@pytest.mark.timeout(60)
+async def test_sighup_and_reload_command_on_the_real_process(origin: FakeOrigin, tmp_path: Path) -> None:
+    conf, port, admin = tmp_path / "c.yaml", free_port(), free_port()
+    write_config(conf, port, {"direct": {}}, [{"url": origin.url + "/v1"}], admin={"listen": f"127.0.0.1:{admin}"})
+    proc = subprocess.Popen(
+        [*EDGEPROXY, "run", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT
+    )
+    try:
+        await _wait_ready(f"http://127.0.0.1:{admin}/-/ready", proc)
+        conf.write_text(conf.read_text().replace("interval: 1s", "interval: 2s"))
+        proc.send_signal(signal.SIGHUP)
+        metrics = b""
+        async with aiohttp.ClientSession() as s:
+            for _ in range(100):
+                async with s.get(f"http://127.0.0.1:{admin}/metrics") as r:
+                    metrics = await r.read()
+                if b'edgeproxy_reloads_total{result="ok"} 1.0' in metrics:
+                    break
+                await asyncio.sleep(0.05)
+        assert b"edgeproxy_config_generation 2.0" in metrics
+        # an invalid file through `edgeproxy reload`: exit 1, the key path, the old config serves
+        conf.write_text(conf.read_text().replace("interval: 2s", "interval: soon"))
+        r = await asyncio.to_thread(
+            subprocess.run,
+            [*EDGEPROXY, "reload", "--admin", f"http://127.0.0.1:{admin}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.returncode == 1 and "probe.interval" in r.stderr
+        assert await chat(port) == 200
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{admin}/-/status") as resp:
+            status = orjson.loads(await resp.read())
+        assert status["generation"] == 2
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        assert "reloaded" in err and "probe.interval" in err
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+
+
+@pytest.mark.timeout(60)
+async def test_sigterm_lets_50_open_streams_finish(origin: FakeOrigin, tmp_path: Path) -> None:
+    conf, port, admin = tmp_path / "c.yaml", free_port(), free_port()
+    write_config(
+        conf,
+        port,
+        {"direct": {}},
+        [{"url": origin.url + "/v1"}],
+        admin={"listen": f"127.0.0.1:{admin}"},
+        drain_timeout="20s",
+    )
+    proc = subprocess.Popen(
+        [*EDGEPROXY, "run", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT
+    )
+    origin.events = 20
+    origin.event_interval = 0.1  # two-second streams
+    try:
+        await _wait_ready(f"http://127.0.0.1:{admin}/-/ready", proc)
+        started_streams = 0
+
+        async def stream(s: aiohttp.ClientSession) -> bytes:
+            nonlocal started_streams
+            async with s.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+                await r.content.readline()
+                started_streams += 1
+                return await r.read()
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+            tasks = [asyncio.create_task(stream(s)) for _ in range(50)]
+            while started_streams < 50:
+                await asyncio.sleep(0.02)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            bodies = await asyncio.gather(*tasks)
+        assert all(body.rstrip().endswith(b"data: [DONE]") for body in bodies)
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+        assert time.monotonic() - t0 < 15
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()

@@ -110,10 +110,27 @@ def cmd_status(args: argparse.Namespace) -> int:
                     (p["last_error"] or "")[:60],
                 )
             )
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR") and not args.plain
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
+    for n, r in enumerate(rows):
+        line = "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        if color:
+            line = _paint(line, r, n == 0)
+        print(line)
     return 0
+
+
+# ANSI colours for `edgeproxy status` on a terminal: state at a glance.
+_STATE_COLOURS = {"up": "32", "unknown": "90", "cooling": "33", "ejected": "33", "down": "31"}
+
+
+def _paint(line: str, row: tuple[str, ...], header: bool) -> str:
+    if header:
+        return f"\x1b[1m{line}\x1b[0m"
+    code = _STATE_COLOURS.get(row[4], "0")
+    if row[0] == "*":
+        code += ";1"  # bold: the path that takes traffic
+    return f"\x1b[{code}m{line}\x1b[0m"
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -162,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="show paths and counters of a running edgeproxy")
     p.add_argument("--admin", default="http://127.0.0.1:8788", help="admin listener URL")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.add_argument("--plain", action="store_true", help="no colours even on a terminal (also: NO_COLOR=1)")
     p.set_defaults(func=cmd_status)
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -113,6 +114,9 @@ async def test_run_serves_then_drains_open_stream_on_sigterm(origin: FakeOrigin,
         r = await asyncio.to_thread(run_cli, "status", "--admin", f"http://127.0.0.1:{admin}")
         assert r.returncode == 0
         assert "openai" in r.stdout and "direct" in r.stdout and origin.url in r.stdout
+        assert "\x1b[" not in r.stdout  # piped: plain
+        r = await asyncio.to_thread(run_cli, "status", "--json", "--admin", f"http://127.0.0.1:{admin}")
+        assert json.loads(r.stdout)["upstreams"][0]["preferred"] == "direct"
 
         origin.events = 10
         origin.event_interval = 0.1  # a one-second stream

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Final
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 __all__ = ["Counter", "Gauge", "Histogram", "Metrics"]
 
 # Latency buckets from 1 ms (a local origin) to 5 min (a long completion), in seconds.
-DURATION_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+DURATION_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 
 Labels = tuple[str, ...]
 
@@ -122,6 +122,7 @@ class Metrics(Collector):
         )
         self.switches = Counter("edgeproxy_route_switches", "Times an upstream's preferred path changed", ("upstream",))
         self.reloads = Counter("edgeproxy_reloads", "Config reloads by result (ok, failed)", ("result",))
+        self.reloads.values.update({("ok",): 0.0, ("failed",): 0.0})  # present from the start, for increase()
         self.generation = Gauge("edgeproxy_config_generation", "Config generation: 1 at start, +1 per reload", ())
         self.generation.set((), 1)
         self.start_time = Gauge("edgeproxy_start_time_seconds", "Process start time", ())
@@ -129,10 +130,15 @@ class Metrics(Collector):
         self._all: tuple[Counter | Histogram, ...] = tuple(
             v for v in vars(self).values() if isinstance(v, Counter | Histogram)
         )
+        # Called at each scrape to refresh gauges that describe current state (paths): they are
+        # rebuilt from the state itself, so a path removed by a reload leaves no stale series.
+        self.on_scrape: Callable[[], None] | None = None
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
     def collect(self) -> Iterator[Metric]:
+        if self.on_scrape is not None:
+            self.on_scrape()
         for metric in self._all:
             yield metric.family()
 

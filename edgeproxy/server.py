@@ -69,6 +69,7 @@ class Proxy:
         self.resolver = Resolver()
         self.state = State.build(config, self.resolver)
         self.prober = Prober(config.probe, self.metrics, self._on_probe)
+        self.metrics.on_scrape = self._path_gauges
         self.listeners: list[Listener] = []
         self.admin_runner: web.AppRunner | None = None
         self.started_at = time.time()
@@ -252,11 +253,18 @@ class Proxy:
             first = upstream.order[0]
             log.info("upstream %s now prefers %s", upstream.name, first.label)
             self.metrics.switches.inc((upstream.name,))
-        m, labels = self.metrics, (path.upstream, path.endpoint.url, path.line.name)
-        srtt = path.estimator.srtt
-        if srtt is not None:
-            m.path_rtt.set(labels, srtt)
-        m.path_up.set(labels, 1 if path.health.is_healthy(time.monotonic()) else 0)
+
+    def _path_gauges(self) -> None:
+        """Per-path gauges, rebuilt from the current state at each scrape."""
+        now = time.monotonic()
+        rtt, up = self.metrics.path_rtt.values, self.metrics.path_up.values
+        rtt.clear()
+        up.clear()
+        for path in self.state.paths.values():
+            labels = (path.upstream, path.endpoint.url, path.line.name)
+            if path.estimator.srtt is not None:
+                rtt[labels] = path.estimator.srtt
+            up[labels] = 1.0 if path.is_usable(now) else 0.0
 
     # -- admin -----------------------------------------------------------------------------
     async def _start_admin(self, lc: ListenerConfig) -> None:

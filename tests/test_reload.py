@@ -86,6 +86,9 @@ async def test_reload_keeps_unchanged_paths_and_adds_new_ones(sims: Any, tmp_pat
         await asyncio.sleep(0.1)
         assert new.pool.idle == 0 and new.pool._closed
         assert await chat(port) == 200
+        metrics = proxy.metrics.render().decode()
+        assert f'endpoint="http://{a.address}/v1"' in metrics
+        assert b.address not in metrics  # no stale series for the removed path
     finally:
         await proxy.stop(1)
 

@@ -20,6 +20,7 @@ __all__ = [
     "FirstEventTimeout",
     "NoRoute",
     "PathDown",
+    "PoolExhausted",
     "ProxyError",
     "Unauthorized",
     "UpstreamProtocolError",
@@ -42,6 +43,8 @@ class ProxyError(Exception):
     sent: bool = False
     # The `failover.retry_on` class this outcome belongs to ("" = never configurable).
     outcome: str = ""
+    # Whether the failure counts against the path's health (False: it says nothing about it).
+    blames_line: bool = True
 
     def __init__(self, message: str, *, retry: bool | None = None, sent: bool | None = None) -> None:
         super().__init__(message)
@@ -97,6 +100,15 @@ class PathDown(UpstreamReset):
     """The prober declared this attempt's path dead while the attempt waited for an answer."""
 
     kind = "path_down"
+    sent = True  # the request may have reached the origin: no invisible same-path resend
+    blames_line = False  # the prober already did
+
+
+class PoolExhausted(ConnectTimeout):
+    """Every connection of the path's pool stayed busy: the path is full, not broken."""
+
+    kind = "pool_exhausted"
+    blames_line = False
 
 
 class UpstreamProtocolError(ProxyError):
@@ -142,6 +154,7 @@ ERRORS: Final[dict[str, tuple[int, str, str]]] = {
     "timeout": (504, "api_error", "upstream_timeout"),
     "first_event_timeout": (504, "api_error", "upstream_first_event_timeout"),
     "path_down": (502, "api_error", "upstream_path_down"),
+    "pool_exhausted": (503, "api_error", "upstream_pool_exhausted"),
     "overloaded": (503, "api_error", "retry_budget_exhausted"),
     "internal": (500, "api_error", "internal_error"),
 }

@@ -67,8 +67,9 @@ BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 UPLOAD_CHUNK: Final = 256 * 1024
 # 429 without a usable wait in its headers: cool the endpoint down this long.
 DEFAULT_COOL_DOWN: Final = 1.0
-# A 429 asking for at most this long, with no other path to go to, is waited out.
+# A 429 asking for at most this long, with no other path to go to, is waited out (once).
 SHORT_WAIT: Final = 2.0
+MIN_WAIT: Final = 0.05
 STATUS_CLIENT_CLOSED: Final = 499  # nginx's convention for "client went away first"
 # Request ids: a random per-process prefix and a counter; unique without a uuid4 per request.
 _RID_PREFIX: Final = os.urandom(6).hex()
@@ -80,6 +81,7 @@ class Ctx:
 
     __slots__ = (
         "attempt_log",
+        "waited",
         "body",
         "body_stream",
         "bytes_in",
@@ -120,6 +122,7 @@ class Ctx:
         self.committed = False
         self.error: str | None = None
         self.attempt_log: list[dict[str, object]] = []
+        self.waited = False  # a 429's short Retry-After was waited out already
 
 
 class Engine:
@@ -313,7 +316,7 @@ class Engine:
                 self._note_attempt(ctx, upstream, path, exc.kind, started)
                 path.on_failure(exc)
                 ctx.error = exc.kind
-                if exc.outcome and not isinstance(exc, PathDown):
+                if exc.outcome and exc.blames_line:
                     self._health(upstream, path, "local")
                 if not self._may_retry(ctx, upstream, exc.outcome, exc.kind):
                     raise
@@ -324,6 +327,7 @@ class Engine:
             if status != 429 and status < 500:
                 self._health(upstream, path, "ok")
                 self._note_attempt(ctx, upstream, path, "ok", started)
+                ctx.error = None  # what failed before is in attempt_log; this request did not
                 return resp
             # 429 and 5xx: the origin answered, but maybe another path or endpoint can do better.
             self._note_attempt(ctx, upstream, path, str(status), started)
@@ -340,9 +344,10 @@ class Engine:
                 continue
             if status == 429 and wait is not None and wait <= SHORT_WAIT and self._may_wait(ctx, upstream):
                 # Nowhere else to go, and the origin asks for only a short pause: wait it out
-                # rather than hand the client a 429 it would have to retry itself.
+                # (once per request) rather than hand the client a 429 it would retry itself.
                 resp.release()
-                await asyncio.sleep(wait)
+                ctx.waited = True
+                await asyncio.sleep(max(wait, MIN_WAIT))
                 ctx.tried.remove(path)
                 path.cooldown_until = 0.0
                 upstream.reselect()
@@ -361,33 +366,51 @@ class Engine:
 
     async def _hedged(self, ctx: Ctx, upstream: Upstream, path: Path, delay: float, started: float) -> Response:
         """`failover.hedge`: if ``path`` has not answered after ``delay``, start the same
-        request on the next path too; the first answer wins and the other is cancelled (its
-        connection closed, so that origin stops). Off by default: both may be billed."""
-        first = asyncio.ensure_future(self._attempt(ctx, upstream, path))
-        done, _ = await asyncio.wait({first}, timeout=delay)
-        second_path = None if done else upstream.plan(ctx.tried, retry=True)
-        if second_path is None:
-            return await first
-        ctx.tried.append(second_path)
-        self.metrics.hedges.inc((upstream.name,))
-        second = asyncio.ensure_future(self._attempt(ctx, upstream, second_path))
-        owner = {first: path, second: second_path}
-        pending = set(owner)
+        request on the next path too (a retry from the budget); the first good answer wins
+        and the other is cancelled (its connection closed, so that origin stops). An answer
+        `retry_on` would retry (a 5xx, a 429) does not win while the other attempt runs.
+        Off by default: both may be billed."""
+        retry_on = upstream.config.failover.retry_on
+        first: asyncio.Future[Response] = asyncio.ensure_future(self._attempt(ctx, upstream, path))
+        owner: dict[asyncio.Future[Response], Path] = {first: path}
+        pending: set[asyncio.Future[Response]] = {first}
+        winner: asyncio.Future[Response] | None = None
         try:
+            done, pending = await asyncio.wait(pending, timeout=delay)
+            second_path = None if done else upstream.plan(ctx.tried, retry=True)
+            if second_path is not None and upstream.budget.try_retry(time.monotonic()):
+                ctx.tried.append(second_path)
+                self.metrics.hedges.inc((upstream.name,))
+                second = asyncio.ensure_future(self._attempt(ctx, upstream, second_path))
+                owner[second] = second_path
+                pending.add(second)
             while True:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    ctx.path = owner[task]
-                    if task.exception() is None or not pending:
-                        return task.result()
-                    # This one failed while the other still runs: note it, wait for the other.
                     exc = task.exception()
-                    assert isinstance(exc, BaseException)
-                    kind = exc.kind if isinstance(exc, ProxyError) else "internal"
-                    self._note_attempt(ctx, upstream, owner[task], kind, started)
+                    good = exc is None and str(task.result().status) not in retry_on
+                    if good or not pending:
+                        winner = task
+                        ctx.path = owner[task]
+                        return task.result()
+                    # Failed, or an answer worth retrying, while the other still runs: note
+                    # it, let it go, and wait for the other.
+                    if exc is None:
+                        outcome = str(task.result().status)
+                        task.result().release()
+                    else:
+                        outcome = exc.kind if isinstance(exc, ProxyError) else "internal"
+                    self._note_attempt(ctx, upstream, owner[task], outcome, started)
+                done = set()
         finally:
-            for task in pending:
-                task.cancel()  # the loser: its connection closes, the origin stops
+            for task in owner:
+                if task is winner:
+                    continue
+                if not task.done():
+                    task.cancel()  # the loser: its connection closes, the origin stops
+                elif not task.cancelled() and task.exception() is None:
+                    task.result().release()  # finished in the same instant as the winner
 
     def _may_retry(self, ctx: Ctx, upstream: Upstream, outcome: str, reason: str) -> bool:
         failover = upstream.config.failover
@@ -409,8 +432,10 @@ class Engine:
     def _may_wait(self, ctx: Ctx, upstream: Upstream) -> bool:
         failover = upstream.config.failover
         return (
-            ctx.body_stream is None
-            and len(ctx.tried) <= failover.retries
+            not ctx.waited
+            and "429" in failover.retry_on
+            and failover.retries > 0
+            and ctx.body_stream is None
             and upstream.budget.try_retry(time.monotonic())
         )
 
@@ -684,7 +709,7 @@ def _stale_connection(ctx: Ctx, resp: Response, exc: UpstreamReset) -> bool:
     idempotent (or the client sent an Idempotency-Key), or the reset came within
     STALE_WINDOW of sending, before any byte of answer. Like Go's net/http.
     """
-    if ctx.body_stream is not None or resp.head_done or resp.bytes_read:
+    if ctx.body_stream is not None or resp.head_done or resp.bytes_read or isinstance(exc, PathDown):
         return False
     if not exc.sent:
         return True

@@ -30,6 +30,8 @@ EJECT_AFTER_LOCAL: Final = 3
 EJECT_AFTER_5XX: Final = 5
 BASE_EJECTION: Final = 2.0  # seconds; doubles per ejection
 MAX_EJECTION: Final = 120.0
+# A path that has worked this long after its last ejection has one ejection forgiven.
+DECAY_AFTER: Final = 60.0
 
 UNKNOWN: Final = "unknown"
 UP: Final = "up"
@@ -51,6 +53,7 @@ class Health:
         "origin_failures",
         "probes",
         "state",
+        "trial",
     )
 
     def __init__(self) -> None:
@@ -60,6 +63,7 @@ class Health:
         self.origin_failures = 0  # 5xx answers in a row
         self.ejections = 0
         self.ejected_until = 0.0
+        self.trial = False  # a half-open trial request is out
         self.last_probe_at: float | None = None
         self.last_probe_ok: bool | None = None
         self.last_error: str | None = None
@@ -72,7 +76,17 @@ class Health:
         if self.state == DOWN:
             return False
         if self.state == EJECTED:
-            return now >= self.ejected_until  # half-open: one trial may go
+            return now >= self.ejected_until and not self.trial  # half-open: one trial may go
+        return True
+
+    def take_trial(self, now: float) -> bool:
+        """May a request go to this path now? For an ejected path whose time is up, once:
+        that request is the half-open trial (the rest wait for its outcome)."""
+        if self.state != EJECTED:
+            return True
+        if now < self.ejected_until or self.trial:
+            return False
+        self.trial = True
         return True
 
     def badness(self) -> int:
@@ -105,18 +119,23 @@ class Health:
         True if the path was ejected (or restored) by it.
         """
         before = self.state
+        trial, self.trial = self.trial, False
         if outcome == "ok":
             self.local_failures = self.origin_failures = 0
+            if self.ejections and now - self.ejected_until > DECAY_AFTER:
+                self.ejections -= 1
             if self.state == EJECTED:
                 self.state = UP
             return self.state != before
+        if self.state == EJECTED and not trial:
+            return False  # a request sent before the ejection: it says nothing new
         if outcome == "local":
             self.local_failures += 1
             run, limit = self.local_failures, EJECT_AFTER_LOCAL
         else:
             self.origin_failures += 1
             run, limit = self.origin_failures, EJECT_AFTER_5XX
-        if run >= limit or self.state == EJECTED:  # a failed half-open trial ejects again
+        if run >= limit or trial:  # a failed half-open trial ejects again, for longer
             self.ejections += 1
             self.ejected_until = now + min(BASE_EJECTION * 2 ** (self.ejections - 1), MAX_EJECTION)
             if self.state != DOWN:

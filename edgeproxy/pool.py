@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
 from .client import Conn
-from .errors import ConnectError, ConnectTimeout
+from .errors import ConnectError, ConnectTimeout, PoolExhausted
 
 if TYPE_CHECKING:
     from .config import PoolConfig
@@ -137,7 +137,7 @@ class Pool:
                         self.release(fut.result())  # handed over as we were cancelled
                     raise
                 except TimeoutError:
-                    raise ConnectTimeout(
+                    raise PoolExhausted(
                         f"{self.label}: all {self.max_size} connections busy for {self.connect_timeout:g}s"
                     ) from None
                 self._active.add(conn)

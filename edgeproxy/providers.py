@@ -7,6 +7,7 @@ exception type with our message instead of choking on an unknown body.
 from __future__ import annotations
 
 import email.utils
+import math
 import re
 import time
 from datetime import UTC, datetime
@@ -102,7 +103,21 @@ def _until(text: str, now: float) -> float | None:
     return when.timestamp() - now
 
 
+# However long an origin asks us to wait, we look again after this (seconds): a buggy header
+# ("inf", a date in 9999) must not sideline an endpoint for good.
+MAX_WAIT: Final = 300.0
+
+
 def retry_wait(headers: list[tuple[bytes, bytes]], now: float | None = None) -> float | None:
+    """How long the origin asked us to wait (at most MAX_WAIT), from its 429 headers; None if
+    it did not say (or said nonsense)."""
+    wait = _retry_wait(headers, now)
+    if wait is None or not math.isfinite(wait):
+        return None
+    return min(max(wait, 0.0), MAX_WAIT)
+
+
+def _retry_wait(headers: list[tuple[bytes, bytes]], now: float | None = None) -> float | None:
     """How long the origin asked us to wait, from its 429 headers; None if it did not say.
 
     ``Retry-After`` (seconds or a date) and ``retry-after-ms`` win. Otherwise the rate-limit

@@ -81,16 +81,19 @@ class Upstream:
         it is still returned when every other path was tried or is full too. A retry never
         goes to an endpoint that asked us to wait (429).
         """
-        spill = None
-        now = time.monotonic() if retry else 0.0
+        spill = fallback = None
+        now = time.monotonic()
         for path in self.order:
             if path in tried or (retry and path.cooldown_until > now):
                 continue
             if path.inflight >= path.pool.max_size:
                 spill = spill or path
                 continue
+            if not path.health.take_trial(now):
+                fallback = fallback or path  # ejected: only if nothing else is left
+                continue
             return path
-        return spill
+        return spill or fallback
 
     def reselect(self) -> bool:
         """Recompute ``order`` from the paths' estimates and health; True if the first changed."""

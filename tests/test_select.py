@@ -159,12 +159,15 @@ def test_attempt_failures_eject_with_growing_backoff_and_half_open_trial() -> No
     assert h.on_attempt("local", 1.0) is False
     assert h.on_attempt("local", 1.1) is False
     assert h.on_attempt("local", 1.2) is True  # third in a row: ejected
-    assert h.state == "ejected" and not h.is_healthy(1.5)
-    assert h.is_healthy(1.2 + 2.0)  # base ejection 2 s over: one trial may go (half-open)
-    assert h.on_attempt("local", 3.3) is True  # the trial failed: ejected again, for longer
-    assert not h.is_healthy(3.3 + 3.9) and h.is_healthy(3.3 + 4.0)
-    h.on_attempt("ok", 8.0)
-    assert h.state == "up" and h.is_healthy(8.0)
+    assert h.state == "ejected" and not h.is_healthy(1.5) and not h.take_trial(1.5)
+    assert h.on_attempt("local", 1.3) is False  # sent before the ejection: changes nothing
+    assert h.is_healthy(1.2 + 2.0)  # base ejection 2 s over: half-open
+    assert h.take_trial(3.3) is True and h.take_trial(3.3) is False  # one trial, the rest wait
+    assert h.on_attempt("local", 3.4) is True  # the trial failed: ejected again, for longer
+    assert not h.is_healthy(3.4 + 3.9) and h.is_healthy(3.4 + 4.0)
+    assert h.take_trial(8.0)
+    h.on_attempt("ok", 8.1)  # the trial worked
+    assert h.state == "up" and h.is_healthy(8.1) and h.take_trial(8.1)
 
 
 def test_origin_errors_counted_apart_and_probe_does_not_cut_5xx_ejection_short() -> None:

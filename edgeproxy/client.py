@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Final
 import httptools
 
 from .errors import FirstEventTimeout, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
+from .sse import last_event_end
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -33,6 +34,8 @@ __all__ = ["Conn", "Response"]
 # the kernel's window then pushes back on the origin instead of our memory growing.
 READ_HIGH_WATER: Final = 512 * 1024
 READ_LOW_WATER: Final = 64 * 1024
+# Waiting for an SSE stream's first event, we buffer up to this much of it.
+MAX_FIRST_EVENT: Final = 1024 * 1024
 # Request bodies above this are written as a second buffer instead of joined to the head.
 JOIN_LIMIT: Final = 64 * 1024
 
@@ -397,6 +400,9 @@ class Response:
                     raise self._exc
                 if self.complete or self._has_block():
                     return
+                if self._buffered > MAX_FIRST_EVENT:
+                    return  # a first "event" this big is not one we can frame: go on as bytes
+                self._resume_reading()  # a first event may be larger than READ_HIGH_WATER
                 self._waiter = loop.create_future()
                 try:
                     await self._waiter
@@ -413,8 +419,7 @@ class Response:
             joined = b"".join(chunks)
             chunks.clear()
             chunks.append(joined)
-        data = chunks[0]
-        return b"\n\n" in data or b"\r\n\r\n" in data or b"\r\r" in data
+        return last_event_end(chunks[0]) >= 0
 
     def _on_event_timeout(self, timeout: float) -> None:
         if not self.complete and not self._has_block():
@@ -484,6 +489,8 @@ class Response:
             if not sink(data):
                 self._block_on_sink()
         self._buffered = 0
+        if not self._sink_blocked:
+            self._resume_reading()  # reading may have paused while it all piled up
 
     async def wait_pushed(self, idle_timeout: float) -> bool:
         """True when the whole body was pushed; False when the sink is blocked.

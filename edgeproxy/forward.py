@@ -475,7 +475,8 @@ class Engine:
                         # (a 413, a 401) is what the client should see.
                 await resp.wait_head(failover.first_byte_timeout)
                 suspect.cancel()
-                if resp.status == 200 and _is_sse(resp):
+                if resp.status == 200 and _is_sse(resp) and resp.header(b"content-encoding") is None:
+                    # (a compressed stream's events cannot be seen: its first byte commits it)
                     await resp.wait_event(failover.first_event_timeout)
                 return resp
             except UpstreamReset as exc:
@@ -599,7 +600,9 @@ class Engine:
             streams.inc(stream_labels)
         try:
             try:
-                await push_body(request, out, resp, idle, is_sse)
+                # Events are relayed whole only when we can see them (not compressed).
+                framed = is_sse and resp.header(b"content-encoding") is None
+                await push_body(request, out, resp, idle, framed)
             except ProxyError as exc:
                 return await self._broken_stream(ctx, upstream, out, exc, is_sse)
             finally:

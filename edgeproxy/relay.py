@@ -18,6 +18,7 @@ from typing import Final
 from aiohttp import web
 
 from .client import Response
+from .sse import last_event_end
 
 __all__ = ["push_body"]
 
@@ -67,12 +68,12 @@ async def push_body(
         nonlocal held
         if held:
             data, held = held + data, b""
-        if data[-2:] != b"\n\n" and data[-4:] != b"\r\n\r\n":
-            end = _last_event_end(data)
+        if data[-2:] != b"\n\n":  # the common case: a chunk that ends an event
+            end = last_event_end(data)
             if end < 0 and len(data) <= MAX_HELD_EVENT:
                 held = data
                 return True
-            if end >= 0:
+            if 0 <= end < len(data):
                 data, held = data[:end], data[end:]
         return emit(data)
 
@@ -91,10 +92,3 @@ async def push_body(
     if held:
         emit(held)  # a last event without its blank line: passed on as the origin sent it
     await out.write_eof()
-
-
-def _last_event_end(data: bytes) -> int:
-    """Index just past the last event boundary (a blank line) in ``data``; -1 if none."""
-    lf = data.rfind(b"\n\n")
-    crlf = data.rfind(b"\r\n\r\n")
-    return max(lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1)

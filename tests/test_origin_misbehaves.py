@@ -190,3 +190,78 @@ async def test_client_that_stops_reading_is_cut_loose(origin: Any, make_proxy: A
         await asyncio.sleep(0.1)
     assert path.inflight == 0, "the stalled client still holds the upstream connection"
     w.close()
+
+
+def _sse_head(extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n" + extra + b"\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+async def _first_bytes_after(p: RunningProxy, expect: bytes) -> float:
+    """Seconds until ``expect`` shows up in the (decompressed) stream."""
+    started = asyncio.get_running_loop().time()
+    async with aiohttp.ClientSession() as s, s.post(p.url + "/v1/chat/completions", data=b"{}") as r:
+        seen = b""
+        async for chunk in r.content.iter_any():
+            seen += chunk
+            if expect in seen:
+                return asyncio.get_running_loop().time() - started
+    raise AssertionError(f"{expect!r} never arrived: {seen[:200]!r}")
+
+
+@pytest.mark.parametrize("framing", [b"\r\r", b"\n\r\n", b"\r\n\r\n"])
+async def test_sse_events_with_any_line_ends_go_out_at_once(raw_origin: Any, make_proxy: Any, framing: bytes) -> None:
+    async def stream(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(_sse_head() + _chunk(b"data: first" + framing))
+        await w.drain()
+        await asyncio.sleep(1.0)
+        w.write(_chunk(b"data: second" + framing) + b"0\r\n\r\n")
+        return True
+
+    p = await make_proxy(proxy_config(await raw_origin(stream), pool={"warm": 0}, probe={"interval": "60s"}))
+    assert await _first_bytes_after(p, b"data: first") < 0.8
+
+
+async def test_compressed_sse_is_relayed_as_it_comes(raw_origin: Any, make_proxy: Any) -> None:
+    import zlib
+
+    async def gz_stream(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        z = zlib.compressobj(wbits=31)  # gzip
+        w.write(
+            _sse_head(b"Content-Encoding: gzip\r\n")
+            + _chunk(z.compress(b"data: first\n\n") + z.flush(zlib.Z_SYNC_FLUSH))
+        )
+        await w.drain()
+        await asyncio.sleep(1.0)
+        w.write(_chunk(z.compress(b"data: second\n\n") + z.flush()) + b"0\r\n\r\n")
+        return True
+
+    p = await make_proxy(proxy_config(await raw_origin(gz_stream), pool={"warm": 0}, probe={"interval": "60s"}))
+    assert await _first_bytes_after(p, b"data: first") < 0.8
+
+
+async def test_first_event_larger_than_the_read_buffer(raw_origin: Any, make_proxy: Any) -> None:
+    big = b"data: " + b"x" * 700_000 + b"\n\n"
+
+    async def stream(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(_sse_head())
+        for i in range(0, len(big), 65536):
+            w.write(_chunk(big[i : i + 65536]))
+            await w.drain()
+        w.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        return True
+
+    p = await make_proxy(
+        proxy_config(
+            await raw_origin(stream),
+            pool={"warm": 0},
+            probe={"interval": "60s"},
+            failover={"first_event_timeout": "3s"},
+        )
+    )
+    async with aiohttp.ClientSession() as s, s.post(p.url + "/v1/chat/completions", data=b"{}") as r:
+        assert r.status == 200
+        assert await r.read() == big + b"data: [DONE]\n\n"

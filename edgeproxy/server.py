@@ -7,6 +7,7 @@ This is the one module that binds sockets. Each client listener gets its own ``E
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import signal
@@ -27,6 +28,8 @@ from .forward import Engine
 from .lines import Path
 from .metrics import Metrics
 from .probe import Prober
+from .providers import client_credential
+from .sdnotify import Notifier, watchdog_loop
 from .state import State, describe_changes
 
 __all__ = ["Proxy", "serve"]
@@ -268,7 +271,7 @@ class Proxy:
 
     # -- admin -----------------------------------------------------------------------------
     async def _start_admin(self, lc: ListenerConfig) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[_admin_auth(lc)] if lc.tokens else [])
         app.router.add_get("/-/healthy", self._healthy)
         app.router.add_get("/-/ready", self._ready)
         app.router.add_get("/-/status", self._status)
@@ -339,6 +342,33 @@ class Proxy:
         }
 
 
+# Health checks reveal nothing and orchestrators rarely send headers: always open.
+_OPEN_ADMIN_PATHS = frozenset({"/-/healthy", "/-/ready"})
+
+
+def _admin_auth(lc: ListenerConfig) -> Any:
+    """An admin listener with tokens wants one (x-edgeproxy-token or Authorization: Bearer,
+    as Prometheus sends it) for /metrics, /-/status and /-/reload."""
+    tokens = [t.encode() for t in lc.tokens]
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path not in _OPEN_ADMIN_PATHS:
+            given = request.headers.get("x-edgeproxy-token") or client_credential(
+                request.headers.get("authorization", "")
+            )
+            raw = given.encode("utf-8", "surrogateescape")
+            ok = False
+            for token in tokens:
+                ok |= hmac.compare_digest(raw, token)
+            if not ok:
+                return web.json_response({"error": "missing or wrong token"}, status=401)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return auth
+
+
 def _server_tls(lc: ListenerConfig) -> ssl.SSLContext | None:
     if lc.tls is None:
         return None
@@ -356,25 +386,39 @@ def _remove_stale_socket(path: str) -> None:
         pass
 
 
-async def _reload_quietly(proxy: Proxy) -> None:
-    await proxy.reload()  # logs its own outcome
+async def _reload(proxy: Proxy, notifier: Notifier) -> None:
+    notifier.reloading()
+    try:
+        ok, detail = await proxy.reload()  # logs its own outcome
+        if not ok:
+            notifier.status(f"reload failed, serving the previous config: {detail.splitlines()[0]}")
+        else:
+            notifier.status(f"generation {proxy.generation}")
+    finally:
+        notifier.ready()
 
 
 async def serve(config: Config) -> None:
-    """Run until SIGTERM/SIGINT, then drain and return."""
+    """Run until SIGTERM/SIGINT, then drain and return. Tells systemd how it goes."""
     loop = asyncio.get_running_loop()
+    notifier = Notifier()
     proxy = Proxy(config)
     await proxy.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: proxy._spawn(_reload_quietly(proxy)))
+    loop.add_signal_handler(signal.SIGHUP, lambda: proxy._spawn(_reload(proxy, notifier)))
+    watchdog = loop.create_task(watchdog_loop(notifier), name="sd_notify watchdog")
+    notifier.ready()
     log.info(
         "edgeproxy %s ready (%d upstreams, %d paths)", __version__, len(proxy.state.upstreams), len(proxy.state.paths)
     )
     try:
         await stop.wait()
     finally:
-        log.info("stopping: draining for up to %gs", config.drain_timeout)
-        await proxy.stop(config.drain_timeout)
+        notifier.stopping()
+        log.info("stopping: draining for up to %gs", proxy.config.drain_timeout)
+        await proxy.stop(proxy.config.drain_timeout)
+        watchdog.cancel()
+        notifier.close()
         log.info("stopped")

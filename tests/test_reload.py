@@ -294,3 +294,69 @@ async def test_sigterm_lets_50_open_streams_finish(origin: FakeOrigin, tmp_path:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait()
+
+
+@pytest.mark.timeout(60)
+async def test_systemd_notifications_and_admin_tokens(origin: FakeOrigin, tmp_path: Path) -> None:
+    import os
+    import socket
+
+    notify_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(notify_path)
+    sock.setblocking(False)
+    token = "admin-token-0123456789"
+    conf, port, admin = tmp_path / "c.yaml", free_port(), free_port()
+    write_config(
+        conf,
+        port,
+        {"direct": {}},
+        [{"url": origin.url + "/v1"}],
+        admin={"listen": {"address": f"127.0.0.1:{admin}", "tokens": [token]}},
+    )
+    proc = subprocess.Popen(
+        [*EDGEPROXY, "run", "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "NOTIFY_SOCKET": notify_path},
+    )
+    messages: list[str] = []
+
+    async def expect(text: str) -> None:
+        for _ in range(200):
+            try:
+                while True:
+                    messages.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                pass
+            if any(text in m for m in messages):
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no {text!r} in {messages}")
+
+    try:
+        await expect("READY=1")
+        base = f"http://127.0.0.1:{admin}"
+        async with aiohttp.ClientSession() as s:
+            async with s.get(base + "/-/healthy") as r:
+                assert r.status == 200  # health checks stay open
+            async with s.get(base + "/metrics") as r:
+                assert r.status == 401
+            async with s.get(base + "/-/status", headers={"x-edgeproxy-token": token + "x"}) as r:
+                assert r.status == 401
+            async with s.get(base + "/metrics", headers={"Authorization": f"Bearer {token}"}) as r:
+                assert r.status == 200  # as Prometheus sends it
+        messages.clear()
+        proc.send_signal(signal.SIGHUP)
+        await expect("RELOADING=1")
+        assert any("MONOTONIC_USEC=" in m for m in messages)
+        await expect("READY=1")
+        proc.send_signal(signal.SIGTERM)
+        await expect("STOPPING=1")
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+    finally:
+        sock.close()
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()

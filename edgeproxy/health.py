@@ -4,9 +4,10 @@ Health says yes or no and when to look again; it never picks a path (that is ``s
 
 Probes: a failed probe makes the path suspect and it is probed again soon (QUICK_REPROBE,
 doubling up to the probe interval); a second failure in a row marks it ``down``. One slow
-probe (a 1 s spike) therefore moves no traffic. An *urgent* probe, sent because a real
-request already waits too long on the path, marks it down at its first failure: two signals
-agree, and the waiting requests should be failed over now.
+probe (a 1 s spike) therefore moves no traffic. An *urgent* probe (sent because a real
+request already waits too long on the path) counts the same; its failure also has the
+requests waiting on the path sent elsewhere at once (the server does that), and the next
+urgent probe follows within a quarter second, so a dead line is down within about a second.
 
 Attempts (passive outlier detection, as Envoy does it): locally originated failures
 (connect refused or timed out, reset, no response headers in time) and origin errors (5xx)
@@ -93,7 +94,7 @@ class Health:
         """For ranking when nothing is healthy: failures in a row, of any kind."""
         return self.consecutive_failures + self.local_failures + self.origin_failures
 
-    def on_probe(self, ok: bool, now: float, error: str | None = None, urgent: bool = False) -> bool:
+    def on_probe(self, ok: bool, now: float, error: str | None = None) -> bool:
         """Record a probe result; True if the state changed."""
         before = self.state
         self.probes += 1
@@ -109,7 +110,7 @@ class Health:
         else:
             self.consecutive_failures += 1
             self.last_error = error
-            if urgent or self.consecutive_failures >= DOWN_AFTER:
+            if self.consecutive_failures >= DOWN_AFTER:
                 self.state = DOWN
         return self.state != before
 

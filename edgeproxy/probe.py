@@ -41,9 +41,12 @@ def probe_target(provider: str, base_path: str) -> str:
 
 
 class Prober:
-    """Runs one probe loop per path; reports each result to the path and to ``on_result``."""
+    """Runs one probe loop per path; reports each result to the path and to
+    ``on_result(path, ok, urgent, changed)``."""
 
-    def __init__(self, config: ProbeConfig, metrics: Metrics, on_result: Callable[[Path, bool], None]) -> None:
+    def __init__(
+        self, config: ProbeConfig, metrics: Metrics, on_result: Callable[[Path, bool, bool, bool], None]
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self.on_result = on_result
@@ -127,9 +130,9 @@ class Prober:
         now = time.monotonic()
         if ok:
             path.estimator.add(rtt, now)
-        changed = path.health.on_probe(ok, now, error, urgent)
+        changed = path.health.on_probe(ok, now, error)
         if changed:
             log.info("path %s is %s%s", path.label, path.health.state, f": {error}" if error else "")
         self.metrics.probes.inc((path.upstream, path.line.name, "ok" if ok else "fail"))
-        self.on_result(path, changed)
+        self.on_result(path, ok, urgent, changed)
         return ok

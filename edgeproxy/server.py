@@ -242,13 +242,15 @@ class Proxy:
         self.resolver.close()
         self.access.flush()
 
-    def _on_probe(self, path: Path, changed: bool) -> None:
-        """A probe finished: re-rank that path's upstream; export what changed. A line found
-        dead fails over the attempts waiting on it now, not at their own timeouts."""
+    def _on_probe(self, path: Path, ok: bool, urgent: bool, changed: bool) -> None:
+        """A probe finished: re-rank that path's upstream. A failed urgent probe (or any failed
+        probe of a path that is down) fails over the attempts waiting on the path now, not
+        at their own timeouts."""
         upstream = self.state.upstream(path.upstream)
-        if path.health.state == "down" and path.waiting and upstream is not None and upstream.has_alternative(path):
-            # At every failed probe (late senders too), and only with somewhere else to go:
-            # with none, the attempt keeps its own chance and its own timeouts.
+        dead = not ok and (urgent or path.health.state == "down")
+        if dead and path.waiting and upstream is not None and upstream.has_alternative(path):
+            # Late senders too; and only with somewhere else to go: with none, the attempt
+            # keeps its own chance and its own timeouts.
             self.metrics.rescues.inc((path.upstream, path.line.name), len(path.waiting))
             for resp in list(path.waiting):
                 resp.fail(PathDown(f"{path.label} stopped answering probes ({path.health.last_error})"))

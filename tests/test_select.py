@@ -184,10 +184,3 @@ def test_origin_errors_counted_apart_and_probe_does_not_cut_5xx_ejection_short()
     h.on_probe(True, 9.5)  # the line answers probes, but the origin failed real requests
     assert h.state == "ejected" and not h.is_healthy(9.5)
     assert h.is_healthy(9.0 + 2.0)
-
-
-def test_urgent_probe_failure_marks_down_at_once() -> None:
-    h = Health()
-    h.on_probe(True, 0.0)
-    assert h.on_probe(False, 1.0, "timeout", urgent=True) is True
-    assert h.state == "down"

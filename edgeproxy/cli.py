@@ -176,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--admin", default="http://127.0.0.1:8788", help="admin listener URL")
     p.add_argument("--pid", type=int, help="send SIGHUP to this process instead")
     p.set_defaults(func=cmd_reload)
+    p = sub.add_parser("demo", help="30 s on this machine: two simulated lines, a degrade and a failover")
+    from . import demo
+
+    demo.add_arguments(p)
+    p.set_defaults(func=lambda a: demo.main(a))
     p = sub.add_parser("status", help="show paths and counters of a running edgeproxy")
     p.add_argument("--admin", default="http://127.0.0.1:8788", help="admin listener URL")
     p.add_argument("--json", action="store_true", help="print the raw JSON")

@@ -361,7 +361,6 @@ class _Demo:
         self.history: deque[tuple[float, dict[str, int]]] = deque()
         self.seen_failovers: dict[str, float] = {}
         self.seen_rescues = 0.0
-        self.seen_line_down: set[str] = set()
         self.death_at: float | None = None
 
     # -- helpers ---------------------------------------------------------------------------
@@ -472,7 +471,7 @@ class _Demo:
                     error = f"stream ended without [DONE] or with an error: {data[-80:]!r}"
                 elif not stream and b'"chat.completion"' not in data:
                     error = f"unexpected answer {data[:80]!r}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except Exception as exc:  # whatever it is, the client saw an error
             error = f"{type(exc).__name__}: {exc}"
         req.done_at = time.monotonic()
         req.ok = error is None
@@ -789,6 +788,9 @@ def main(
         results = uvloop.run(_main(screen, duration_scale))
     except KeyboardInterrupt:
         results = None
+    except OSError as exc:  # cannot bind on 127.0.0.1, out of file descriptors...
+        out.write(f"\nedgeproxy demo: cannot run: {exc}\n")
+        return 1
     finally:
         screen.close()
     if results is None:

@@ -158,6 +158,22 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 1
 
 
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's options, for ``edgeproxy demo`` and ``python -m edgeproxy.demo``."""
+    parser.add_argument(
+        "--color", choices=("auto", "always", "never"), default="auto", help="ANSI colours (auto: on a terminal)"
+    )
+    parser.add_argument(
+        "--duration-scale", type=float, default=1.0, help="stretch or shrink the script (0.25: about 8 s)"
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo  # the server stack: only when asked (check must run on a bare python)
+
+    return demo.main(args)
+
+
 def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
 
@@ -177,10 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pid", type=int, help="send SIGHUP to this process instead")
     p.set_defaults(func=cmd_reload)
     p = sub.add_parser("demo", help="30 s on this machine: two simulated lines, a degrade and a failover")
-    from . import demo
-
-    demo.add_arguments(p)
-    p.set_defaults(func=lambda a: demo.main(a))
+    add_demo_arguments(p)
+    p.set_defaults(func=cmd_demo)
     p = sub.add_parser("status", help="show paths and counters of a running edgeproxy")
     p.add_argument("--admin", default="http://127.0.0.1:8788", help="admin listener URL")
     p.add_argument("--json", action="store_true", help="print the raw JSON")

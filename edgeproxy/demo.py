@@ -44,10 +44,11 @@ import orjson
 import uvloop
 from aiohttp import web
 
+from .cli import add_demo_arguments
 from .config import load_dict
 from .server import Proxy
 
-__all__ = ["FakeOrigin", "Line", "add_arguments", "main"]
+__all__ = ["FakeOrigin", "Line", "main"]
 
 RTT_A: Final = 0.020
 RTT_B: Final = 0.060
@@ -755,16 +756,6 @@ async def _main(screen: _Screen, scale: float) -> _Results:
     return demo.results
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The demo's options, for ``edgeproxy demo`` and ``python -m edgeproxy.demo``."""
-    parser.add_argument(
-        "--color", choices=("auto", "always", "never"), default="auto", help="ANSI colours (auto: on a terminal)"
-    )
-    parser.add_argument(
-        "--duration-scale", type=float, default=1.0, help="stretch or shrink the script (0.25: about 8 s)"
-    )
-
-
 def main(
     args: argparse.Namespace | None = None,
     *,
@@ -803,5 +794,5 @@ def main(
 
 if __name__ == "__main__":
     _parser = argparse.ArgumentParser(prog="python -m edgeproxy.demo", description=__doc__.splitlines()[0])
-    add_arguments(_parser)
+    add_demo_arguments(_parser)
     sys.exit(main(_parser.parse_args()))

@@ -1,4 +1,4 @@
-"""conf/prometheus-rules.yaml and conf/grafana-dashboard.json stay in step with edgeproxy/metrics.py.
+"""conf/monitoring/prometheus-rules.yaml and conf/monitoring/grafana-dashboard.json stay in step with edgeproxy/metrics.py.
 
 Every metric a rule or a panel queries must be one edgeproxy exports (names taken from a live
 ``Metrics()``, rendered as Prometheus does: counters ``_total``, histograms ``_bucket/_sum/_count``),
@@ -21,8 +21,8 @@ import yaml
 from edgeproxy.metrics import Counter, Gauge, Histogram, Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-RULES = ROOT / "conf" / "prometheus-rules.yaml"
-DASHBOARD = ROOT / "conf" / "grafana-dashboard.json"
+RULES = ROOT / "conf" / "monitoring" / "prometheus-rules.yaml"
+DASHBOARD = ROOT / "conf" / "monitoring" / "grafana-dashboard.json"
 
 # Added by Prometheus itself: the scrape health series and the target labels on every series.
 PROMETHEUS_SERIES = {"up": frozenset({"job", "instance"})}

@@ -317,7 +317,7 @@ class Engine:
                 path.on_failure(exc)
                 ctx.error = exc.kind
                 if exc.outcome and exc.blames_line:
-                    self._health(upstream, path, "local")
+                    self._health(upstream, path, "local", started)
                 if not self._may_retry(ctx, upstream, exc.outcome, exc.kind):
                     raise
                 retry = True
@@ -336,7 +336,7 @@ class Engine:
                 wait = retry_wait(resp.headers)
                 upstream.cool_down(path.endpoint, DEFAULT_COOL_DOWN if wait is None else wait)
             else:
-                self._health(upstream, path, "5xx")
+                self._health(upstream, path, "5xx", started)
             if self._may_retry(ctx, upstream, str(status), f"status_{status}"):
                 resp.release()
                 ctx.error = f"status_{status}"
@@ -354,8 +354,8 @@ class Engine:
                 continue
             return resp
 
-    def _health(self, upstream: Upstream, path: Path, outcome: str) -> None:
-        if upstream.on_attempt(path, outcome):
+    def _health(self, upstream: Upstream, path: Path, outcome: str, started: float | None = None) -> None:
+        if upstream.on_attempt(path, outcome, started):
             self.metrics.ejections.inc((upstream.name, path.line.name))
             log.warning(
                 "ejected %s after %s failures (until +%.1fs)",
@@ -414,16 +414,19 @@ class Engine:
 
     def _may_retry(self, ctx: Ctx, upstream: Upstream, outcome: str, reason: str) -> bool:
         failover = upstream.config.failover
-        if not (
-            outcome in failover.retry_on
-            and ctx.body_stream is None
-            and len(ctx.tried) <= failover.retries
-            and upstream.plan(ctx.tried, retry=True) is not None
-        ):
+        if not (outcome in failover.retry_on and ctx.body_stream is None and len(ctx.tried) <= failover.retries):
             return False
-        # The budget protects origins from amplification: it is charged for retries after the
-        # origin failed (a status, a timeout), not when a line failed to carry the request.
-        if outcome not in LINE_OUTCOMES and not upstream.budget.try_retry(time.monotonic()):
+        following = upstream.plan(ctx.tried, retry=True, take=False)
+        if following is None:
+            return False
+        # The budget keeps failing origins from being hammered. It is charged for retries after
+        # an origin failed (a status, a timeout), unless the retry moves to another endpoint
+        # that is healthy: that one takes the request instead, it is not a second copy piled
+        # on a failing origin. A line that failed to carry the request costs nothing.
+        now = time.monotonic()
+        moving_on = following.endpoint.url != ctx.tried[-1].endpoint.url and following.is_usable(now)
+        charged = outcome not in LINE_OUTCOMES and not moving_on
+        if charged and not upstream.budget.try_retry(now):
             self.metrics.budget_exhausted.inc((upstream.name,))
             return False
         self.metrics.failovers.inc((upstream.name, reason))

@@ -45,6 +45,7 @@ class Health:
 
     __slots__ = (
         "consecutive_failures",
+        "ejected_at",
         "ejected_until",
         "ejections",
         "last_error",
@@ -64,6 +65,7 @@ class Health:
         self.origin_failures = 0  # 5xx answers in a row
         self.ejections = 0
         self.ejected_until = 0.0
+        self.ejected_at = 0.0  # when the last ejection happened
         self.trial = False  # a half-open trial request is out
         self.last_probe_at: float | None = None
         self.last_probe_ok: bool | None = None
@@ -80,14 +82,17 @@ class Health:
             return now >= self.ejected_until and not self.trial  # half-open: one trial may go
         return True
 
+    def may_take_trial(self, now: float) -> bool:
+        """Could a request go to this path now (without claiming anything)?"""
+        return self.state != EJECTED or (now >= self.ejected_until and not self.trial)
+
     def take_trial(self, now: float) -> bool:
         """May a request go to this path now? For an ejected path whose time is up, once:
         that request is the half-open trial (the rest wait for its outcome)."""
-        if self.state != EJECTED:
-            return True
-        if now < self.ejected_until or self.trial:
+        if not self.may_take_trial(now):
             return False
-        self.trial = True
+        if self.state == EJECTED:
+            self.trial = True
         return True
 
     def badness(self) -> int:
@@ -114,7 +119,7 @@ class Health:
                 self.state = DOWN
         return self.state != before
 
-    def on_attempt(self, outcome: str, now: float) -> bool:
+    def on_attempt(self, outcome: str, now: float, started: float | None = None) -> bool:
         """Record a real attempt: "ok", "local" (connect/reset/timeout) or "5xx".
 
         True if the path was ejected (or restored) by it.
@@ -128,8 +133,8 @@ class Health:
             if self.state == EJECTED:
                 self.state = UP
             return self.state != before
-        if self.state == EJECTED and not trial:
-            return False  # a request sent before the ejection: it says nothing new
+        if (self.state == EJECTED and not trial) or (started is not None and started < self.ejected_at):
+            return False  # a request sent before the last ejection: it says nothing new
         if outcome == "local":
             self.local_failures += 1
             run, limit = self.local_failures, EJECT_AFTER_LOCAL
@@ -138,6 +143,7 @@ class Health:
             run, limit = self.origin_failures, EJECT_AFTER_5XX
         if run >= limit or trial:  # a failed half-open trial ejects again, for longer
             self.ejections += 1
+            self.ejected_at = now
             self.ejected_until = now + min(BASE_EJECTION * 2 ** (self.ejections - 1), MAX_EJECTION)
             if self.state != DOWN:
                 self.state = EJECTED

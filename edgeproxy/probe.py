@@ -51,7 +51,7 @@ class Prober:
         self.metrics = metrics
         self.on_result = on_result
         self._tasks: dict[PathKey, tuple[Path, asyncio.Task[None]]] = {}
-        self._probing: set[PathKey] = set()  # a probe is in flight on these paths
+        self._urgent_out: set[PathKey] = set()  # an urgent probe is in flight on these paths
         self._urgent_tasks: set[asyncio.Task[bool]] = set()
         self._urgent_at: dict[PathKey, float] = {}
 
@@ -88,7 +88,9 @@ class Prober:
         """An attempt on ``path`` waits longer than the path's RTT suggests: probe it now
         (with an RTT-sized timeout) unless a probe is already out or went out just now."""
         now = time.monotonic()
-        if path.key in self._probing or now - self._urgent_at.get(path.key, 0.0) < URGENT_SPACING:
+        # Only another urgent probe holds this one back: a regular probe out on the path may
+        # have gone out before the line died and wait its full (longer) timeout.
+        if path.key in self._urgent_out or now - self._urgent_at.get(path.key, 0.0) < URGENT_SPACING:
             return
         if path.key not in self._tasks:
             return  # not (or no longer) a probed path
@@ -106,7 +108,8 @@ class Prober:
         timeout = self.config.timeout if timeout is None else timeout
         error: str | None = None
         resp = None
-        self._probing.add(path.key)
+        if urgent:
+            self._urgent_out.add(path.key)
         try:
             async with asyncio.timeout(timeout):
                 conn, _ = await path.pool.acquire(probe=True, timeout=timeout)
@@ -123,7 +126,8 @@ class Prober:
         except Exception as exc:  # whatever it was, the probe loop must live on
             error = str(exc) or type(exc).__name__
         finally:
-            self._probing.discard(path.key)
+            if urgent:
+                self._urgent_out.discard(path.key)
             if resp is not None:
                 resp.release()
         ok = error is None

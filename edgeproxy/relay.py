@@ -18,6 +18,7 @@ from typing import Final
 from aiohttp import web
 
 from .client import Response
+from .errors import ProxyError
 from .sse import last_event_end
 
 __all__ = ["push_body"]
@@ -62,10 +63,10 @@ async def push_body(
             write(data)
             return buffered() <= CLIENT_HIGH_WATER
 
-    held = b""
+    held = last = b""
 
     def sse_sink(data: bytes) -> bool:
-        nonlocal held
+        nonlocal held, last
         if held:
             data, held = held + data, b""
         if data[-2:] != b"\n\n":  # the common case: a chunk that ends an event
@@ -75,10 +76,21 @@ async def push_body(
                 return True
             if 0 <= end < len(data):
                 data, held = data[:end], data[end:]
+        last = data
         return emit(data)
 
     resp.push_to(sse_sink if sse else emit)
-    while not await resp.wait_pushed(idle_timeout):
+    while True:
+        try:
+            if await resp.wait_pushed(idle_timeout):
+                break
+        except ProxyError:
+            if sse and _ends_stream(last):
+                # The stream's own end marker already went out; a cut or stall after it
+                # loses nothing: finish cleanly instead of appending an error after the end.
+                await out.write_eof()
+                return
+            raise
         try:
             # A client that stops reading must not hold an upstream connection for ever.
             async with asyncio.timeout(idle_timeout):
@@ -92,3 +104,12 @@ async def push_body(
     if held:
         emit(held)  # a last event without its blank line: passed on as the origin sent it
     await out.write_eof()
+
+
+# The last event of a stream, as each provider sends it.
+_END_MARKERS: Final = (b"data: [DONE]", b"event: message_stop")
+
+
+def _ends_stream(events: bytes) -> bool:
+    """Did these (whole) events include the stream's own end?"""
+    return any(marker in events for marker in _END_MARKERS)

@@ -243,12 +243,10 @@ class Proxy:
         self.access.flush()
 
     def _on_probe(self, path: Path, ok: bool, urgent: bool, changed: bool) -> None:
-        """A probe finished: re-rank that path's upstream. A failed urgent probe (or any failed
-        probe of a path that is down) fails over the attempts waiting on the path now, not
-        at their own timeouts."""
+        """A probe finished: re-rank that path's upstream. A failed probe fails over the
+        attempts waiting on the path now, not at their own timeouts."""
         upstream = self.state.upstream(path.upstream)
-        dead = not ok and (urgent or path.health.state == "down")
-        if dead and path.waiting and upstream is not None and upstream.has_alternative(path):
+        if not ok and path.waiting and upstream is not None and upstream.has_alternative(path):
             # Late senders too; and only with somewhere else to go: with none, the attempt
             # keeps its own chance and its own timeouts.
             self.metrics.rescues.inc((path.upstream, path.line.name), len(path.waiting))

@@ -74,12 +74,13 @@ class Upstream:
         prefix = self.prefix
         return raw_path.startswith(prefix) and (len(raw_path) == len(prefix) or raw_path[len(prefix)] in "/?")
 
-    def plan(self, tried: list[Path], retry: bool = False) -> Path | None:
+    def plan(self, tried: list[Path], retry: bool = False, take: bool = True) -> Path | None:
         """The next path to try: the first untried one in ``order`` that has room.
 
         A path whose in-flight requests fill its pool is passed over (spill to the next);
         it is still returned when every other path was tried or is full too. A retry never
-        goes to an endpoint that asked us to wait (429).
+        goes to an endpoint that asked us to wait (429). ``take=False`` only looks: it does
+        not claim an ejected path's half-open trial.
         """
         spill = fallback = None
         now = time.monotonic()
@@ -89,7 +90,8 @@ class Upstream:
             if path.inflight >= path.pool.max_size:
                 spill = spill or path
                 continue
-            if not path.health.take_trial(now):
+            health = path.health
+            if not (health.take_trial(now) if take else health.may_take_trial(now)):
                 fallback = fallback or path  # ejected: only if nothing else is left
                 continue
             return path
@@ -121,11 +123,11 @@ class Upstream:
         delay = max(0.0, when - time.monotonic()) + 0.001
         asyncio.get_running_loop().call_later(delay, self.reselect)
 
-    def on_attempt(self, path: Path, outcome: str) -> bool:
+    def on_attempt(self, path: Path, outcome: str, started: float | None = None) -> bool:
         """Feed a real attempt's outcome ("ok", "local", "5xx") to the path's health; True
-        if that ejected the path."""
+        if that ejected the path. ``started``: when the attempt began (monotonic)."""
         now = time.monotonic()
-        if not path.health.on_attempt(outcome, now):
+        if not path.health.on_attempt(outcome, now, started):
             return False
         self.reselect()
         if path.health.state == "ejected":

@@ -226,7 +226,9 @@ async def test_retry_budget_bounds_attempts_when_everything_fails(
     statuses = [(await post(p.url))[0] for _ in range(40)]
     assert set(statuses) == {500}  # the origin's own answer, after the retries allowed
     attempts = len(origin.requests) + len(origin2.requests)
-    assert attempts <= 40 + max(5, 0.2 * 40) + 1, attempts
+    # retries to the other endpoint are free while it is healthy (until 5 failures eject it),
+    # then the budget allows 20% of the requests (at least 5)
+    assert attempts <= 40 + 5 + max(5, 0.2 * 40) + 1, attempts
     assert p.proxy.state.upstreams[0].budget.exhausted > 0
 
 
@@ -242,3 +244,14 @@ async def test_hedge_sends_a_second_attempt_and_the_first_answer_wins(
     origin.latency = 0
     status, _, _ = await post(p.url)  # a quick answer: no hedge
     assert status == 200 and p.proxy.metrics.hedges.values[("openai",)] == 1
+
+
+async def test_budget_does_not_stand_between_a_hung_endpoint_and_a_healthy_one(
+    origin: FakeOrigin, origin2: FakeOrigin, make_proxy: Any
+) -> None:
+    """Many requests time out on one endpoint at once: each moves to the healthy one."""
+    p = await make_proxy(two_endpoints(origin.url, origin2.url, failover={"first_byte_timeout": "500ms"}))
+    origin.latency = 5
+    results = await asyncio.gather(*(post(p.url) for _ in range(40)))
+    assert [r[0] for r in results] == [200] * 40
+    assert p.proxy.state.upstreams[0].budget.exhausted == 0

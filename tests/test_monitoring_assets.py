@@ -1,4 +1,4 @@
-"""conf/monitoring/prometheus-rules.yaml and conf/monitoring/grafana-dashboard.json stay in step with edgeproxy/metrics.py.
+"""The alert rules and the Grafana dashboard (conf/monitoring/) stay in step with edgeproxy/metrics.py.
 
 Every metric a rule or a panel queries must be one edgeproxy exports (names taken from a live
 ``Metrics()``, rendered as Prometheus does: counters ``_total``, histograms ``_bucket/_sum/_count``),

@@ -265,3 +265,17 @@ async def test_first_event_larger_than_the_read_buffer(raw_origin: Any, make_pro
     async with aiohttp.ClientSession() as s, s.post(p.url + "/v1/chat/completions", data=b"{}") as r:
         assert r.status == 200
         assert await r.read() == big + b"data: [DONE]\n\n"
+
+
+async def test_cut_after_the_streams_own_end_is_a_clean_end(raw_origin: Any, make_proxy: Any) -> None:
+    async def done_then_cut(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(_sse_head() + _chunk(b"data: {}\n\n") + _chunk(b"data: [DONE]\n\n"))
+        await w.drain()
+        await asyncio.sleep(0.1)
+        w.transport.abort()  # no final chunk: the body is cut, but after [DONE]
+        return False
+
+    p = await make_proxy(proxy_config(await raw_origin(done_then_cut), pool={"warm": 0}, probe={"interval": "60s"}))
+    async with aiohttp.ClientSession() as s, s.post(p.url + "/v1/chat/completions", data=b"{}") as r:
+        body = await r.read()  # a clean end: no payload error
+    assert body == b"data: {}\n\ndata: [DONE]\n\n"  # and no error event after the end

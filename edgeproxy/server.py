@@ -149,7 +149,9 @@ class Proxy:
             if source is None:
                 return False, "running the built-in default config: there is no file to reload"
             try:
-                new = load_file(source)
+                # Off the event loop: parsing and validating takes milliseconds that streams
+                # and requests in flight should not wait for.
+                new = await asyncio.to_thread(load_file, source)
             except ConfigError as exc:
                 self.metrics.reloads.inc(("failed",))
                 log.error("reload failed, still serving the previous config:\n%s", exc)

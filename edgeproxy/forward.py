@@ -1,8 +1,8 @@
 """The engine: one client request through accept, route, body, plan, attempt, relay and log.
 
 Each phase is a small method with one job; per-request state lives in one slotted ``Ctx``.
-The retry decision travels on the error (``ProxyError.retry``); the loop in ``_attempts``
-only asks it. Before the first byte goes to the client (commit) an error becomes a response
+The attempt loop (retries, hedging, health feedback) is ``failover.Failover``, which the
+engine inherits. Before the first byte goes to the client (commit) an error becomes a response
 in the provider's shape; after it, only an in-band SSE error or a cut connection is honest.
 """
 
@@ -25,12 +25,11 @@ from .errors import (
     BodyTooLarge,
     ClientError,
     NoRoute,
-    PathDown,
     ProxyError,
     Unauthorized,
-    UpstreamReset,
 )
-from .providers import CREDENTIAL_HEADERS, client_credential, error_body, retry_wait, sse_error_event
+from .failover import Failover
+from .providers import CREDENTIAL_HEADERS, client_credential, error_body, sse_error_event
 from .relay import push_body
 
 if TYPE_CHECKING:
@@ -63,13 +62,6 @@ REQUEST_SKIP: Final = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-e
 RESPONSE_SKIP: Final = HOP_BY_HOP | {b"content-length"}
 # Methods whose requests carry a body even when empty (we always send Content-Length for them).
 BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
-# Read size when streaming a large upload through.
-UPLOAD_CHUNK: Final = 256 * 1024
-# 429 without a usable wait in its headers: cool the endpoint down this long.
-DEFAULT_COOL_DOWN: Final = 1.0
-# A 429 asking for at most this long, with no other path to go to, is waited out (once).
-SHORT_WAIT: Final = 2.0
-MIN_WAIT: Final = 0.05
 STATUS_CLIENT_CLOSED: Final = 499  # nginx's convention for "client went away first"
 # Request ids: a random per-process prefix and a counter; unique without a uuid4 per request.
 _RID_PREFIX: Final = os.urandom(6).hex()
@@ -125,7 +117,7 @@ class Ctx:
         self.waited = False  # a 429's short Retry-After was waited out already
 
 
-class Engine:
+class Engine(Failover):
     """Runs requests through the phases. One per listener; the State is swapped on reload."""
 
     __slots__ = ("_inflight", "_tokens", "access", "listener", "metrics", "on_slow_path", "state")
@@ -284,216 +276,6 @@ class Engine:
             if ctx.bytes_in > limit:
                 raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
             yield chunk
-
-    async def _attempts(self, ctx: Ctx, upstream: Upstream) -> Response:
-        """Try paths in plan order until one answers, or an outcome says stop.
-
-        A failed attempt is retried on another path only if `failover.retry_on` names its
-        outcome (connect, reset, timeout, or the status), nothing reached the client yet,
-        the body can be sent again, `failover.retries` and the retry budget allow, and an
-        untried path is left. Otherwise the client gets the last answer as the origin gave
-        it, or our error for the last failure.
-        """
-        upstream.budget.on_request(time.monotonic())
-        hedge = upstream.config.failover.hedge
-        retry = False
-        while True:
-            path = upstream.plan(ctx.tried, retry)
-            if path is None:
-                raise ProxyError("no path to try")  # an upstream without paths
-            ctx.tried.append(path)
-            ctx.path = path
-            started = time.monotonic()
-            try:
-                if hedge is not None and not retry and ctx.body_stream is None:
-                    resp = await self._hedged(ctx, upstream, path, hedge, started)
-                else:
-                    resp = await self._attempt(ctx, upstream, path)
-            except ProxyError as exc:
-                path = ctx.path
-                if exc.source != "upstream":
-                    raise  # the client's fault (a body over the limit...): not the path's
-                self._note_attempt(ctx, upstream, path, exc.kind, started)
-                path.on_failure(exc)
-                ctx.error = exc.kind
-                if exc.outcome and exc.blames_line:
-                    self._health(upstream, path, "local", started)
-                if not self._may_retry(ctx, upstream, exc.outcome, exc.kind):
-                    raise
-                retry = True
-                continue
-            path = ctx.path
-            status = resp.status
-            if status != 429 and status < 500:
-                self._health(upstream, path, "ok")
-                self._note_attempt(ctx, upstream, path, "ok", started)
-                ctx.error = None  # what failed before is in attempt_log; this request did not
-                return resp
-            # 429 and 5xx: the origin answered, but maybe another path or endpoint can do better.
-            self._note_attempt(ctx, upstream, path, str(status), started)
-            wait = None
-            if status == 429:
-                wait = retry_wait(resp.headers)
-                upstream.cool_down(path.endpoint, DEFAULT_COOL_DOWN if wait is None else wait)
-            else:
-                self._health(upstream, path, "5xx", started)
-            if self._may_retry(ctx, upstream, str(status), f"status_{status}"):
-                resp.release()
-                ctx.error = f"status_{status}"
-                retry = True
-                continue
-            if status == 429 and wait is not None and wait <= SHORT_WAIT and self._may_wait(ctx, upstream):
-                # Nowhere else to go, and the origin asks for only a short pause: wait it out
-                # (once per request) rather than hand the client a 429 it would retry itself.
-                resp.release()
-                ctx.waited = True
-                await asyncio.sleep(max(wait, MIN_WAIT))
-                ctx.tried.remove(path)
-                path.cooldown_until = 0.0
-                upstream.reselect()
-                continue
-            return resp
-
-    def _health(self, upstream: Upstream, path: Path, outcome: str, started: float | None = None) -> None:
-        if upstream.on_attempt(path, outcome, started):
-            self.metrics.ejections.inc((upstream.name, path.line.name))
-            log.warning(
-                "ejected %s after %s failures (until +%.1fs)",
-                path.label,
-                outcome,
-                path.health.ejected_until - time.monotonic(),
-            )
-
-    async def _hedged(self, ctx: Ctx, upstream: Upstream, path: Path, delay: float, started: float) -> Response:
-        """`failover.hedge`: if ``path`` has not answered after ``delay``, start the same
-        request on the next path too (a retry from the budget); the first good answer wins
-        and the other is cancelled (its connection closed, so that origin stops). An answer
-        `retry_on` would retry (a 5xx, a 429) does not win while the other attempt runs.
-        Off by default: both may be billed."""
-        retry_on = upstream.config.failover.retry_on
-        first: asyncio.Future[Response] = asyncio.ensure_future(self._attempt(ctx, upstream, path))
-        owner: dict[asyncio.Future[Response], Path] = {first: path}
-        pending: set[asyncio.Future[Response]] = {first}
-        winner: asyncio.Future[Response] | None = None
-        try:
-            done, pending = await asyncio.wait(pending, timeout=delay)
-            second_path = None if done else upstream.plan(ctx.tried, retry=True)
-            if second_path is not None and upstream.budget.try_retry(time.monotonic()):
-                ctx.tried.append(second_path)
-                self.metrics.hedges.inc((upstream.name,))
-                second = asyncio.ensure_future(self._attempt(ctx, upstream, second_path))
-                owner[second] = second_path
-                pending.add(second)
-            while True:
-                if not done:
-                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    exc = task.exception()
-                    good = exc is None and str(task.result().status) not in retry_on
-                    if good or not pending:
-                        winner = task
-                        ctx.path = owner[task]
-                        return task.result()
-                    # Failed, or an answer worth retrying, while the other still runs: note
-                    # it, let it go, and wait for the other.
-                    if exc is None:
-                        outcome = str(task.result().status)
-                        task.result().release()
-                    else:
-                        outcome = exc.kind if isinstance(exc, ProxyError) else "internal"
-                    self._note_attempt(ctx, upstream, owner[task], outcome, started)
-                done = set()
-        finally:
-            for task in owner:
-                if task is winner:
-                    continue
-                if not task.done():
-                    task.cancel()  # the loser: its connection closes, the origin stops
-                elif not task.cancelled() and task.exception() is None:
-                    task.result().release()  # finished in the same instant as the winner
-
-    def _may_retry(self, ctx: Ctx, upstream: Upstream, outcome: str, reason: str) -> bool:
-        failover = upstream.config.failover
-        if not (outcome in failover.retry_on and ctx.body_stream is None and len(ctx.tried) <= failover.retries):
-            return False
-        following = upstream.plan(ctx.tried, retry=True, take=False)
-        if following is None:
-            return False
-        # The budget keeps failing origins from being hammered. It is charged for retries after
-        # an origin failed (a status, a timeout), unless the retry moves to another endpoint
-        # that is healthy: that one takes the request instead, it is not a second copy piled
-        # on a failing origin. A line that failed to carry the request costs nothing.
-        now = time.monotonic()
-        moving_on = following.endpoint.url != ctx.tried[-1].endpoint.url and following.is_usable(now)
-        charged = outcome not in LINE_OUTCOMES and not moving_on
-        if charged and not upstream.budget.try_retry(now):
-            self.metrics.budget_exhausted.inc((upstream.name,))
-            return False
-        self.metrics.failovers.inc((upstream.name, reason))
-        return True
-
-    def _may_wait(self, ctx: Ctx, upstream: Upstream) -> bool:
-        failover = upstream.config.failover
-        return (
-            not ctx.waited
-            and "429" in failover.retry_on
-            and failover.retries > 0
-            and ctx.body_stream is None
-            and upstream.budget.try_retry(time.monotonic())
-        )
-
-    def _note_attempt(self, ctx: Ctx, upstream: Upstream, path: Path, outcome: str, started: float) -> None:
-        self.metrics.attempts.inc((upstream.name, path.line.name, outcome))
-        ms = round((time.monotonic() - started) * 1000, 3)
-        ctx.attempt_log.append({"line": path.line.name, "endpoint": path.endpoint.host, "outcome": outcome, "ms": ms})
-
-    async def _attempt(self, ctx: Ctx, upstream: Upstream, path: Path) -> Response:
-        """One try on one path: send, then wait for headers (and for SSE, the first event)."""
-        body = self._body_for(ctx, path)
-        head = self._request_head(ctx, upstream, path, body)
-        failover = upstream.config.failover
-        fresh = False
-        while True:
-            # Counted in flight from the moment it is planned on this path, so concurrent
-            # requests see the pool filling up and spill before they wait for a connection.
-            path.inflight += 1
-            try:
-                conn, _ = await path.pool.acquire(fresh=fresh, timeout=path.connect_timeout())
-            except BaseException:
-                path.inflight -= 1
-                raise
-            path.requests += 1
-            reused = conn.requests > 0
-            resp = conn.send(ctx.method, head, body, path.on_response_end)
-            path.waiting.add(resp)  # the prober may fail it over if the line dies meanwhile
-            suspect = asyncio.get_running_loop().call_later(path.suspect_after(), self.on_slow_path, path)
-            try:
-                if ctx.body_stream is not None:
-                    try:
-                        await conn.send_stream(ctx.body_stream, chunked=ctx.request.content_length is None)
-                    except UpstreamReset:
-                        if not resp.head_done:
-                            raise
-                        # The origin answered (and closed) before the upload ended: its answer
-                        # (a 413, a 401) is what the client should see.
-                await resp.wait_head(failover.first_byte_timeout)
-                suspect.cancel()
-                if resp.status == 200 and _is_sse(resp) and resp.header(b"content-encoding") is None:
-                    # (a compressed stream's events cannot be seen: its first byte commits it)
-                    await resp.wait_event(failover.first_event_timeout)
-                return resp
-            except UpstreamReset as exc:
-                resp.release()
-                if not fresh and reused and _stale_connection(ctx, resp, exc):
-                    fresh = True
-                    continue
-                raise
-            except BaseException:
-                resp.release()
-                raise
-            finally:
-                suspect.cancel()
-                path.waiting.discard(resp)
 
     def _body_for(self, ctx: Ctx, path: Path) -> bytes | None:
         """The request body for this path: the client's, or with the model renamed when the
@@ -691,34 +473,3 @@ class Engine:
                 "error": ctx.error,
             }
         )
-
-
-def _is_sse(resp: Response) -> bool:
-    ctype = resp.header(b"content-type")
-    return ctype is not None and ctype[:17].lower() == b"text/event-stream"
-
-
-# Outcomes that blame the line, not the origin: retrying them on another path is free.
-LINE_OUTCOMES: Final = frozenset({"connect", "reset"})
-
-# Methods that may be sent twice without harm (RFC 9110 9.2.2), for the stale-connection retry.
-IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-# A reset this soon after sending on a reused connection is the origin's idle close racing
-# our request (it closed before reading it), not an answer to it.
-STALE_WINDOW: Final = 0.05
-
-
-def _stale_connection(ctx: Ctx, resp: Response, exc: UpstreamReset) -> bool:
-    """May a reset on a reused keep-alive connection be retried on a new one, invisibly?
-
-    Only if nothing can have been processed twice: nothing was sent, or the method is
-    idempotent (or the client sent an Idempotency-Key), or the reset came within
-    STALE_WINDOW of sending, before any byte of answer. Like Go's net/http.
-    """
-    if ctx.body_stream is not None or resp.head_done or resp.bytes_read or isinstance(exc, PathDown):
-        return False
-    if not exc.sent:
-        return True
-    if ctx.method in IDEMPOTENT or "idempotency-key" in ctx.request.headers:
-        return True
-    return bool(resp.sent_at) and time.monotonic() - resp.sent_at < STALE_WINDOW

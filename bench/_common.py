@@ -84,7 +84,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / CLK_TCK
 
 
-def noise_note(bg: dict[str, float], la_before: str, la_after: str) -> str:
+def noise_note(
+    bg: dict[str, float], la_before: str, la_after: str, setup: str = "Baselines ran in the same run."
+) -> str:
+    """One line on how quiet the machine was, for every benchmark's output."""
     cores = os.cpu_count() or 1
     load1 = float(la_before.split()[0])
     if bg["busy_pct"] > 10 or bg["steal_pct"] > 2 or load1 > 0.5 * cores:
@@ -94,7 +97,7 @@ def noise_note(bg: dict[str, float], la_before: str, la_after: str) -> str:
     return (
         f"{cores} cores; background CPU before start {bg['busy_pct']}% busy, {bg['steal_pct']}% steal; "
         f"loadavg before {la_before}, after {la_after} ({verdict}). "
-        "Baselines ran in the same run; loadavg after includes the benchmark's own load."
+        f"{setup} The loadavg after includes the benchmark's own load."
     )
 
 

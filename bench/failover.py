@@ -49,7 +49,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import random
 import re
 import subprocess
@@ -1374,18 +1373,6 @@ _SHOWN = {
 }  # fmt: skip
 
 
-def noise(bg: dict[str, float], la0: str, la1: str) -> str:
-    cores = os.cpu_count() or 1
-    noisy = bg["busy_pct"] > 10 or bg["steal_pct"] > 2 or float(la0.split()[0]) > 0.5 * cores
-    return (
-        f"{cores} cores, SHARED machine: other work may run beside the benchmark, and the load client, the fake "
-        f"origins and the line simulators share one Python process (GIL) beside edgeproxy. Background CPU before "
-        f"start {bg['busy_pct']}% busy, {bg['steal_pct']}% steal; loadavg before {la0}, after {la1} "
-        f"({'NOISY: treat the numbers as rough and re-run' if noisy else 'quiet before start'}; "
-        "after includes the benchmark's own load)."
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run (< 90 s, lower load)")
@@ -1450,7 +1437,14 @@ def main() -> None:
         "[DONE] and without an in-band error; in-band errors on streams a line fault cut after commit are listed "
         "apart (nothing else is honest once a stream started)."
     )
-    print(noise(bg, la0, la1))
+    print(
+        c.noise_note(
+            bg,
+            la0,
+            la1,
+            "Shared machine; the load client, the fake origins and the line simulators share one Python process (GIL) beside edgeproxy.",
+        )
+    )
     print(f"elapsed {res['elapsed_s']} s")
     res["targets"] = {k: v.get("met") for k, v in res.get("faults", {}).items()}
     res["targets"]["recovery"] = res.get("recovery", {}).get("met")

@@ -1016,17 +1016,6 @@ def details(res: Res) -> None:
         print("ERROR", e)
 
 
-def noise(bg: dict[str, float], la0: str, la1: str) -> str:
-    cores = os.cpu_count() or 1
-    noisy = bg["busy_pct"] > 10 or bg["steal_pct"] > 2 or float(la0.split()[0]) > 0.5 * cores
-    return (
-        f"{cores} cores, shared machine: other work may run beside the benchmark. Background CPU before start "
-        f"{bg['busy_pct']}% busy, {bg['steal_pct']}% steal; loadavg before {la0}, after {la1} "
-        f"({'NOISY: treat the numbers as rough and re-run' if noisy else 'quiet before start'}; "
-        "after includes the benchmark's own load)."
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run (< 60 s): 100 req/s, 40 streams, 10 reloads")
@@ -1091,7 +1080,7 @@ def main() -> None:
     print()
     c.print_table(["target", "measured", "target value", "result"], rows)
     details(res)
-    print(noise(bg, la0, la1))
+    print(c.noise_note(bg, la0, la1, "Shared machine: other work may run beside the benchmark."))
     inv, term = res.get("invalid", {}).get("met", {}), res.get("sigterm", {}).get("met", {})
     ld, rl = res.get("load", {}).get("all", {}), res.get("reloads", {})
     res["targets"] = {

@@ -1442,7 +1442,8 @@ def main() -> None:
             bg,
             la0,
             la1,
-            "Shared machine; the load client, the fake origins and the line simulators share one Python process (GIL) beside edgeproxy.",
+            "Shared machine; the load client, the fake origins and the line simulators share one"
+            " Python process (GIL) beside edgeproxy.",
         )
     )
     print(f"elapsed {res['elapsed_s']} s")

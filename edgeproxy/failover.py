@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .state import Upstream
 
-__all__ = ["Failover"]
+__all__ = ["Failover", "may_move"]
 
 log = logging.getLogger("edgeproxy")
 
@@ -230,7 +230,7 @@ class Failover:
             path.requests += 1
             reused = conn.requests > 0
             resp = conn.send(ctx.method, head, body, path.on_response_end)
-            path.waiting.add(resp)  # the prober may fail it over if the line dies meanwhile
+            path.waiting[resp] = ctx  # the prober may fail it over if the line dies meanwhile
             suspect = asyncio.get_running_loop().call_later(path.suspect_after(), self.on_slow_path, path)
             try:
                 if ctx.body_stream is not None:
@@ -258,7 +258,7 @@ class Failover:
                 raise
             finally:
                 suspect.cancel()
-                path.waiting.discard(resp)
+                path.waiting.pop(resp, None)
 
 
 def _is_sse(resp: Response) -> bool:
@@ -290,3 +290,18 @@ def _stale_connection(ctx: Ctx, resp: Response, exc: UpstreamReset) -> bool:
     if ctx.method in IDEMPOTENT or "idempotency-key" in ctx.request.headers:
         return True
     return bool(resp.sent_at) and time.monotonic() - resp.sent_at < STALE_WINDOW
+
+
+def may_move(ctx: Ctx) -> bool:
+    """Could this request, waiting on a path that just failed a probe, be sent elsewhere?
+    (The same conditions as a retry after a reset, budget aside: a rescue is not a copy on a
+    failing origin.) If not, it keeps its chance on the path it is on."""
+    upstream = ctx.upstream
+    if upstream is None or ctx.body_stream is not None:
+        return False
+    failover = upstream.config.failover
+    return (
+        "reset" in failover.retry_on
+        and len(ctx.tried) <= failover.retries
+        and upstream.plan(ctx.tried, retry=True, take=False) is not None
+    )

@@ -26,6 +26,7 @@ from .tunnel import Handshake, ProxySpec, http_connect, socks5_connect
 
 if TYPE_CHECKING:
     from .config import EndpointConfig, LineConfig, PoolConfig, UpstreamConfig
+    from .forward import Ctx
 
 __all__ = ["Line", "Path", "PathKey", "tls_context"]
 
@@ -200,7 +201,7 @@ class Path:
         self.connect_rtt: float | None = None
         self.cooldown_until = 0.0  # monotonic; the endpoint asked us to wait (429) until then
         # Attempts sent on this path and not yet committed: failed over if the line dies.
-        self.waiting: set[Response] = set()
+        self.waiting: dict[Response, Ctx] = {}
 
     def __repr__(self) -> str:
         return f"<Path {self.label} {self.health.state} {self.estimator!r} {self.pool!r}>"

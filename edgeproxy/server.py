@@ -24,6 +24,7 @@ from .accesslog import AccessLog
 from .config import Config, ConfigError, ListenerConfig, dump_redacted, load_file
 from .dns import Resolver
 from .errors import PathDown
+from .failover import may_move
 from .forward import Engine
 from .lines import Path
 from .metrics import Metrics
@@ -248,11 +249,13 @@ class Proxy:
         """A probe finished: re-rank that path's upstream. A failed probe fails over the
         attempts waiting on the path now, not at their own timeouts."""
         upstream = self.state.upstream(path.upstream)
-        if not ok and path.waiting and upstream is not None and upstream.has_alternative(path):
-            # Late senders too; and only with somewhere else to go: with none, the attempt
-            # keeps its own chance and its own timeouts.
-            self.metrics.rescues.inc((path.upstream, path.line.name), len(path.waiting))
-            for resp in list(path.waiting):
+        if not ok and path.waiting:
+            # Late senders too; and only requests that have somewhere else to go: the others
+            # keep their chance here, and their own timeouts.
+            movable = [resp for resp, ctx in path.waiting.items() if may_move(ctx)]
+            if movable:
+                self.metrics.rescues.inc((path.upstream, path.line.name), len(movable))
+            for resp in movable:
                 resp.fail(PathDown(f"{path.label} stopped answering probes ({path.health.last_error})"))
         if upstream is not None and upstream.reselect():
             first = upstream.order[0]

@@ -113,11 +113,6 @@ class Upstream:
         self.current = first
         return switched
 
-    def has_alternative(self, path: Path) -> bool:
-        """Is there a usable path other than ``path`` right now?"""
-        now = time.monotonic()
-        return any(p is not path and p.is_usable(now) for p in self.paths)
-
     def reselect_at(self, when: float) -> None:
         """Re-rank again at monotonic time ``when`` (an ejection or a cool-down ends)."""
         delay = max(0.0, when - time.monotonic()) + 0.001

@@ -255,3 +255,17 @@ async def test_budget_does_not_stand_between_a_hung_endpoint_and_a_healthy_one(
     results = await asyncio.gather(*(post(p.url) for _ in range(40)))
     assert [r[0] for r in results] == [200] * 40
     assert p.proxy.state.upstreams[0].budget.exhausted == 0
+
+
+async def test_a_request_with_nowhere_left_to_go_is_not_rescued_into_an_error(
+    origin: FakeOrigin, origin2: FakeOrigin, make_proxy: Any
+) -> None:
+    """Its line fails probes, but this request already used its retry: it keeps its chance."""
+    cfg = two_endpoints(origin.url, origin2.url, failover={"retries": 1, "first_byte_timeout": "5s"})
+    cfg["probe"] = {"interval": "1s", "timeout": "300ms"}
+    p = await make_proxy(cfg)
+    origin.fail_status = 503  # A answers 503: the request moves to B, its one retry
+    origin2.latency, origin2.probes_affected = 1.5, True  # B is slow, and its probes time out
+    status, _, took = await post(p.url)
+    assert status == 200 and 1.4 < took < 4.0
+    assert sum(p.proxy.metrics.rescues.values.values()) == 0

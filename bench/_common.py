@@ -20,9 +20,11 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 Popen = subprocess.Popen[bytes]
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,3 +299,41 @@ def print_findings(f: dict[str, Any]) -> None:
     print(f"edgeproxy stderr warnings/errors: {f['log_problem_lines']}")
     for line in f["log_problems"][:10]:
         print("   ", line)
+
+
+# --------------------------------------------------------------------------- admin API
+
+_METRIC = re.compile(r"^(\w+)(?:\{([^}]*)\})?\s+(\S+)$")
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def metric_samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) for every sample in a Prometheus text exposition."""
+    for line in text.splitlines():
+        m = _METRIC.match(line)
+        if m:
+            yield m.group(1), dict(_LABEL.findall(m.group(2) or "")), float(m.group(3))
+
+
+class AdminClient:
+    """/-/status and /metrics of the edgeproxy under test (benchmarks add what they read)."""
+
+    def __init__(self, session: aiohttp.ClientSession, port: int) -> None:
+        self.s = session
+        self.base = f"http://127.0.0.1:{port}"
+
+    async def status(self) -> dict[str, Any]:
+        async with self.s.get(self.base + "/-/status") as r:
+            st: dict[str, Any] = await r.json(content_type=None)
+            return st
+
+    async def upstream(self, name: str = "openai") -> dict[str, Any]:
+        st = await self.status()
+        up = next((u for u in st["upstreams"] if u["name"] == name), None)
+        if up is None:
+            raise ValueError(f"no upstream {name} in /-/status")
+        return up
+
+    async def samples(self) -> Iterator[tuple[str, dict[str, str], float]]:
+        async with self.s.get(self.base + "/metrics") as r:
+            return metric_samples(await r.text())

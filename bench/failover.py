@@ -50,7 +50,6 @@ import contextlib
 import itertools
 import json
 import random
-import re
 import subprocess
 import sys
 import tempfile
@@ -308,8 +307,6 @@ class Load:
 # --------------------------------------------------------------------------- edgeproxy admin
 
 
-_METRIC = re.compile(r"^(\w+)\{([^}]*)\}\s+(\S+)$")
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
 WATCHED = (
     "edgeproxy_failovers_total",
     "edgeproxy_rescues_total",
@@ -332,35 +329,17 @@ KEY_LABELS = {
 }
 
 
-class Admin:
-    def __init__(self, session: aiohttp.ClientSession, port: int) -> None:
-        self.s = session
-        self.base = f"http://127.0.0.1:{port}"
-
-    async def upstream(self) -> dict[str, Any]:
-        async with self.s.get(self.base + "/-/status") as r:
-            st = await r.json(content_type=None)
-        up = next((u for u in st["upstreams"] if u["name"] == "openai"), None)
-        if up is None:
-            raise ValueError("no upstream openai in /-/status")
-        return up
-
+class Admin(c.AdminClient):
     async def metrics(self) -> dict[str, float]:
         """Watched counters as {"name{label=value,...}": value} (upstream openai only)."""
-        async with self.s.get(self.base + "/metrics") as r:
-            text = await r.text()
         out: dict[str, float] = {}
-        for line in text.splitlines():
-            m = _METRIC.match(line)
-            if not m or m.group(1) not in WATCHED:
+        for full, labels, value in await self.samples():
+            if full not in WATCHED or labels.get("upstream") not in (None, "openai"):
                 continue
-            labels = dict(_LABEL.findall(m.group(2)))
-            if labels.get("upstream") not in (None, "openai"):
-                continue
-            name = m.group(1).removeprefix("edgeproxy_").removesuffix("_total")
-            keys = KEY_LABELS.get(m.group(1), ())
+            name = full.removeprefix("edgeproxy_").removesuffix("_total")
+            keys = KEY_LABELS.get(full, ())
             key = name + ("{" + ",".join(labels.get(k, "") for k in keys) + "}" if keys else "")
-            out[key] = out.get(key, 0.0) + float(m.group(3))
+            out[key] = out.get(key, 0.0) + value
         return out
 
 

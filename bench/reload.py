@@ -391,34 +391,16 @@ def explain(
 # --------------------------------------------------------------------------- edgeproxy admin
 
 
-_METRIC = re.compile(r"^(\w+)(?:\{([^}]*)\})?\s+(\S+)$")
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
-
-
-class Admin:
-    def __init__(self, session: aiohttp.ClientSession, port: int) -> None:
-        self.s = session
-        self.base = f"http://127.0.0.1:{port}"
-
+class Admin(c.AdminClient):
     async def metrics(self) -> dict[str, int]:
         """reloads ok / failed and the config generation."""
-        async with self.s.get(self.base + "/metrics") as r:
-            text = await r.text()
         out = {"reloads_ok": 0, "reloads_failed": 0, "generation": 0}
-        for line in text.splitlines():
-            m = _METRIC.match(line)
-            if not m:
-                continue
-            name, labels, value = m.group(1), dict(_LABEL.findall(m.group(2) or "")), m.group(3)
+        for name, labels, value in await self.samples():
             if name == "edgeproxy_reloads_total":
-                out["reloads_" + labels.get("result", "?")] = int(float(value))
+                out["reloads_" + labels.get("result", "?")] = int(value)
             elif name == "edgeproxy_config_generation":
-                out["generation"] = int(float(value))
+                out["generation"] = int(value)
         return out
-
-    async def status(self) -> dict[str, Any]:
-        async with self.s.get(self.base + "/-/status") as r:
-            return await r.json(content_type=None)
 
     async def paths(self) -> list[dict[str, Any]]:
         st = await self.status()

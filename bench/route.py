@@ -72,38 +72,19 @@ def mark(ok: bool | None) -> str:
 # --------------------------------------------------------------------------- edgeproxy admin
 
 
-_METRIC = re.compile(r"^(\w+)\{([^}]*)\}\s+(\S+)$")
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
-
-
-class Admin:
+class Admin(c.AdminClient):
     """/-/status and /metrics of the edgeproxy under test."""
-
-    def __init__(self, session: aiohttp.ClientSession, port: int) -> None:
-        self.s = session
-        self.base = f"http://127.0.0.1:{port}"
-
-    async def upstream(self) -> dict[str, Any]:
-        async with self.s.get(self.base + "/-/status") as r:
-            st = await r.json(content_type=None)
-        return next(u for u in st["upstreams"] if u["name"] == "openai")
 
     async def metrics(self) -> dict[str, Any]:
         """Probe results per line ({"ok": {line: n}, "fail": {...}}) and route switches."""
-        async with self.s.get(self.base + "/metrics") as r:
-            text = await r.text()
         out: dict[str, Any] = {"ok": Counter(), "fail": Counter(), "switches": 0}
-        for line in text.splitlines():
-            m = _METRIC.match(line)
-            if not m:
-                continue
-            name, labels = m.group(1), dict(_LABEL.findall(m.group(2)))
+        for name, labels, value in await self.samples():
             if labels.get("upstream") != "openai":
                 continue
             if name == "edgeproxy_probes_total":
-                out[labels["result"]][labels["line"]] += int(float(m.group(3)))
+                out[labels["result"]][labels["line"]] += int(value)
             elif name == "edgeproxy_route_switches_total":
-                out["switches"] = int(float(m.group(3)))
+                out["switches"] = int(value)
         return out
 
     async def probes(self) -> Counter[str]:

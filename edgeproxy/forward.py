@@ -9,7 +9,6 @@ in the provider's shape; after it, only an in-band SSE error or a cut connection
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import logging
 import os
@@ -29,7 +28,7 @@ from .errors import (
     Unauthorized,
 )
 from .failover import Failover
-from .providers import CREDENTIAL_HEADERS, client_credential, error_body, sse_error_event
+from .providers import CREDENTIAL_HEADERS, client_credential, error_body, sse_error_event, token_matches
 from .relay import push_body
 
 if TYPE_CHECKING:
@@ -185,7 +184,7 @@ class Engine(Failover):
     def _route(self, ctx: Ctx) -> Upstream:
         upstream = ctx.state.route(ctx.raw_path)
         if upstream is None:
-            if self._tokens and not self._token_ok(ctx.request.headers.get("x-edgeproxy-token")):
+            if self._tokens and not token_matches(ctx.request.headers.get("x-edgeproxy-token"), self._tokens):
                 raise Unauthorized("missing or wrong x-edgeproxy-token")
             raise NoRoute(f"no upstream serves {ctx.raw_path.split('?', 1)[0]}")
         ctx.upstream = upstream
@@ -208,17 +207,8 @@ class Engine(Failover):
                 if cred is not None:
                     token = client_credential(cred)
                     break
-        if not self._token_ok(token):
+        if not token_matches(token, self._tokens):
             raise Unauthorized("missing or wrong edgeproxy token (send it as x-edgeproxy-token)")
-
-    def _token_ok(self, token: str | None) -> bool:
-        if token is None:
-            return False
-        given = token.encode("utf-8", "surrogateescape")  # aiohttp keeps odd bytes that way
-        ok = False
-        for expected in self._tokens:  # compare with all, in constant time each
-            ok |= hmac.compare_digest(given, expected)
-        return ok
 
     async def _read_body(self, ctx: Ctx) -> None:
         request = ctx.request

@@ -7,6 +7,7 @@ exception type with our message instead of choking on an unknown body.
 from __future__ import annotations
 
 import email.utils
+import hmac
 import math
 import re
 import time
@@ -25,6 +26,7 @@ __all__ = [
     "error_body",
     "retry_wait",
     "sse_error_event",
+    "token_matches",
 ]
 
 # The header each provider reads the API key from, lower-case as bytes for the hot path.
@@ -53,6 +55,17 @@ def client_credential(value: str) -> str:
     if value[:7].lower() == "bearer ":
         return value[7:].strip()
     return value.strip()
+
+
+def token_matches(token: str | None, tokens: list[bytes]) -> bool:
+    """Is ``token`` one of ``tokens``? Compared with every one, each in constant time."""
+    if token is None:
+        return False
+    given = token.encode("utf-8", "surrogateescape")  # aiohttp keeps odd header bytes that way
+    ok = False
+    for expected in tokens:
+        ok |= hmac.compare_digest(given, expected)
+    return ok
 
 
 def error_body(provider: str, kind: str, message: str) -> tuple[int, bytes]:

@@ -7,7 +7,6 @@ This is the one module that binds sockets. Each client listener gets its own ``E
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import signal
@@ -29,7 +28,7 @@ from .forward import Engine
 from .lines import Path
 from .metrics import Metrics
 from .probe import Prober
-from .providers import client_credential
+from .providers import client_credential, token_matches
 from .sdnotify import Notifier, watchdog_loop
 from .state import State, describe_changes
 
@@ -362,11 +361,7 @@ def _admin_auth(lc: ListenerConfig) -> Any:
             given = request.headers.get("x-edgeproxy-token") or client_credential(
                 request.headers.get("authorization", "")
             )
-            raw = given.encode("utf-8", "surrogateescape")
-            ok = False
-            for token in tokens:
-                ok |= hmac.compare_digest(raw, token)
-            if not ok:
+            if not token_matches(given, tokens):
                 return web.json_response({"error": "missing or wrong token"}, status=401)
         response: web.StreamResponse = await handler(request)
         return response

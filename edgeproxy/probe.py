@@ -42,11 +42,9 @@ def probe_target(provider: str, base_path: str) -> str:
 
 class Prober:
     """Runs one probe loop per path; reports each result to the path and to
-    ``on_result(path, ok, urgent, changed)``."""
+    ``on_result(path, ok)``."""
 
-    def __init__(
-        self, config: ProbeConfig, metrics: Metrics, on_result: Callable[[Path, bool, bool, bool], None]
-    ) -> None:
+    def __init__(self, config: ProbeConfig, metrics: Metrics, on_result: Callable[[Path, bool], None]) -> None:
         self.config = config
         self.metrics = metrics
         self.on_result = on_result
@@ -138,5 +136,5 @@ class Prober:
         if changed:
             log.info("path %s is %s%s", path.label, path.health.state, f": {error}" if error else "")
         self.metrics.probes.inc((path.upstream, path.line.name, "ok" if ok else "fail"))
-        self.on_result(path, ok, urgent, changed)
+        self.on_result(path, ok)
         return ok

@@ -244,7 +244,7 @@ class Proxy:
         self.resolver.close()
         self.access.flush()
 
-    def _on_probe(self, path: Path, ok: bool, urgent: bool, changed: bool) -> None:
+    def _on_probe(self, path: Path, ok: bool) -> None:
         """A probe finished: re-rank that path's upstream. A failed probe fails over the
         attempts waiting on the path now, not at their own timeouts."""
         upstream = self.state.upstream(path.upstream)

@@ -13,19 +13,23 @@ from typing import Final
 
 __all__ = [
     "ERRORS",
+    "BadEncoding",
     "BodyTooLarge",
     "ClientError",
     "ConnectError",
     "ConnectTimeout",
     "FirstEventTimeout",
+    "Forbidden",
     "NoRoute",
     "PathDown",
     "PoolExhausted",
     "ProxyError",
     "Unauthorized",
+    "UpstreamBadEncoding",
     "UpstreamProtocolError",
     "UpstreamReset",
     "UpstreamTimeout",
+    "ViaRefused",
 ]
 
 
@@ -121,6 +125,19 @@ class UpstreamProtocolError(ProxyError):
     outcome = "reset"
 
 
+class UpstreamBadEncoding(UpstreamProtocolError):
+    """The response's compressed body is broken, cut short, or a decompression bomb."""
+
+    kind = "bad_encoding_upstream"
+
+
+class ViaRefused(ConnectError):
+    """A peer edge refused our hop (wrong token, or it does not serve that origin): the
+    `via` line cannot carry this request; another path may."""
+
+    kind = "via_refused"
+
+
 class ClientError(ProxyError):
     """The client sent something we refuse (malformed, truncated body...)."""
 
@@ -140,17 +157,33 @@ class NoRoute(ClientError):
     kind = "no_route"
 
 
+class Forbidden(ClientError):
+    """An edge refuses a hop to an origin it does not serve (no open relay)."""
+
+    kind = "forbidden"
+
+
+class BadEncoding(ClientError):
+    """The request body's Content-Encoding does not decode (broken or cut-short data)."""
+
+    kind = "bad_encoding"
+
+
 # kind -> (status, error type as the client sees it, short code). One table, used by
 # providers.error_response() to shape the body in the client's own protocol.
 ERRORS: Final[dict[str, tuple[int, str, str]]] = {
     "bad_request": (400, "invalid_request_error", "bad_request"),
     "unauthorized": (401, "authentication_error", "invalid_edgeproxy_token"),
+    "forbidden": (403, "permission_error", "hop_target_not_served"),
+    "bad_encoding": (400, "invalid_request_error", "bad_content_encoding"),
     "no_route": (404, "not_found_error", "no_route"),
     "too_large": (413, "request_too_large", "body_too_large"),
     "connect": (502, "api_error", "upstream_unreachable"),
     "connect_timeout": (504, "api_error", "upstream_connect_timeout"),
     "reset": (502, "api_error", "upstream_reset"),
     "protocol": (502, "api_error", "upstream_protocol_error"),
+    "bad_encoding_upstream": (502, "api_error", "upstream_bad_encoding"),
+    "via_refused": (502, "api_error", "edge_refused_hop"),
     "timeout": (504, "api_error", "upstream_timeout"),
     "first_event_timeout": (504, "api_error", "upstream_first_event_timeout"),
     "path_down": (502, "api_error", "upstream_path_down"),

@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING, Final
 
 import httptools
 
-from .errors import FirstEventTimeout, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
+from .codec import DecodeError
+from .errors import FirstEventTimeout, UpstreamBadEncoding, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 from .sse import last_event_end
 
 if TYPE_CHECKING:
+    from .codec import Decoder
     from .pool import Pool
 
 __all__ = ["Conn", "Response"]
@@ -36,6 +38,8 @@ READ_HIGH_WATER: Final = 512 * 1024
 READ_LOW_WATER: Final = 64 * 1024
 # Waiting for an SSE stream's first event, we buffer up to this much of it.
 MAX_FIRST_EVENT: Final = 1024 * 1024
+# Response headers that describe a compressed body, dropped when we decode it.
+_CODING_HEADERS: Final = frozenset({b"content-encoding", b"content-length"})
 # Request bodies above this are written as a second buffer instead of joined to the head.
 JOIN_LIMIT: Final = 64 * 1024
 
@@ -213,6 +217,7 @@ class Response:
         "_buffered",
         "_chunks",
         "_exc",
+        "_framed",
         "_on_end",
         "_reading_paused",
         "_released",
@@ -224,6 +229,8 @@ class Response:
         "bytes_read",
         "complete",
         "conn",
+        "decide",
+        "decoder",
         "head_done",
         "headers",
         "keep_alive",
@@ -253,6 +260,11 @@ class Response:
         self._sink_blocked = False
         self.last_data_at = 0.0
         self.sent_at = 0.0
+        # Set by the sender when the body may come compressed for us (a `via` hop): called
+        # with the headers, it returns the Decoder to undo the coding, or None to pass it on.
+        self.decide: Callable[[list[tuple[bytes, bytes]]], Decoder | None] | None = None
+        self.decoder: Decoder | None = None
+        self._framed: bool | None = None
 
     def __repr__(self) -> str:
         return f"<Response {self.status} complete={self.complete} read={self.bytes_read}>"
@@ -289,6 +301,14 @@ class Response:
             self.complete = True
             self.parser = None
             self.conn.close()
+        elif self.decide is not None and status not in (204, 304):
+            decoder = self.decide(self.headers)
+            if decoder is not None:
+                # From here on the body is seen decoded, by everyone: the framing was the
+                # compressed one, so its headers go (the relay re-frames the plain bytes).
+                self._framed = self._has_framing()
+                self.decoder = decoder
+                self.headers = [h for h in self.headers if h[0].lower() not in _CODING_HEADERS]
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -296,6 +316,14 @@ class Response:
             self._after_end()
             return
         self.last_data_at = time.monotonic()
+        if self.decoder is not None:
+            try:
+                body = self.decoder.feed(body)
+            except DecodeError as exc:
+                self._bad_encoding(exc)
+                return
+            if not body:
+                return
         sink = self._sink
         if sink is not None:
             # Push mode: straight to the client, no task wake-up per chunk.
@@ -330,8 +358,22 @@ class Response:
         self._sink_blocked = True
         self._wake()
 
+    def _bad_encoding(self, exc: DecodeError) -> None:
+        self.fail(UpstreamBadEncoding(f"compressed response body: {exc}"))
+        self.conn.close()  # nothing more of it is worth reading
+
+    def _decoded_to_end(self) -> bool:
+        """The body ended: was the compressed stream whole? (False: failed.)"""
+        if self.decoder is not None:
+            try:
+                self.decoder.finish()
+            except DecodeError as exc:
+                self._bad_encoding(exc)
+                return False
+        return True
+
     def on_message_complete(self) -> None:
-        if self.head_done:
+        if self.head_done and self._decoded_to_end():
             # Ask now: llhttp forgets the message's keep-alive state once it resets.
             self.keep_alive = self.parser is not None and self.parser.should_keep_alive()
             self.complete = True
@@ -344,6 +386,8 @@ class Response:
         if exc is None and self.head_done and self.parser is not None and not self._has_framing():
             # A body delimited by connection close (no Content-Length, not chunked): a clean
             # EOF is its normal end (a reset is not).
+            if not self._decoded_to_end():
+                return
             self.complete = True
             self._wake()
             return
@@ -357,6 +401,8 @@ class Response:
         self._wake()
 
     def _has_framing(self) -> bool:
+        if self._framed is not None:
+            return self._framed
         for name, value in self.headers:
             lname = name.lower()
             if lname == b"content-length" or (lname == b"transfer-encoding" and b"chunked" in value.lower()):
@@ -529,6 +575,11 @@ class Response:
     def resume_push(self) -> None:
         """The client drained: read from the origin again."""
         self._resume_reading()
+
+    def check(self) -> None:
+        """Raise the failure already known (a body that does not decode), if any."""
+        if self._exc is not None:
+            raise self._exc
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:

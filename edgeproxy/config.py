@@ -473,7 +473,7 @@ def _is_loopback_host(host: str) -> bool:
     return ip.is_loopback
 
 
-def _norm_host(host: str) -> str:
+def norm_host(host: str) -> str:
     """Lower-cased hostname or compressed IP; raises ValueError."""
     try:
         return str(ipaddress.ip_address(host))
@@ -505,7 +505,7 @@ def _parse_address(text: str) -> ListenerConfig:
         raise ValueError(f"{text!r}: put an IPv6 address in brackets, e.g. [::1]:8787")
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"{text!r}: port must be a number 1-65535")
-    host, port = _norm_host(host), int(port_text)
+    host, port = norm_host(host), int(port_text)
     shown = f"[{host}]" if ":" in host else host
     return ListenerConfig(f"{shown}:{port}", host, port, None)
 
@@ -646,7 +646,7 @@ def _split_url(ctx: _Ctx, text: str, path: str, schemes: Sequence[str]) -> Split
         ctx.err(path, f"{shown!r} has no host")
         return None
     try:
-        _norm_host(parts.hostname)
+        norm_host(parts.hostname)
     except ValueError as e:
         ctx.err(path, f"{shown!r}: {e}")
         return None
@@ -875,7 +875,7 @@ def _endpoint(ctx: _Ctx, raw: object, path: str, all_lines: Sequence[str]) -> En
     priority = ctx.int_(m, "priority", path, 1, 1)
     if parts is None or parts.hostname is None:
         return None
-    scheme, host = parts.scheme.lower(), _norm_host(parts.hostname)
+    scheme, host = parts.scheme.lower(), norm_host(parts.hostname)
     port = parts.port or (443 if scheme == "https" else 80)
     netloc = f"[{host}]" if ":" in host else host
     if parts.port is not None and parts.port != (443 if scheme == "https" else 80):

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from .client import Response
-from .errors import PathDown, ProxyError, UpstreamReset
+from .errors import PathDown, ProxyError, UpstreamReset, ViaRefused
 from .providers import retry_wait
 
 if TYPE_CHECKING:
+    from .codec import Decoder
     from .forward import Ctx
     from .lines import Path
     from .metrics import Metrics
@@ -50,6 +51,9 @@ class Failover:
     def _request_head(self, ctx: Ctx, upstream: Upstream, path: Path, body: bytes | None) -> bytes:
         raise NotImplementedError
 
+    def _decider(self, ctx: Ctx, path: Path) -> Callable[[list[tuple[bytes, bytes]]], Decoder | None]:
+        raise NotImplementedError
+
     async def _attempts(self, ctx: Ctx, upstream: Upstream) -> Response:
         """Try paths in plan order until one answers, or an outcome says stop.
 
@@ -63,7 +67,7 @@ class Failover:
         hedge = upstream.config.failover.hedge
         retry = False
         while True:
-            path = upstream.plan(ctx.tried, retry)
+            path = upstream.plan(ctx.tried, retry, only=ctx.pin)
             if path is None:
                 raise ProxyError("no path to try")  # an upstream without paths
             ctx.tried.append(path)
@@ -142,7 +146,7 @@ class Failover:
         winner: asyncio.Future[Response] | None = None
         try:
             done, pending = await asyncio.wait(pending, timeout=delay)
-            second_path = None if done else upstream.plan(ctx.tried, retry=True)
+            second_path = None if done else upstream.plan(ctx.tried, retry=True, only=ctx.pin)
             if second_path is not None and upstream.budget.try_retry(time.monotonic()):
                 ctx.tried.append(second_path)
                 self.metrics.hedges.inc((upstream.name,))
@@ -181,7 +185,7 @@ class Failover:
         failover = upstream.config.failover
         if not (outcome in failover.retry_on and ctx.body_stream is None and len(ctx.tried) <= failover.retries):
             return False
-        following = upstream.plan(ctx.tried, retry=True, take=False)
+        following = upstream.plan(ctx.tried, retry=True, take=False, only=ctx.pin)
         if following is None:
             return False
         # The budget keeps failing origins from being hammered. It is charged for retries after
@@ -230,6 +234,8 @@ class Failover:
             path.requests += 1
             reused = conn.requests > 0
             resp = conn.send(ctx.method, head, body, path.on_response_end)
+            if path.hop is not None:
+                resp.decide = self._decider(ctx, path)
             path.waiting[resp] = ctx  # the prober may fail it over if the line dies meanwhile
             suspect = asyncio.get_running_loop().call_later(path.suspect_after(), self.on_slow_path, path)
             try:
@@ -243,6 +249,8 @@ class Failover:
                         # (a 413, a 401) is what the client should see.
                 await resp.wait_head(failover.first_byte_timeout)
                 suspect.cancel()
+                if path.hop is not None:
+                    _check_hop(path, resp)
                 if resp.status == 200 and _is_sse(resp) and resp.header(b"content-encoding") is None:
                     # (a compressed stream's events cannot be seen: its first byte commits it)
                     await resp.wait_event(failover.first_event_timeout)
@@ -259,6 +267,17 @@ class Failover:
             finally:
                 suspect.cancel()
                 path.waiting.pop(resp, None)
+
+
+def _check_hop(path: Path, resp: Response) -> None:
+    """A `via` response: the edge's own refusal (our token, or an origin it does not serve)
+    says the line cannot carry this request, not that the origin said no; and a body that
+    already failed to decode is the path's failure, retried like a reset."""
+    status = resp.status
+    if status in (401, 403) and (kind := resp.header(b"x-edgeproxy-error")) is not None:
+        resp.release()
+        raise ViaRefused(f"edge {path.line.name} refused the hop: {status} {kind.decode('latin-1')}")
+    resp.check()
 
 
 def _is_sse(resp: Response) -> bool:
@@ -303,5 +322,5 @@ def may_move(ctx: Ctx) -> bool:
     return (
         "reset" in failover.retry_on
         and len(ctx.tried) <= failover.retries
-        and upstream.plan(ctx.tried, retry=True, take=False) is not None
+        and upstream.plan(ctx.tried, retry=True, take=False, only=ctx.pin) is not None
     )

@@ -19,10 +19,14 @@ from typing import TYPE_CHECKING, Final
 import orjson
 from aiohttp import web
 
+from . import codec
 from .client import Response
+from .edge import PROBE_HEADER, AuthThrottle, probe_answer, split_target
 from .errors import (
+    BadEncoding,
     BodyTooLarge,
     ClientError,
+    Forbidden,
     NoRoute,
     ProxyError,
     Unauthorized,
@@ -58,6 +62,12 @@ HOP_BY_HOP: Final = frozenset(
     }
 )
 REQUEST_SKIP: Final = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-edgeproxy-token"}
+# On either side of an edge hop we set Accept-Encoding ourselves (the hop's codings, or
+# identity towards the origin); Content-Encoding too when we (de)compressed the body.
+HOP_SKIP: Final = REQUEST_SKIP | {b"accept-encoding", b"x-edgeproxy-probe"}
+HOP_SKIP_CODED: Final = HOP_SKIP | {b"content-encoding"}
+# Bodies smaller than this cross the hop as they are: compressing them gains nothing.
+MIN_COMPRESS: Final = 256
 RESPONSE_SKIP: Final = HOP_BY_HOP | {b"content-length"}
 # Methods whose requests carry a body even when empty (we always send Content-Length for them).
 BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
@@ -72,6 +82,13 @@ class Ctx:
 
     __slots__ = (
         "attempt_log",
+        "coding",
+        "decoded",
+        "encoder",
+        "hop_accept",
+        "packed",
+        "pin",
+        "target",
         "waited",
         "body",
         "body_stream",
@@ -114,12 +131,60 @@ class Ctx:
         self.error: str | None = None
         self.attempt_log: list[dict[str, object]] = []
         self.waited = False  # a 429's short Retry-After was waited out already
+        # Edge role (a hop request from a sidecar): the endpoint it names, its origin-form
+        # target, the codings the sidecar takes back, and whether we decoded its body.
+        self.pin: str | None = None
+        self.target: str | None = None
+        self.hop_accept: list[str] = []
+        self.decoded = False
+        self.encoder: codec.Encoder | None = None
+        # Sidecar role (a `via` path): the coding this attempt's body was sent in, and the
+        # last compressed body (kept for a retry on another `via` path).
+        self.coding: str | None = None
+        self.packed: tuple[bytes, str, bytes] | None = None
+
+    def stream_length(self) -> int | None:
+        """The Content-Length of a streamed body as we send it (None: chunked)."""
+        return None if self.coding is not None or self.decoded else self.request.content_length
+
+
+def _set_request_id(ctx: Ctx) -> None:
+    rid = ctx.request.headers.get("x-request-id")
+    ok = rid is not None and len(rid) <= 200 and rid.isascii() and rid.isprintable()
+    ctx.request_id = rid if ok else f"{_RID_PREFIX}{next(_rid_counter):012x}"  # type: ignore[assignment]
+
+
+async def _decoded_stream(chunks: AsyncIterator[bytes], decoder: codec.Decoder) -> AsyncIterator[bytes]:
+    """A streamed hop body, decompressed on the way (bounded like any other)."""
+    try:
+        async for chunk in chunks:
+            plain = decoder.feed(chunk)
+            if plain:
+                yield plain
+        decoder.finish()
+    except codec.TooLarge as exc:
+        raise BodyTooLarge(f"request body {exc}") from None
+    except codec.DecodeError as exc:
+        raise BadEncoding(f"request body: {exc}") from None
+
+
+async def _encoded_stream(
+    chunks: AsyncIterator[bytes], encoder: codec.Encoder, engine: Engine, line: str
+) -> AsyncIterator[bytes]:
+    """A streamed request body, compressed for a `via` hop."""
+    async for chunk in chunks:
+        packed = encoder.process(chunk)
+        if packed:
+            yield packed
+    yield encoder.finish()
+    engine.metrics.hop_bytes.inc(("sidecar", line, "up", "raw"), encoder.raw)
+    engine.metrics.hop_bytes.inc(("sidecar", line, "up", "wire"), encoder.wire)
 
 
 class Engine(Failover):
     """Runs requests through the phases. One per listener; the State is swapped on reload."""
 
-    __slots__ = ("_inflight", "_tokens", "access", "listener", "metrics", "on_slow_path", "state")
+    __slots__ = ("_inflight", "_throttle", "_tokens", "access", "listener", "metrics", "on_slow_path", "state")
 
     def __init__(
         self,
@@ -137,6 +202,7 @@ class Engine(Failover):
         self.metrics = metrics
         self.access = access
         self._tokens = [t.encode() for t in listener.tokens]
+        self._throttle = AuthThrottle()
         self._inflight: set[Ctx] = set()
 
     def reconfigure(self, state: State, listener: ListenerConfig) -> None:
@@ -159,6 +225,11 @@ class Engine(Failover):
             return response
         except ProxyError as exc:
             response = self._error_response(ctx, exc.kind, exc.message)
+            if isinstance(exc, Unauthorized):
+                delay = self._throttle.on_failure(request.remote)
+                if delay:  # someone keeps guessing: make each guess slow, and reconnect
+                    response.force_close()
+                    await asyncio.sleep(delay)
             return response
         except asyncio.CancelledError:
             ctx.status, ctx.error = STATUS_CLIENT_CLOSED, ctx.error or "client_disconnected"
@@ -175,8 +246,14 @@ class Engine(Failover):
 
     # -- phases ----------------------------------------------------------------------------
     async def _run(self, ctx: Ctx) -> web.StreamResponse:
-        upstream = self._route(ctx)
-        self._accept(ctx, upstream)
+        if ctx.raw_path[:1] == "/":
+            upstream = self._route(ctx)
+            self._accept(ctx, upstream)
+        else:  # absolute form: a hop request from a sidecar's `via` line
+            upstream = self._route_hop(ctx)
+            if PROBE_HEADER in ctx.request.headers:
+                assert ctx.pin is not None
+                return await probe_answer(upstream, upstream.endpoint(ctx.pin), ctx.state.config.probe.timeout)
         await self._read_body(ctx)
         resp = await self._attempts(ctx, upstream)
         return await self._relay(ctx, upstream, resp)
@@ -188,9 +265,29 @@ class Engine(Failover):
                 raise Unauthorized("missing or wrong x-edgeproxy-token")
             raise NoRoute(f"no upstream serves {ctx.raw_path.split('?', 1)[0]}")
         ctx.upstream = upstream
-        rid = ctx.request.headers.get("x-request-id")
-        ok = rid is not None and len(rid) <= 200 and rid.isascii() and rid.isprintable()
-        ctx.request_id = rid if ok else f"{_RID_PREFIX}{next(_rid_counter):012x}"  # type: ignore[assignment]
+        _set_request_id(ctx)
+        return upstream
+
+    def _route_hop(self, ctx: Ctx) -> Upstream:
+        """Edge role: check the sidecar's token, then that the target is one of our own
+        endpoints (exact origin, under its base path). Never an origin the caller chose."""
+        headers = ctx.request.headers
+        _set_request_id(ctx)
+        if not self._tokens:
+            raise Forbidden("hop requests (absolute-form targets) need a listener with tokens (the edge role)")
+        if not token_matches(headers.get("x-edgeproxy-token"), self._tokens):
+            raise Unauthorized("missing or wrong x-edgeproxy-token")
+        split = split_target(ctx.raw_path)
+        found = ctx.state.hop_route(*split) if split is not None else None
+        if found is None:
+            shown = ctx.raw_path.split("?", 1)[0][:200]
+            raise Forbidden(f"this edge does not serve {shown!r} (not one of its endpoints)")
+        upstream, endpoint = found
+        assert split is not None
+        ctx.upstream = upstream
+        ctx.pin = endpoint.url
+        ctx.target = split[3]
+        ctx.hop_accept = codec.accepted(headers.get("accept-encoding"))
         return upstream
 
     def _accept(self, ctx: Ctx, upstream: Upstream) -> None:
@@ -219,10 +316,17 @@ class Engine(Failover):
         if request.headers.get("expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         content = request.content
+        coding = request.headers.get("content-encoding") if ctx.pin is not None else None
+        if coding is not None:
+            coding = coding.strip().lower()
+            if coding in codec.DECODABLE:
+                ctx.decoded = True  # the sidecar compressed it for the hop: the origin gets it plain
         try:
             if length is not None and length <= limits.replay_body:
                 ctx.body = await content.readexactly(length) if length else b""
                 ctx.bytes_in = length
+                if ctx.decoded and coding is not None:
+                    ctx.body = self._decode_body(coding, ctx.body, limits.max_body)
                 return
             if length is None and not request.body_exists:
                 ctx.body = b"" if ctx.method in BODY_METHODS else None
@@ -236,6 +340,8 @@ class Engine(Failover):
                 if not chunk:
                     ctx.body = b"".join(parts)
                     ctx.bytes_in = size
+                    if ctx.decoded and coding is not None:
+                        ctx.body = self._decode_body(coding, ctx.body, limits.max_body)
                     return
                 parts.append(chunk)
                 size += len(chunk)
@@ -248,6 +354,21 @@ class Engine(Failover):
         except Exception as exc:  # aiohttp's payload errors: bad chunked framing and such
             raise ClientError(f"cannot read request body: {exc}") from None
         ctx.body_stream = self._stream_body(ctx, parts, size, limits.max_body)
+        if ctx.decoded and coding is not None:
+            ctx.body_stream = _decoded_stream(ctx.body_stream, codec.decoder(coding, limits.max_body))
+
+    def _decode_body(self, coding: str, body: bytes, limit: int) -> bytes:
+        decoder = codec.decoder(coding, limit)
+        try:
+            plain = decoder.feed(body)
+            decoder.finish()
+        except codec.TooLarge as exc:
+            raise BodyTooLarge(f"request body {exc}") from None
+        except codec.DecodeError as exc:
+            raise BadEncoding(f"request body: {exc}") from None
+        self.metrics.hop_bytes.inc(("edge", "", "up", "wire"), len(body))
+        self.metrics.hop_bytes.inc(("edge", "", "up", "raw"), len(plain))
+        return plain
 
     async def _stream_body(self, ctx: Ctx, first: list[bytes], size: int, limit: int) -> AsyncIterator[bytes]:
         ctx.bytes_in = size
@@ -269,7 +390,28 @@ class Engine(Failover):
 
     def _body_for(self, ctx: Ctx, path: Path) -> bytes | None:
         """The request body for this path: the client's, or with the model renamed when the
-        endpoint has a `models` map that names it. Only then is the body parsed (JSON)."""
+        endpoint has a `models` map that names it (only then is the body parsed, as JSON);
+        compressed when the path is a `via` hop that compresses."""
+        body = self._renamed(ctx, path)
+        ctx.coding = None
+        hop = path.hop
+        if hop is None or hop.compress is None or ctx.request.headers.get("content-encoding"):
+            return body
+        if ctx.body_stream is not None:
+            ctx.coding = hop.compress
+            ctx.body_stream = _encoded_stream(ctx.body_stream, codec.encoder(hop.compress), self, path.line.name)
+            return body
+        if body is None or len(body) < MIN_COMPRESS:
+            return body
+        packed = ctx.packed
+        if packed is None or packed[0] is not body or packed[1] != hop.compress:
+            packed = ctx.packed = (body, hop.compress, codec.encode(hop.compress, body))
+        ctx.coding = hop.compress
+        self.metrics.hop_bytes.inc(("sidecar", path.line.name, "up", "raw"), len(body))
+        self.metrics.hop_bytes.inc(("sidecar", path.line.name, "up", "wire"), len(packed[2]))
+        return packed[2]
+
+    def _renamed(self, ctx: Ctx, path: Path) -> bytes | None:
         body = ctx.body
         renames = path.endpoint.models
         if not renames or not body or ctx.request.headers.get("content-encoding"):
@@ -288,17 +430,24 @@ class Engine(Failover):
 
     def _request_head(self, ctx: Ctx, upstream: Upstream, path: Path, body: bytes | None) -> bytes:
         endpoint = path.endpoint
-        rest = ctx.raw_path[len(upstream.prefix) :]
-        target = endpoint.base_path + rest if rest[:1] != "?" else endpoint.base_path + "/" + rest
-        if not target or target[0] != "/":
-            target = "/" + target
+        target = ctx.target
+        if target is None:
+            rest = ctx.raw_path[len(upstream.prefix) :]
+            target = endpoint.base_path + rest if rest[:1] != "?" else endpoint.base_path + "/" + rest
+            if not target or target[0] != "/":
+                target = "/" + target
         host = path.host_header
         key = upstream.key_header(endpoint)
-        out = [f"{ctx.method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1")]
+        hop = path.hop
+        # A `via` path names the endpoint in the target (absolute form) for the edge.
+        out = [f"{ctx.method} {path.hop_origin}{target} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1")]
+        skip = REQUEST_SKIP
+        if hop is not None or ctx.pin is not None:
+            skip = HOP_SKIP_CODED if ctx.coding is not None or ctx.decoded else HOP_SKIP
         connection_listed: set[bytes] = set()
         for name, value in ctx.request.raw_headers:
             lname = name.lower()
-            if lname in REQUEST_SKIP:
+            if lname in skip:
                 if lname == b"connection":
                     connection_listed.update(v.strip().lower() for v in value.split(b","))
                 continue
@@ -312,13 +461,43 @@ class Engine(Failover):
         out.append(b"x-request-id: " + ctx.request_id.encode() + b"\r\n")
         if key is not None:
             out.append(key[0] + b": " + key[1] + b"\r\n")
+        if hop is not None:
+            out.append(hop.headers)  # our token for the edge, and the codings we take back
+            if ctx.coding is not None:
+                out.append(b"Content-Encoding: " + ctx.coding.encode() + b"\r\n")
+        elif ctx.pin is not None:
+            out.append(b"Accept-Encoding: identity\r\n")  # we compress for the hop ourselves
         if ctx.body_stream is not None:
-            length = ctx.request.content_length
+            length = ctx.stream_length()
             out.append(b"Content-Length: %d\r\n" % length if length is not None else b"Transfer-Encoding: chunked\r\n")
         elif body is not None and (body or ctx.method in BODY_METHODS):
             out.append(b"Content-Length: %d\r\n" % len(body))
         out.append(b"\r\n")
         return b"".join(out)
+
+    def _decider(self, ctx: Ctx, path: Path) -> Callable[[list[tuple[bytes, bytes]]], codec.Decoder | None]:
+        """Sidecar role: how a `via` response's body is handed to the client. A coding the
+        client asked for passes through (not for SSE: events must be seen, to relay them
+        whole and report a break in-band); any other is decoded here, bounded."""
+        limit = ctx.state.config.limits.max_body
+        wanted = ctx.request.headers.get("accept-encoding")
+
+        def decide(headers: list[tuple[bytes, bytes]]) -> codec.Decoder | None:
+            coding = None
+            sse = False
+            for name, value in headers:
+                lname = name.lower()
+                if lname == b"content-encoding":
+                    coding = value.decode("latin-1").strip().lower()
+                elif lname == b"content-type":
+                    sse = value[:17].lower() == b"text/event-stream"
+            if coding is None or coding not in codec.DECODABLE:
+                return None
+            if not sse and codec.accepts(wanted, coding):
+                return None
+            return codec.decoder(coding, limit)
+
+        return decide
 
     async def _relay(self, ctx: Ctx, upstream: Upstream, resp: Response) -> web.StreamResponse:
         """Copy the response to the client as it arrives."""
@@ -347,10 +526,21 @@ class Engine(Failover):
         if not has_rid:
             headers.append(("x-request-id", ctx.request_id))
 
+        resp.check()  # a via response that does not decode: an error, before anything is sent
+        coding = None
+        if ctx.hop_accept and ctx.method != "HEAD" and resp.status not in (204, 304):
+            if resp.header(b"content-encoding") is None:
+                coding = ctx.hop_accept[0]  # edge role: compress for the hop, as the sidecar asked
         body = None if is_sse else resp.buffered()
         if body is not None:
             # The whole body is already here (the common case for JSON answers): one write.
             resp.release()
+            if coding is not None and len(body) >= MIN_COMPRESS:
+                wire = codec.encode(coding, body)
+                self.metrics.hop_bytes.inc(("edge", "", "down", "raw"), len(body))
+                self.metrics.hop_bytes.inc(("edge", "", "down", "wire"), len(wire))
+                body = wire
+                headers.append(("Content-Encoding", coding))
             ctx.bytes_out = len(body)
             ctx.ttfb = time.monotonic() - ctx.started
             ctx.committed = True
@@ -360,6 +550,10 @@ class Engine(Failover):
                 return web.Response(status=resp.status, headers=headers)
             return web.Response(status=resp.status, headers=headers, body=body)
 
+        if coding is not None:
+            ctx.encoder = codec.encoder(coding)
+            headers.append(("Content-Encoding", coding))
+            length = None
         out = web.StreamResponse(status=resp.status, headers=headers)
         if length is not None:
             out.content_length = length
@@ -377,7 +571,7 @@ class Engine(Failover):
             try:
                 # Events are relayed whole only when we can see them (not compressed).
                 framed = is_sse and resp.header(b"content-encoding") is None
-                await push_body(request, out, resp, idle, framed)
+                await push_body(request, out, resp, idle, framed, ctx.encoder)
             except ProxyError as exc:
                 return await self._broken_stream(ctx, upstream, out, exc, is_sse)
             finally:
@@ -392,6 +586,17 @@ class Engine(Failover):
             resp.release()
             if streams is not None:
                 streams.inc(stream_labels, -1)
+            self._count_hop(ctx, resp)
+
+    def _count_hop(self, ctx: Ctx, resp: Response) -> None:
+        """Bytes before and after the hop's compression of a streamed response."""
+        if ctx.encoder is not None:
+            self.metrics.hop_bytes.inc(("edge", "", "down", "raw"), ctx.encoder.raw)
+            self.metrics.hop_bytes.inc(("edge", "", "down", "wire"), ctx.encoder.wire)
+        if resp.decoder is not None and ctx.path is not None:
+            line = ctx.path.line.name
+            self.metrics.hop_bytes.inc(("sidecar", line, "down", "wire"), resp.decoder.wire)
+            self.metrics.hop_bytes.inc(("sidecar", line, "down", "raw"), resp.decoder.raw)
 
     async def _broken_stream(
         self, ctx: Ctx, upstream: Upstream, out: web.StreamResponse, exc: ProxyError, is_sse: bool
@@ -402,7 +607,11 @@ class Engine(Failover):
         if ctx.path is not None:
             ctx.path.on_failure(exc)
         if is_sse:
-            await out.write(sse_error_event(upstream.provider, exc.kind, f"upstream stream broke: {exc.message}"))
+            event = sse_error_event(upstream.provider, exc.kind, f"upstream stream broke: {exc.message}")
+            encoder = ctx.encoder
+            if encoder is not None:  # the hop's compressed stream: the error in it, then its end
+                event = encoder.process(event) + encoder.finish()
+            await out.write(event)
             await out.write_eof()
         else:
             # A body cut short must look cut short: close without the final chunk.

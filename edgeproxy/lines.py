@@ -14,6 +14,7 @@ import ssl
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
+from urllib.parse import urlsplit
 
 from .client import Conn, Response
 from .dns import Address, Resolver
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from .config import EndpointConfig, LineConfig, PoolConfig, UpstreamConfig
     from .forward import Ctx
 
-__all__ = ["Line", "Path", "PathKey", "tls_context"]
+__all__ = ["PROBE_HEADER_LINE", "Line", "Path", "PathKey", "Via", "tls_context"]
 
 PathKey = tuple[str, str, str]  # (upstream name, endpoint url, line name)
 
@@ -37,6 +38,8 @@ PathKey = tuple[str, str, str]  # (upstream name, endpoint url, line name)
 CONNECT_FLOOR: Final = 0.5
 SUSPECT_FLOOR: Final = 0.2
 SUSPECT_CEILING: Final = 1.0
+# Marks a probe sent over a `via` line: the edge answers it itself, with its own RTT.
+PROBE_HEADER_LINE: Final = b"x-edgeproxy-probe: 1\r\n"
 
 
 def tls_context(cafile: str | None = None) -> ssl.SSLContext:
@@ -47,21 +50,23 @@ def tls_context(cafile: str | None = None) -> ssl.SSLContext:
 
 
 class Line:
-    """An egress line: ``direct`` (optionally bound to a source address) or ``proxy``."""
+    """An egress line: ``direct`` (optionally bound to a source address), ``proxy``, or
+    ``via`` (a peer edgeproxy: every connection goes to the edge, whatever the origin)."""
 
-    __slots__ = ("bind", "config", "kind", "name", "proxy")
+    __slots__ = ("bind", "config", "kind", "name", "proxy", "via")
 
     def __init__(self, config: LineConfig) -> None:
-        if config.kind == "via":
-            raise ValueError(f"lines.{config.name}: 'via' lines are not supported by this build yet")
         self.name = config.name
         self.kind = config.kind
         self.bind = config.bind
         self.proxy = ProxySpec(config.proxy) if config.proxy else None
+        self.via = Via(config) if config.kind == "via" else None
         self.config = config
 
     def __repr__(self) -> str:
         where = f" bind={self.bind}" if self.bind else f" {self.proxy.label}" if self.proxy else ""
+        if self.via is not None:
+            where = f" {self.via.url}"
         return f"<Line {self.name} {self.kind}{where}>"
 
     async def connect(
@@ -81,6 +86,8 @@ class Line:
         """
         loop = asyncio.get_running_loop()
         transport: asyncio.Transport | None = None
+        if self.via is not None:  # the hop: to the edge, with its certificate checked
+            host, port, tls = self.via.host, self.via.port, self.via.tls
         try:
             async with asyncio.timeout(timeout):
                 proxy = self.proxy
@@ -132,6 +139,26 @@ class Line:
         raise last
 
 
+class Via:
+    """Where a `via` line goes and how it presents itself to the edge."""
+
+    __slots__ = ("compress", "headers", "host", "port", "tls", "url")
+
+    def __init__(self, config: LineConfig) -> None:
+        assert config.via is not None and config.token is not None
+        parts = urlsplit(config.via)
+        self.url = config.via
+        self.host = parts.hostname or ""
+        https = parts.scheme == "https"
+        self.port = parts.port or (443 if https else 80)
+        self.tls = tls_context(config.ca) if https else None
+        self.compress = None if config.compress == "off" else config.compress
+        # Sent on every hop request (and probe): our token, and the codings we can take back.
+        # `compress: off` asks for none, so the edge sends plain bytes.
+        accept = {"br": "br, gzip", "gzip": "gzip", "zstd": "zstd, br, gzip"}.get(config.compress, "identity")
+        self.headers = f"x-edgeproxy-token: {config.token}\r\nAccept-Encoding: {accept}\r\n".encode("latin-1")
+
+
 class Path:
     """One (endpoint, line) pair with its own pool, RTT estimate, health and counters."""
 
@@ -154,6 +181,8 @@ class Path:
         "cooldown_until",
         "waiting",
         "host_header",
+        "hop",
+        "hop_origin",
     )
 
     def __init__(
@@ -190,9 +219,15 @@ class Path:
         bracketed = f"[{host}]" if ":" in host else host
         self.host_header = bracketed if port == default_port else f"{bracketed}:{port}"
         target = probe_target(upstream.provider, endpoint.base_path)
+        # A `via` path sends the endpoint's URL as the request target (absolute form), so the
+        # edge knows which of its origins is meant; it answers probes itself (see edge.py).
+        self.hop = line.via
+        self.hop_origin = f"{endpoint.scheme}://{self.host_header}" if line.via is not None else ""
+        hop_headers = (line.via.headers + PROBE_HEADER_LINE).decode("latin-1") if line.via is not None else ""
         self.probe_head = (
-            f"GET {target} HTTP/1.1\r\nHost: {self.host_header}\r\nUser-Agent: edgeproxy-probe\r\n\r\n".encode()
-        )
+            f"GET {self.hop_origin}{target} HTTP/1.1\r\nHost: {self.host_header}\r\n{hop_headers}"
+            "User-Agent: edgeproxy-probe\r\n\r\n"
+        ).encode("latin-1")
         self.requests = 0
         self.failures = 0
         self.inflight = 0

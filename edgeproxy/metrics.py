@@ -113,6 +113,12 @@ class Metrics(Collector):
         self.rescues = Counter(
             "edgeproxy_rescues", "Waiting attempts failed over: a probe found the line dead", ("upstream", "line")
         )
+        self.hop_bytes = Counter(
+            "edgeproxy_hop_bytes",
+            "Body bytes across the edge hop, before (raw) and after (wire) its compression"
+            " (role: sidecar or edge; line: the sidecar's via line; direction: up = requests)",
+            ("role", "line", "direction", "form"),
+        )
         self.probes = Counter("edgeproxy_probes", "Probe results by path", ("upstream", "line", "result"))
         self.path_rtt = Gauge(
             "edgeproxy_path_rtt_seconds", "Smoothed RTT (SRTT) of each path", ("upstream", "endpoint", "line")

@@ -15,9 +15,11 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
+from .edge import ORIGIN_RTT_HEADER
 from .errors import ProxyError
 
 if TYPE_CHECKING:
+    from .client import Response
     from .config import ProbeConfig
     from .lines import Path, PathKey
     from .metrics import Metrics
@@ -38,6 +40,20 @@ def probe_target(provider: str, base_path: str) -> str:
     if provider == "openai":
         return (base_path or "") + "/models"
     return _PROBE_PATHS.get(provider, "/")
+
+
+def _edge_answer(resp: Response) -> float:
+    """A `via` probe's answer: the edge's own RTT to the origin, added to the hop's so the
+    path is scored whole. Anything but 200 means the edge cannot reach it (or refused us)."""
+    if resp.status != 200:
+        why = resp.header(b"x-edgeproxy-error") or b"no reason given"
+        raise ProxyError(f"edge answered the probe with {resp.status} ({why.decode('latin-1')})")
+    value = resp.header(ORIGIN_RTT_HEADER.encode())
+    try:
+        rtt = float(value) if value is not None else 0.0
+    except ValueError:
+        return 0.0
+    return rtt if 0.0 <= rtt < 60.0 else 0.0
 
 
 class Prober:
@@ -115,6 +131,8 @@ class Prober:
                 sent = loop.time()
                 await resp.wait_head(timeout)
                 rtt = loop.time() - sent
+                if path.hop is not None:
+                    rtt += _edge_answer(resp)
                 while await resp.read():
                     pass
         except ProxyError as exc:

@@ -13,11 +13,13 @@ is ours to frame (chunked or raw, as aiohttp chose), and ``write_eof()`` still e
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Final
 
 from aiohttp import web
 
 from .client import Response
+from .codec import Encoder
 from .errors import ProxyError
 from .sse import last_event_end
 
@@ -30,7 +32,12 @@ MAX_HELD_EVENT: Final = 1024 * 1024
 
 
 async def push_body(
-    request: web.BaseRequest, out: web.StreamResponse, resp: Response, idle_timeout: float, sse: bool
+    request: web.BaseRequest,
+    out: web.StreamResponse,
+    resp: Response,
+    idle_timeout: float,
+    sse: bool,
+    encoder: Encoder | None = None,
 ) -> None:
     """Stream ``resp``'s body to the client; return at its end.
 
@@ -38,6 +45,10 @@ async def push_body(
     arrives (no delay: a client cannot use half an event), so that if the origin breaks off,
     the in-band error that follows starts on an event boundary instead of gluing itself to
     half a JSON line. At a clean end, whatever is held goes out as it is.
+
+    With an ``encoder`` (an edge compressing for the hop) the body goes out compressed, and
+    for SSE flushed after every write, so each event is decodable as soon as it arrives; the
+    compressor's window still spans events, which is what makes a stream shrink.
 
     Raises ProxyError if the origin fails or falls silent for ``idle_timeout`` (the caller
     reports it in-band), ConnectionResetError if the client is gone.
@@ -63,6 +74,8 @@ async def push_body(
             write(data)
             return buffered() <= CLIENT_HIGH_WATER
 
+    send = emit if encoder is None else _compressing(emit, encoder, flush=sse)
+
     held = last = b""
 
     def sse_sink(data: bytes) -> bool:
@@ -77,9 +90,9 @@ async def push_body(
             if 0 <= end < len(data):
                 data, held = data[:end], data[end:]
         last = data
-        return emit(data)
+        return send(data)
 
-    resp.push_to(sse_sink if sse else emit)
+    resp.push_to(sse_sink if sse else send)
     while True:
         try:
             if await resp.wait_pushed(idle_timeout):
@@ -88,7 +101,7 @@ async def push_body(
             if sse and _ends_stream(last):
                 # The stream's own end marker already went out; a cut or stall after it
                 # loses nothing: finish cleanly instead of appending an error after the end.
-                await out.write_eof()
+                await _end(out, write, encoder, writer.chunked)  # type: ignore[attr-defined]
                 return
             raise
         try:
@@ -102,7 +115,25 @@ async def push_body(
             raise ConnectionResetError("client went away")
         resp.resume_push()
     if held:
-        emit(held)  # a last event without its blank line: passed on as the origin sent it
+        send(held)  # a last event without its blank line: passed on as the origin sent it
+    await _end(out, write, encoder, writer.chunked)  # type: ignore[attr-defined]
+
+
+def _compressing(emit: Callable[[bytes], bool], encoder: Encoder, flush: bool) -> Callable[[bytes], bool]:
+    def compressed(data: bytes) -> bool:
+        packed = encoder.process(data) + encoder.flush() if flush else encoder.process(data)
+        if not packed:
+            return True  # never an empty chunk: in chunked framing it would end the body
+        return emit(packed)
+
+    return compressed
+
+
+async def _end(out: web.StreamResponse, write: Callable[[bytes], None], encoder: Encoder | None, chunked: bool) -> None:
+    if encoder is not None:
+        tail = encoder.finish()
+        if tail:
+            write(b"%x\r\n%b\r\n" % (len(tail), tail) if chunked else tail)
     await out.write_eof()
 
 

@@ -104,6 +104,10 @@ class Proxy:
         ws = web.Server(
             engine.handle,
             handler_cancellation=True,  # client gone -> cancel -> upstream closed
+            # Request bodies stay as the client coded them: passed on as they are, or (hop
+            # requests at an edge) decoded by us, bounded (codec.py); aiohttp's own decoding
+            # would change what the origin gets and has no ratio guard.
+            auto_decompress=False,
             access_log=None,
             max_line_size=limits.max_header,
             max_field_size=limits.max_header,

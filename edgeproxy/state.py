@@ -74,18 +74,23 @@ class Upstream:
         prefix = self.prefix
         return raw_path.startswith(prefix) and (len(raw_path) == len(prefix) or raw_path[len(prefix)] in "/?")
 
-    def plan(self, tried: list[Path], retry: bool = False, take: bool = True) -> Path | None:
+    def plan(self, tried: list[Path], retry: bool = False, take: bool = True, only: str | None = None) -> Path | None:
         """The next path to try: the first untried one in ``order`` that has room.
 
         A path whose in-flight requests fill its pool is passed over (spill to the next);
         it is still returned when every other path was tried or is full too. A retry never
         goes to an endpoint that asked us to wait (429). ``take=False`` only looks: it does
-        not claim an ejected path's half-open trial.
+        not claim an ejected path's half-open trial. ``only``: paths of that endpoint URL
+        only (a hop request names its endpoint; an edge never swaps it for another).
         """
         spill = fallback = None
         now = time.monotonic()
         for path in self.order:
-            if path in tried or (retry and path.cooldown_until > now):
+            if (
+                path in tried
+                or (retry and path.cooldown_until > now)
+                or (only is not None and path.endpoint.url != only)
+            ):
                 continue
             if path.inflight >= path.pool.max_size:
                 spill = spill or path
@@ -139,6 +144,12 @@ class Upstream:
         self.reselect()
         self.reselect_at(until)
 
+    def endpoint(self, url: str) -> EndpointConfig:
+        for ep in self.config.endpoints:
+            if ep.url == url:
+                return ep
+        raise KeyError(url)
+
     def key_header(self, endpoint: EndpointConfig) -> tuple[bytes, bytes] | None:
         """(header name, value) presenting the endpoint's next key, or None to pass through."""
         keys = self._keys.get(endpoint.url)
@@ -150,7 +161,7 @@ class Upstream:
 class State:
     """Everything a request needs, built from one Config."""
 
-    __slots__ = ("config", "lines", "paths", "upstreams")
+    __slots__ = ("config", "hops", "lines", "paths", "upstreams")
 
     def __init__(
         self, config: Config, upstreams: list[Upstream], paths: dict[PathKey, Path], lines: dict[str, Line]
@@ -160,6 +171,14 @@ class State:
         self.upstreams = sorted(upstreams, key=lambda u: len(u.prefix), reverse=True)
         self.paths = paths
         self.lines = lines
+        # For hop requests (edge role): (scheme, host, port) -> the endpoints at that origin,
+        # longest base path first. The only origins an edge ever connects to.
+        self.hops: dict[tuple[str, str, int], list[tuple[Upstream, EndpointConfig]]] = {}
+        for upstream in self.upstreams:
+            for ep in upstream.config.endpoints:
+                self.hops.setdefault((ep.scheme, ep.host, ep.port), []).append((upstream, ep))
+        for found in self.hops.values():
+            found.sort(key=lambda u_ep: len(u_ep[1].base_path), reverse=True)
 
     @classmethod
     def build(cls, config: Config, resolver: Resolver, old: State | None = None) -> State:
@@ -201,6 +220,15 @@ class State:
         for upstream in self.upstreams:
             if upstream.matches(raw_path):
                 return upstream
+        return None
+
+    def hop_route(self, scheme: str, host: str, port: int, target: str) -> tuple[Upstream, EndpointConfig] | None:
+        """The upstream and endpoint a hop request to ``scheme://host:port<target>`` means:
+        exactly that origin, and a target under the endpoint's base path; else None."""
+        for upstream, ep in self.hops.get((scheme, host, port), ()):
+            base = ep.base_path
+            if not base or target == base or (target.startswith(base) and target[len(base)] in "/?"):
+                return upstream, ep
         return None
 
     def start(self) -> None:

@@ -1,0 +1,105 @@
+"""The edge role: what a peer edgeproxy does with hop requests from sidecars' `via` lines.
+
+A hop request carries the endpoint's URL as its target (absolute form, like a request to a
+forward proxy): ``POST https://api.openai.com/v1/chat/completions``, with the line's token in
+``x-edgeproxy-token``. The edge serves it only if that exact origin (scheme, host, port) is one
+of its own endpoints and the target lies under that endpoint's base path; the request then
+goes through the usual attempt loop, restricted to that endpoint's paths. Anything else is a
+403: a caller can never make an edge connect to a host of its choosing.
+
+Probes from sidecars (``x-edgeproxy-probe``) are answered here, without touching the origin,
+with the edge's own best RTT to it, so the sidecar scores the whole path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Final
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from .config import norm_host
+
+if TYPE_CHECKING:
+    from .config import EndpointConfig
+    from .state import Upstream
+
+__all__ = ["ORIGIN_RTT_HEADER", "PROBE_HEADER", "AuthThrottle", "probe_answer", "split_target"]
+
+PROBE_HEADER: Final = "x-edgeproxy-probe"
+# The edge's smoothed RTT to the origin (seconds) on its best healthy path, in a probe answer.
+ORIGIN_RTT_HEADER: Final = "x-edgeproxy-origin-rtt"
+PROBE_POLL: Final = 0.01
+
+
+def split_target(raw: str) -> tuple[str, str, int, str] | None:
+    """(scheme, host, port, origin-form target) of an absolute-form request target, or None
+    if it is not a plain http(s) URL (credentials, fragments, odd hosts are refused)."""
+    try:
+        parts = urlsplit(raw)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or parts.username is not None or parts.fragment or "#" in raw:
+            return None
+        host = norm_host(parts.hostname or "")
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        return None
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    return scheme, host, port, target
+
+
+async def probe_answer(upstream: Upstream, endpoint: EndpointConfig, wait: float) -> web.Response:
+    """How this edge reaches ``endpoint``: 200 with its best RTT, or 503 when no path to it
+    is healthy (the sidecar's probe then fails, and the `via` path with it: the whole path is
+    down, not just its first leg). Right after a start or reload the RTT may not be measured
+    yet: the answer then waits for the first probe (up to ``wait``) rather than report none."""
+    deadline = time.monotonic() + wait
+    while True:
+        now = time.monotonic()
+        paths = [p for p in upstream.paths if p.endpoint.url == endpoint.url and p.health.is_healthy(now)]
+        rtts = [p.estimator.srtt for p in paths if p.estimator.srtt is not None]
+        if rtts or not paths or now >= deadline:
+            break
+        await asyncio.sleep(PROBE_POLL)
+    if not paths:
+        body = b'{"edge":"no healthy line to that origin"}'
+        headers = {"x-edgeproxy-error": "path_down"}
+        return web.Response(status=503, body=body, content_type="application/json", headers=headers)
+    headers = {ORIGIN_RTT_HEADER: f"{min(rtts):.6f}"} if rtts else {}
+    return web.Response(status=200, body=b'{"edge":"ok"}', content_type="application/json", headers=headers)
+
+
+class AuthThrottle:
+    """Slows down guessing: after FREE wrong tokens from one address within WINDOW seconds,
+    each further refusal is delayed (doubling, up to MAX_DELAY) and its connection closed.
+    Right tokens are never delayed. Memory is bounded (oldest addresses forgotten first)."""
+
+    FREE: Final = 5
+    WINDOW: Final = 60.0
+    FIRST_DELAY: Final = 0.1
+    MAX_DELAY: Final = 5.0
+    MAX_PEERS: Final = 10_000
+
+    __slots__ = ("_fails",)
+
+    def __init__(self) -> None:
+        self._fails: dict[str, tuple[int, float]] = {}
+
+    def on_failure(self, peer: str | None) -> float:
+        """Record a wrong token from ``peer``; the delay its answer should wait (seconds)."""
+        key = peer or "local"
+        now = time.monotonic()
+        count, last = self._fails.pop(key, (0, now))
+        if now - last > self.WINDOW:
+            count = 0
+        count += 1
+        self._fails[key] = (count, now)  # re-inserted: the dict stays in last-seen order
+        if len(self._fails) > self.MAX_PEERS:
+            del self._fails[next(iter(self._fails))]
+        if count <= self.FREE:
+            return 0.0
+        return float(min(self.MAX_DELAY, self.FIRST_DELAY * 2 ** (count - self.FREE - 1)))

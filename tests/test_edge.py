@@ -1,0 +1,512 @@
+"""The edge role and `via` lines: sidecar -> (compressed, authenticated hop) -> edge -> origin.
+
+Everything runs for real on localhost: two edgeproxy instances (a sidecar with a `via` line,
+an edge whose listener has tokens), the fake origin, the line simulator between sidecar and
+edge (it counts the bytes on the hop), TLS with throwaway certificates from `trustme`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import anthropic
+import brotli
+import openai
+import orjson
+import pytest
+import trustme
+
+from edgeproxy import codec
+from tests.conftest import RunningProxy, free_port, proxy_config
+from tests.fakes.linesim import LineSim
+from tests.fakes.origin import FakeOrigin
+
+TOKEN = "edge-token-0123456789abcdef"
+MakeProxy = Callable[..., Awaitable[RunningProxy]]
+
+# A chat request with some bulk: a multi-turn conversation (what crosses the hop in real use).
+HISTORY = [
+    {"role": "user" if i % 2 == 0 else "assistant", "content": f"Turn {i}: please explain the retry policy again. " * 8}
+    for i in range(24)
+]
+
+
+def edge_config(origin: Any, **overrides: Any) -> dict[str, Any]:
+    """An edge: a listener with tokens, serving the fake origin's endpoints."""
+    cfg = proxy_config(origin.url, listen={"address": f"127.0.0.1:{free_port()}", "tokens": [TOKEN]})
+    cfg.update(overrides)
+    return cfg
+
+
+def sidecar_config(origin: Any, *edges: str, compress: str = "br", **overrides: Any) -> dict[str, Any]:
+    """A sidecar whose only lines are `via` lines to ``edges`` (http://host:port each)."""
+    lines = {f"edge{i}": {"via": url, "token": TOKEN, "compress": compress} for i, url in enumerate(edges)}
+    cfg = proxy_config(origin.url, lines=lines, probe={"interval": "1s", "timeout": "1s"})
+    cfg.update(overrides)
+    return cfg
+
+
+async def ready(proxy: RunningProxy, timeout: float = 5.0) -> None:
+    """Wait until every path has answered a probe (the first requests then go somewhere sure)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        paths = proxy.proxy.state.paths.values()
+        if all(p.health.last_probe_ok for p in paths):
+            return
+        await asyncio.sleep(0.02)
+    states = {p.label: (p.health.state, p.health.last_error) for p in proxy.proxy.state.paths.values()}
+    raise AssertionError(f"paths not probed in time: {states}")
+
+
+async def hop_pair(origin: FakeOrigin, make_proxy: MakeProxy, **sidecar: Any) -> tuple[RunningProxy, RunningProxy]:
+    edge = await make_proxy(edge_config(origin))
+    side = await make_proxy(sidecar_config(origin, edge.url, **sidecar))
+    await ready(side)
+    return side, edge
+
+
+# -- end to end with the SDKs --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compress", ["br", "gzip", "zstd", "off"])
+async def test_openai_sdk_through_sidecar_and_edge(origin: FakeOrigin, make_proxy: MakeProxy, compress: str) -> None:
+    side, _ = await hop_pair(origin, make_proxy, compress=compress)
+    client = openai.AsyncOpenAI(base_url=side.url + "/v1", api_key="sk-client", max_retries=0)
+    direct = openai.AsyncOpenAI(base_url=origin.url + "/v1", api_key="sk-client", max_retries=0)
+    messages = [*HISTORY, {"role": "user", "content": "hello edge"}]
+
+    got = await client.chat.completions.create(model="gpt-4o-mini", messages=messages)  # type: ignore[arg-type]
+    want = await direct.chat.completions.create(model="gpt-4o-mini", messages=messages)  # type: ignore[arg-type]
+    assert got.choices[0].message.content == want.choices[0].message.content
+    # The origin got the body plain and whole (decompressed at the edge), and the client's key.
+    seen = [r for r in origin.requests if r.path_only == "/v1/chat/completions"]
+    assert seen[0].json()["messages"] == messages
+    assert seen[0].headers.get("Content-Encoding") is None
+    assert seen[0].headers["Authorization"] == "Bearer sk-client"
+    assert "x-edgeproxy-token" not in {k.lower() for k in seen[0].headers}
+
+    stream = await client.chat.completions.create(model="gpt-4o-mini", messages=messages, stream=True)  # type: ignore[arg-type]
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == want.choices[0].message.content
+
+
+async def test_anthropic_sdk_streams_through_the_hop(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    side, _ = await hop_pair(origin, make_proxy)
+    client = anthropic.AsyncAnthropic(base_url=side.url + "/anthropic", api_key="sk-ant", max_retries=0)
+    direct = anthropic.AsyncAnthropic(base_url=origin.url, api_key="sk-ant", max_retries=0)
+    kwargs: dict[str, Any] = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": "stream me"}],
+    }
+    want = await direct.messages.create(**kwargs)
+    async with client.messages.stream(**kwargs) as stream:
+        text = "".join([t async for t in stream.text_stream])
+    assert text == want.content[0].text  # type: ignore[union-attr]
+    got = await client.messages.create(**kwargs)
+    assert got.content == want.content
+
+
+async def test_hop_carries_compressed_bytes(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    """What crosses the hop (counted by the line simulator) is several times smaller, and the
+    metrics say so on both sides."""
+    edge = await make_proxy(edge_config(origin))
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": HISTORY, "stream": True})
+    sizes = {}
+    for compress in ("off", "br"):
+        sim = LineSim("127.0.0.1", edge.proxy.listeners[0].config.port or 0)
+        await sim.start()
+        try:
+            side = await make_proxy(sidecar_config(origin, f"http://{sim.address}", compress=compress))
+            await ready(side)
+            up0, down0 = sim.bytes_up, sim.bytes_down
+            async with aiohttp.ClientSession() as s:
+                async with s.post(side.url + "/v1/chat/completions", data=body) as r:
+                    assert r.status == 200
+                    assert r.headers.get("Content-Encoding") is None  # the app gets plain bytes
+                    events = (await r.read()).split(b"\n\n")
+            assert events[-2] == b"data: [DONE]"
+            await asyncio.sleep(0.05)
+            sizes[compress] = (sim.bytes_up - up0, sim.bytes_down - down0)
+        finally:
+            await sim.stop()
+    (up_off, down_off), (up_br, down_br) = sizes["off"], sizes["br"]
+    assert up_br * 4 < up_off, sizes
+    assert down_br * 1.5 < down_off, sizes  # a short fake stream; bench/compress.py measures 500 events
+    side_metrics = side.proxy.metrics.hop_bytes.values
+    assert side_metrics[("sidecar", "edge0", "up", "wire")] < side_metrics[("sidecar", "edge0", "up", "raw")]
+    edge_metrics = edge.proxy.metrics.hop_bytes.values
+    assert edge_metrics[("edge", "", "down", "wire")] < edge_metrics[("edge", "", "down", "raw")]
+
+
+async def test_stream_events_arrive_one_by_one_through_compression(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    """Per-event flushing: with events 150 ms apart, the client sees each one when it is sent,
+    not in a burst at the end."""
+    origin.events = 6
+    origin.event_interval = 0.15
+    side, _ = await hop_pair(origin, make_proxy)
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    arrivals = []
+    async with aiohttp.ClientSession() as s:
+        async with s.post(side.url + "/v1/chat/completions", data=body) as r:
+            start = time.monotonic()
+            buf = b""
+            async for chunk in r.content.iter_any():
+                buf += chunk
+                while b"\n\n" in buf:
+                    _, buf = buf.split(b"\n\n", 1)
+                    arrivals.append(time.monotonic() - start)
+    assert len(arrivals) >= 6
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    # Most gaps are the origin's interval: events were not held back and bunched up.
+    assert sum(1 for g in gaps if g > 0.08) >= len(gaps) - 2, arrivals
+
+
+async def test_app_that_asks_for_gzip_gets_it_passed_through(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    side, _ = await hop_pair(origin, make_proxy, compress="gzip")
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": HISTORY})
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        async with s.post(side.url + "/v1/chat/completions", data=body, headers={"Accept-Encoding": "gzip"}) as r:
+            raw = await r.read()
+            assert r.headers["Content-Encoding"] == "gzip"
+    doc = orjson.loads(codec.decoder("gzip", 1 << 20).feed(raw))
+    assert doc["object"] == "chat.completion"
+
+
+# -- security of the edge ------------------------------------------------------------------
+
+
+async def raw_request(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are; the status, headers and body of the answer."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+        return status, headers, body
+    finally:
+        writer.close()
+
+
+def hop(target: str, token: str | None = TOKEN, extra: str = "", body: bytes = b"") -> bytes:
+    auth = f"x-edgeproxy-token: {token}\r\n" if token is not None else ""
+    return f"POST {target} HTTP/1.1\r\nHost: x\r\n{auth}{extra}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+async def test_edge_refuses_wrong_or_missing_token(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    edge = await make_proxy(edge_config(origin))
+    target = origin.url + "/v1/chat/completions"
+    for token in (None, "wrong-token-0123456789", TOKEN[:-1]):
+        status, headers, body = await raw_request(edge.url, hop(target, token))
+        assert status == 401
+        assert headers["x-edgeproxy-error"] == "unauthorized"
+        assert TOKEN.encode() not in body
+    assert not [r for r in origin.requests if r.path_only == "/v1/chat/completions"]
+
+
+async def test_edge_slows_down_repeated_wrong_tokens(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    edge = await make_proxy(edge_config(origin))
+    target = origin.url + "/v1/models"
+    times = []
+    for _ in range(9):
+        started = time.monotonic()
+        status, headers, _ = await raw_request(edge.url, hop(target, "wrong-token-0123456789"))
+        times.append(time.monotonic() - started)
+        assert status == 401
+    assert max(times[:5]) < 0.1, times  # the first few mistakes are answered at once
+    assert times[-1] >= 0.7, times  # then each one waits longer (0.1, 0.2, 0.4, 0.8 s...)
+    assert headers.get("connection", "").lower() == "close"
+    # The right token is never held back.
+    started = time.monotonic()
+    status, _, _ = await raw_request(edge.url, hop(target, TOKEN))
+    assert status != 401 and time.monotonic() - started < 0.5
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://127.0.0.1:1/v1/chat/completions",  # a port the edge does not serve
+        "http://169.254.169.254/latest/meta-data/",  # the classic SSRF target
+        "http://evil.example.com/v1/chat/completions",
+        "https://{origin}/v1/chat/completions",  # right host and port, wrong scheme
+        "http://{origin}/other/path",  # right origin, outside the endpoint's base path
+        "http://user:pw@{origin}/v1/models",
+        "ftp://{origin}/v1/models",
+    ],
+)
+async def test_edge_is_no_open_relay(origin: FakeOrigin, make_proxy: MakeProxy, target: str) -> None:
+    cfg = edge_config(origin)
+    cfg["upstreams"] = {"openai": cfg["upstreams"]["openai"]}  # serves <origin>/v1 only
+    edge = await make_proxy(cfg)
+    edge_port = edge.proxy.listeners[0].config.port
+    target = target.format(origin=origin.url.removeprefix("http://"))
+    before = len(origin.requests)
+    status, headers, body = await raw_request(edge.url, hop(target))
+    assert status == 403, body
+    assert headers["x-edgeproxy-error"] == "forbidden"
+    assert len(origin.requests) == before
+    # And it really did not connect anywhere else: nothing listens there to tell, so check
+    # the edge opened no path (its state only knows its own endpoints).
+    assert all(p.endpoint.port in (origin.port, edge_port) for p in edge.proxy.state.paths.values())
+
+
+async def test_tokenless_listener_takes_no_hop_requests(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    sidecar = await make_proxy(proxy_config(origin.url))
+    status, headers, _ = await raw_request(sidecar.url, hop(origin.url + "/v1/models", token=None))
+    assert status == 403
+    assert headers["x-edgeproxy-error"] == "forbidden"
+
+
+# -- keys on either side -------------------------------------------------------------------
+
+
+async def test_edge_injects_its_own_keys(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    origin.require_key = "sk-edge-key"
+    cfg = edge_config(origin)
+    cfg["upstreams"]["openai"]["endpoints"][0]["keys"] = ["sk-edge-key"]
+    edge = await make_proxy(cfg)
+    side = await make_proxy(sidecar_config(origin, edge.url))
+    await ready(side)
+    client = openai.AsyncOpenAI(base_url=side.url + "/v1", api_key="sk-app-has-none", max_retries=0)
+    got = await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "k"}])
+    assert got.choices[0].message.content
+    assert origin.requests[-1].headers["Authorization"] == "Bearer sk-edge-key"
+
+
+# -- bad compressed data -------------------------------------------------------------------
+
+
+def brotli_bomb(gib: int) -> bytes:
+    c = brotli.Compressor(quality=5)
+    zeros = b"\0" * (1 << 22)
+    parts = [c.process(zeros) for _ in range(gib * 256)]
+    parts.append(c.finish())
+    return b"".join(parts)
+
+
+BOMB = brotli_bomb(1)
+
+
+async def test_request_bomb_is_refused_quickly(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    edge = await make_proxy(edge_config(origin))
+    started = time.monotonic()
+    extra = "Content-Encoding: br\r\n"
+    status, _headers, body = await raw_request(
+        edge.url, hop(origin.url + "/v1/chat/completions", extra=extra, body=BOMB)
+    )
+    assert time.monotonic() - started < 2.0
+    assert status == 413
+    assert b"bomb" in body or b"limit" in body
+    assert not [r for r in origin.requests if r.path_only == "/v1/chat/completions"]
+
+
+async def test_broken_compressed_request_is_a_clear_400(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    edge = await make_proxy(edge_config(origin))
+    good = codec.encode("br", orjson.dumps({"model": "gpt-4o-mini", "messages": HISTORY}))
+    for broken in (good[: len(good) // 2], b"not brotli at all" * 10):
+        extra = "Content-Encoding: br\r\n"
+        status, headers, body = await raw_request(
+            edge.url, hop(origin.url + "/v1/chat/completions", extra=extra, body=broken)
+        )
+        assert status == 400, body
+        assert headers["x-edgeproxy-error"] == "bad_encoding"
+    assert not [r for r in origin.requests if r.path_only == "/v1/chat/completions"]
+
+
+class FakeEdge:
+    """A misbehaving edge: answers every hop with a fixed compressed body (and a probe OK)."""
+
+    def __init__(self, body: bytes, sse: bool, cut: bool = False) -> None:
+        self.body = body
+        self.sse = sse
+        self.cut = cut
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                if b"x-edgeproxy-probe" in head:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    continue
+                ctype = b"text/event-stream" if self.sse else b"application/json"
+                if self.cut:  # chunked, then the connection dies before the last chunk
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype)
+                    writer.write(b"\r\nContent-Encoding: br\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    writer.write(b"%x\r\n%b\r\n" % (len(self.body), self.body))
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    writer.close()
+                    return
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype + b"\r\nContent-Encoding: br\r\n"
+                    b"Content-Length: %d\r\n\r\n%b" % (len(self.body), self.body)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_response_bomb_from_an_edge_is_refused(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    fake = FakeEdge(BOMB, sse=False)
+    url = await fake.start()
+    try:
+        side = await make_proxy(sidecar_config(origin, url))
+        await ready(side)
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as s:
+            # (an app that takes br would get the edge's bytes passed through as they are)
+            async with s.get(side.url + "/v1/models", headers={"Accept-Encoding": "identity"}) as r:
+                body = await r.read()
+                assert r.status == 502, body
+                assert r.headers["x-edgeproxy-error"] == "bad_encoding_upstream"
+        assert time.monotonic() - started < 2.0
+    finally:
+        fake.stop()
+
+
+async def test_truncated_compressed_stream_ends_with_an_in_band_error(
+    origin: FakeOrigin, make_proxy: MakeProxy
+) -> None:
+    enc = codec.encoder("br")
+    events = b"".join(enc.process(b'data: {"n": %d}\n\n' % i) + enc.flush() for i in range(5))
+    fake = FakeEdge(events, sse=True, cut=True)  # never finished: no brotli end, no last chunk
+    url = await fake.start()
+    try:
+        side = await make_proxy(sidecar_config(origin, url))
+        await ready(side)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(side.url + "/v1/chat/completions", data=b"{}") as r:
+                assert r.status == 200
+                text = await r.read()
+        frames = text.split(b"\n\n")
+        assert frames[:5] == [b'data: {"n": %d}' % i for i in range(5)]
+        assert b'"error"' in frames[5] and b"[DONE]" not in text
+    finally:
+        fake.stop()
+
+
+# -- which edge: the whole path --------------------------------------------------------------
+
+
+async def test_traffic_goes_to_the_edge_with_the_better_whole_path(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    """Two edges as two `via` lines; the hop to one is degraded (80 ms each way): requests go
+    through the other."""
+    edges = [await make_proxy(edge_config(origin)) for _ in range(2)]
+    sims = [LineSim("127.0.0.1", e.proxy.listeners[0].config.port or 0) for e in edges]
+    for sim in sims:
+        await sim.start()
+    sims[0].delay = 0.08
+    try:
+        side = await make_proxy(sidecar_config(origin, *(f"http://{s.address}" for s in sims)))
+        await ready(side)
+        await asyncio.sleep(1.5)  # a couple of probe rounds
+        async with aiohttp.ClientSession() as s:
+            for _ in range(10):
+                async with s.get(side.url + "/v1/models") as r:
+                    assert r.status == 200
+        assert edges[1].proxy.metrics.requests.values.get(("openai", "200"), 0) >= 9
+        assert edges[0].proxy.metrics.requests.values.get(("openai", "200"), 0) <= 1
+    finally:
+        for sim in sims:
+            await sim.stop()
+
+
+async def test_whole_path_score_counts_the_edges_own_rtt(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    """Two edges, equally close to the sidecar; one is far from the origin (its own line to
+    it is 80 ms each way). The sidecar scores hop RTT + the edge's RTT to the origin, so it
+    picks the edge near the origin, not just the shortest first leg."""
+    sim = LineSim("127.0.0.1", origin.port)  # "the origin" as both edges and the sidecar see it
+    sim.delay_by_source = {"127.0.0.3": 0.08}  # the far edge's source address
+    await sim.start()
+    try:
+        url = f"http://{sim.address}"
+        near = await make_proxy(edge_config(FakeOriginAt(url)))
+        far_cfg = edge_config(FakeOriginAt(url), lines={"far": {"bind": "127.0.0.3"}})
+        far = await make_proxy(far_cfg)
+        side = await make_proxy(sidecar_config(FakeOriginAt(url), far.url, near.url))
+        await ready(side)
+        await asyncio.sleep(1.2)  # another probe round on both
+        paths = {p.line.name: p for p in side.proxy.state.paths.values() if p.upstream == "openai"}
+        far_srtt, near_srtt = paths["edge0"].estimator.srtt, paths["edge1"].estimator.srtt
+        assert far_srtt is not None and near_srtt is not None
+        assert far_srtt > near_srtt + 0.1, (far_srtt, near_srtt)  # the far edge's 160 ms RTT counted
+        async with aiohttp.ClientSession() as s:
+            for _ in range(5):
+                async with s.get(side.url + "/v1/models") as r:
+                    assert r.status == 200
+        assert near.proxy.metrics.requests.values.get(("openai", "200"), 0) == 5
+        assert far.proxy.metrics.requests.values.get(("openai", "200"), 0) == 0
+    finally:
+        await sim.stop()
+
+
+class FakeOriginAt:
+    """Just the ``url`` of an origin, for the config helpers."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+
+async def test_tls_hop_with_private_ca(origin: FakeOrigin, make_proxy: MakeProxy, tmp_path: Any) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "edge.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    other_ca = trustme.CA()
+    other_ca.cert_pem.write_to_path(str(tmp_path / "other-ca.pem"))
+    port = free_port()
+    edge = await make_proxy(
+        edge_config(
+            origin,
+            listen={
+                "address": f"127.0.0.1:{port}",
+                "tokens": [TOKEN],
+                "tls": {"cert": str(tmp_path / "edge.pem"), "key": str(tmp_path / "edge.pem")},
+            },
+        )
+    )
+    assert edge.proxy.listeners[0].config.tls is not None
+    good = sidecar_config(origin)
+    good["lines"] = {"tls": {"via": f"https://127.0.0.1:{port}", "token": TOKEN, "ca": str(tmp_path / "ca.pem")}}
+    side = await make_proxy(good)
+    await ready(side)
+    client = openai.AsyncOpenAI(base_url=side.url + "/v1", api_key="sk-client", max_retries=0)
+    got = await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "tls"}])
+    assert got.choices[0].message.content
+
+    # A certificate our CA did not sign: the hop is refused, nothing reaches the origin.
+    bad = sidecar_config(origin)
+    bad["lines"] = {"tls": {"via": f"https://127.0.0.1:{port}", "token": TOKEN, "ca": str(tmp_path / "other-ca.pem")}}
+    side_bad = await make_proxy(bad)
+    before = len(origin.requests)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(side_bad.url + "/v1/models") as r:
+            body = await r.read()
+            assert r.status == 502, body
+            assert b"certificate" in body.lower()
+    assert len(origin.requests) == before

@@ -510,3 +510,110 @@ async def test_tls_hop_with_private_ca(origin: FakeOrigin, make_proxy: MakeProxy
             assert r.status == 502, body
             assert b"certificate" in body.lower()
     assert len(origin.requests) == before
+
+
+# -- more of the hop's behaviour -----------------------------------------------------------
+
+
+async def test_client_compressed_body_passes_through_as_sent(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    """An app that gzips its own request body: the origin gets exactly that (with its
+    Content-Encoding), directly and through the hop (where the edge may decode it, once)."""
+    import gzip
+    import hashlib
+
+    plain = orjson.dumps({"model": "gpt-4o-mini", "messages": HISTORY})
+    packed = gzip.compress(plain)
+    side, _ = await hop_pair(origin, make_proxy)
+    direct = await make_proxy(proxy_config(origin.url))
+    echoes = []
+    for proxy in (direct, side):
+        async with aiohttp.ClientSession() as s:
+            headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+            async with s.post(proxy.url + "/v1/echo", data=packed, headers=headers) as r:
+                assert r.status == 200
+                echoes.append(await r.json())
+    # Directly: the very bytes the app sent, under its Content-Encoding.
+    assert echoes[0]["body_sha256"] == hashlib.sha256(packed).hexdigest()
+    assert echoes[0]["headers"]["content-encoding"] == "gzip"
+    # Through the hop: the edge decoded it (bounded), so the origin gets it plain, once.
+    assert echoes[1]["body_sha256"] == hashlib.sha256(plain).hexdigest()
+    assert "content-encoding" not in echoes[1]["headers"]
+
+
+async def test_wrong_via_token_fails_over_to_another_line(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    edge = await make_proxy(edge_config(origin))
+    cfg = sidecar_config(origin)
+    cfg["lines"] = {"edge": {"via": edge.url, "token": "not-the-edge-token-xyz"}, "direct": {}}
+    side = await make_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=side.url + "/v1", api_key="sk-client", max_retries=0)
+    for _ in range(3):
+        got = await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+        assert got.choices[0].message.content
+    path = side.proxy.state.paths[("openai", origin.url + "/v1", "edge")]
+    await asyncio.sleep(0.2)
+    assert path.health.last_probe_ok is False  # the edge refuses our probes too: the path is not usable
+    assert "401" in (path.health.last_error or "")
+
+    # With nowhere else to go, the app gets a clear error (not the edge's 401 as if its key were wrong).
+    cfg = sidecar_config(origin)
+    cfg["lines"] = {"edge": {"via": edge.url, "token": "not-the-edge-token-xyz"}}
+    only = await make_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(only.url + "/v1/models") as r:
+            assert r.status == 502
+            assert r.headers["x-edgeproxy-error"] == "via_refused"
+            assert "not-the-edge-token" not in await r.text()
+
+
+async def test_edge_without_a_way_to_the_origin_fails_the_whole_path(make_proxy: MakeProxy) -> None:
+    """The edge's own line to the origin is dead: its probe answers say so, and the sidecar
+    marks the via path down (the first leg alone would look fine)."""
+    dead = FakeOriginAt(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    edge = await make_proxy(edge_config(dead))
+    side = await make_proxy(sidecar_config(dead, edge.url))
+    path = side.proxy.state.paths[("openai", dead.url + "/v1", "edge0")]
+    deadline = time.monotonic() + 5
+    while path.health.state != "down" and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert path.health.state == "down"
+    assert "503" in (path.health.last_error or "")
+
+
+async def test_stream_broken_at_the_origin_reaches_the_app_as_an_in_band_error(
+    origin: FakeOrigin, make_proxy: MakeProxy
+) -> None:
+    origin.drop_after_events = 4
+    side, _ = await hop_pair(origin, make_proxy)
+    client = openai.AsyncOpenAI(base_url=side.url + "/v1", api_key="sk-client", max_retries=0)
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "a long answer please"}], stream=True
+    )
+    got = []
+    with pytest.raises(openai.APIError) as info:
+        async for chunk in stream:
+            got.append(chunk)
+    assert len(got) >= 1  # what came before the break was delivered
+    assert "broke" in str(info.value)
+
+
+async def test_large_streamed_upload_crosses_the_hop_compressed(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    """A body over replay_body streams through the hop (compressed on the way) intact."""
+    import hashlib
+
+    edge = await make_proxy(edge_config(origin))
+    side = await make_proxy(sidecar_config(origin, edge.url, limits={"replay_body": "64KiB"}))
+    await ready(side)
+    line = b"".join(orjson.dumps({"custom_id": f"r{i}", "body": {"messages": HISTORY[:4]}}) + b"\n" for i in range(400))
+    digest = hashlib.sha256(line).hexdigest()
+    async with aiohttp.ClientSession() as s:
+
+        async def gen() -> Any:
+            for i in range(0, len(line), 50_000):
+                yield line[i : i + 50_000]
+
+        async with s.post(side.url + "/v1/files", data=gen(), headers={"Content-Type": "application/jsonl"}) as r:
+            assert r.status == 200, await r.text()
+            doc = await r.json()
+    assert doc["bytes"] == len(line) and doc["sha256"] == digest
+    metrics = side.proxy.metrics.hop_bytes.values
+    assert metrics[("sidecar", "edge0", "up", "wire")] * 5 < metrics[("sidecar", "edge0", "up", "raw")]

@@ -697,6 +697,8 @@ def _line(ctx: _Ctx, name: str, raw: object, path: str) -> LineConfig | None:
     if compress == "zstd" and not _zstd_available():
         ctx.err(f"{path}.compress", "zstd needs the zstandard package (pip install zstandard), or pick br")
     ca = _readable_file(ctx, m["ca"], f"{path}.ca") if m.get("ca") is not None else None
+    if ca is not None and parts is not None and parts.scheme.lower() != "https":
+        ctx.err(f"{path}.ca", "only applies to an https:// via URL (the hop is plain http)")
     if parts is None or token is None:
         return None
     return LineConfig(
@@ -730,13 +732,11 @@ def _proxy_line(ctx: _Ctx, name: str, v: object, path: str) -> LineConfig | None
 
 @functools.cache
 def _zstd_available() -> bool:
-    for module in ("compression.zstd", "zstandard"):
-        try:
-            importlib.import_module(module)
-            return True
-        except ImportError:
-            continue
-    return False
+    try:
+        importlib.import_module("zstandard")  # what edgeproxy.codec uses
+        return True
+    except ImportError:
+        return False
 
 
 def _lines(ctx: _Ctx, raw: object) -> tuple[LineConfig, ...]:

@@ -337,6 +337,15 @@ def test_zstd_requires_the_module(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.line("edge").compress == "zstd"
 
 
+def test_via_ca_needs_an_https_edge(tmp_path: Any) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    (msg,) = errors({"lines": {"edge": {"via": "http://edge.example.com:8080", "token": TOKEN, "ca": str(ca)}}})
+    assert msg == "lines.edge.ca: only applies to an https:// via URL (the hop is plain http)"
+    cfg = load_dict({"lines": {"edge": {"via": "https://edge.example.com", "token": TOKEN, "ca": str(ca)}}})
+    assert cfg.line("edge").ca == str(ca)
+
+
 def test_prefix_rules() -> None:
     (msg,) = errors({"upstreams": {"x": {"prefix": "/-/admin", "endpoints": ["https://x.example.com"]}}})
     assert msg.startswith("upstreams.x.prefix: '/-/admin': paths under /-/ are reserved")

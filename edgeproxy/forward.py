@@ -135,7 +135,7 @@ class Ctx:
         # target, the codings the sidecar takes back, and whether we decoded its body.
         self.pin: str | None = None
         self.target: str | None = None
-        self.hop_accept: list[str] = []
+        self.hop_accept: list[str] | None = None
         self.decoded = False
         self.encoder: codec.Encoder | None = None
         # Sidecar role (a `via` path): the coding this attempt's body was sent in, and the

@@ -617,3 +617,41 @@ async def test_large_streamed_upload_crosses_the_hop_compressed(origin: FakeOrig
     assert doc["bytes"] == len(line) and doc["sha256"] == digest
     metrics = side.proxy.metrics.hop_bytes.values
     assert metrics[("sidecar", "edge0", "up", "wire")] * 5 < metrics[("sidecar", "edge0", "up", "raw")]
+
+
+async def test_hop_token_never_shows_in_logs_status_or_metrics(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    import os
+
+    edge = await make_proxy(edge_config(origin, admin={"listen": f"127.0.0.1:{free_port()}"}, log={"access": "json"}))
+    side = await make_proxy(
+        sidecar_config(origin, edge.url, admin={"listen": f"127.0.0.1:{free_port()}"}, log={"access": "json"})
+    )
+    await ready(side)
+    pipes = []
+    for proxy in (edge, side):
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        proxy.proxy.access._fd = w  # capture the access log
+        pipes.append((r, w))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            side.url + "/v1/chat/completions", data=orjson.dumps({"model": "m", "messages": HISTORY})
+        ) as r:
+            assert r.status == 200
+        # a wrong token at the edge: its error and log must not echo what was sent either
+        status, _, body = await raw_request(edge.url, hop(origin.url + "/v1/models", "guess-guess-guess-guess"))
+        assert status == 401 and b"guess" not in body
+        await asyncio.sleep(0.05)
+        blobs = [os.read(r, 65536) for r, _ in pipes]
+        for proxy in (edge, side):
+            for url in ("/-/status", "/metrics"):
+                async with s.get(proxy.admin_url + url) as resp:
+                    blobs.append(await resp.read())
+    records = [orjson.loads(x) for x in blobs[0].splitlines()]
+    assert any(rec["path"].startswith("http://") and rec["status"] == 200 for rec in records)  # the hop, logged
+    for blob in blobs:
+        assert TOKEN.encode() not in blob
+        assert b"guess-guess" not in blob
+    for r, w in pipes:
+        os.close(r)
+        os.close(w)

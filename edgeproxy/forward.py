@@ -535,6 +535,8 @@ class Engine(Failover):
         if body is not None:
             # The whole body is already here (the common case for JSON answers): one write.
             resp.release()
+            if resp.decoder is not None:
+                self._count_hop(ctx, resp)
             if coding is not None and len(body) >= MIN_COMPRESS:
                 wire = codec.encode(coding, body)
                 self.metrics.hop_bytes.inc(("edge", "", "down", "raw"), len(body))

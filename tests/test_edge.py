@@ -133,6 +133,12 @@ async def test_hop_carries_compressed_bytes(origin: FakeOrigin, make_proxy: Make
             assert events[-2] == b"data: [DONE]"
             await asyncio.sleep(0.05)
             sizes[compress] = (sim.bytes_up - up0, sim.bytes_down - down0)
+            raw_stream = side.proxy.metrics.hop_bytes.values.get(("sidecar", "edge0", "down", "raw"), 0)
+            async with aiohttp.ClientSession() as s:
+                plain = body.replace(b'"stream":true', b'"stream":false')
+                headers = {"Accept-Encoding": "identity"}  # (one that takes br would get it passed through)
+                async with s.post(side.url + "/v1/chat/completions", data=plain, headers=headers) as r:
+                    assert r.status == 200 and (await r.json())["object"] == "chat.completion"
         finally:
             await sim.stop()
     (up_off, down_off), (up_br, down_br) = sizes["off"], sizes["br"]
@@ -140,6 +146,8 @@ async def test_hop_carries_compressed_bytes(origin: FakeOrigin, make_proxy: Make
     assert down_br * 1.5 < down_off, sizes  # a short fake stream; bench/compress.py measures 500 events
     side_metrics = side.proxy.metrics.hop_bytes.values
     assert side_metrics[("sidecar", "edge0", "up", "wire")] < side_metrics[("sidecar", "edge0", "up", "raw")]
+    assert side_metrics[("sidecar", "edge0", "down", "wire")] < side_metrics[("sidecar", "edge0", "down", "raw")]
+    assert side_metrics[("sidecar", "edge0", "down", "raw")] > raw_stream  # a JSON answer is counted too
     edge_metrics = edge.proxy.metrics.hop_bytes.values
     assert edge_metrics[("edge", "", "down", "wire")] < edge_metrics[("edge", "", "down", "raw")]
 

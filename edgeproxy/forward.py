@@ -177,8 +177,7 @@ async def _encoded_stream(
         if packed:
             yield packed
     yield encoder.finish()
-    engine.metrics.hop_bytes.inc(("sidecar", line, "up", "raw"), encoder.raw)
-    engine.metrics.hop_bytes.inc(("sidecar", line, "up", "wire"), encoder.wire)
+    engine.metrics.count_hop("sidecar", line, "up", encoder.raw, encoder.wire)
 
 
 class Engine(Failover):
@@ -366,8 +365,7 @@ class Engine(Failover):
             raise BodyTooLarge(f"request body {exc}") from None
         except codec.DecodeError as exc:
             raise BadEncoding(f"request body: {exc}") from None
-        self.metrics.hop_bytes.inc(("edge", "", "up", "wire"), len(body))
-        self.metrics.hop_bytes.inc(("edge", "", "up", "raw"), len(plain))
+        self.metrics.count_hop("edge", "", "up", len(plain), len(body))
         return plain
 
     async def _stream_body(self, ctx: Ctx, first: list[bytes], size: int, limit: int) -> AsyncIterator[bytes]:
@@ -407,8 +405,7 @@ class Engine(Failover):
         if packed is None or packed[0] is not body or packed[1] != hop.compress:
             packed = ctx.packed = (body, hop.compress, codec.encode(hop.compress, body))
         ctx.coding = hop.compress
-        self.metrics.hop_bytes.inc(("sidecar", path.line.name, "up", "raw"), len(body))
-        self.metrics.hop_bytes.inc(("sidecar", path.line.name, "up", "wire"), len(packed[2]))
+        self.metrics.count_hop("sidecar", path.line.name, "up", len(body), len(packed[2]))
         return packed[2]
 
     def _renamed(self, ctx: Ctx, path: Path) -> bytes | None:
@@ -539,8 +536,7 @@ class Engine(Failover):
                 self._count_hop(ctx, resp)
             if coding is not None and len(body) >= MIN_COMPRESS:
                 wire = codec.encode(coding, body)
-                self.metrics.hop_bytes.inc(("edge", "", "down", "raw"), len(body))
-                self.metrics.hop_bytes.inc(("edge", "", "down", "wire"), len(wire))
+                self.metrics.count_hop("edge", "", "down", len(body), len(wire))
                 body = wire
                 headers.append(("Content-Encoding", coding))
             ctx.bytes_out = len(body)
@@ -593,12 +589,9 @@ class Engine(Failover):
     def _count_hop(self, ctx: Ctx, resp: Response) -> None:
         """Bytes before and after the hop's compression of a streamed response."""
         if ctx.encoder is not None:
-            self.metrics.hop_bytes.inc(("edge", "", "down", "raw"), ctx.encoder.raw)
-            self.metrics.hop_bytes.inc(("edge", "", "down", "wire"), ctx.encoder.wire)
+            self.metrics.count_hop("edge", "", "down", ctx.encoder.raw, ctx.encoder.wire)
         if resp.decoder is not None and ctx.path is not None:
-            line = ctx.path.line.name
-            self.metrics.hop_bytes.inc(("sidecar", line, "down", "wire"), resp.decoder.wire)
-            self.metrics.hop_bytes.inc(("sidecar", line, "down", "raw"), resp.decoder.raw)
+            self.metrics.count_hop("sidecar", ctx.path.line.name, "down", resp.decoder.raw, resp.decoder.wire)
 
     async def _broken_stream(
         self, ctx: Ctx, upstream: Upstream, out: web.StreamResponse, exc: ProxyError, is_sse: bool

@@ -142,6 +142,11 @@ class Metrics(Collector):
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
+    def count_hop(self, role: str, line: str, direction: str, raw: int, wire: int) -> None:
+        """Bytes of one body before (raw) and after (wire) the edge hop's compression."""
+        self.hop_bytes.inc((role, line, direction, "raw"), raw)
+        self.hop_bytes.inc((role, line, direction, "wire"), wire)
+
     def collect(self) -> Iterator[Metric]:
         if self.on_scrape is not None:
             self.on_scrape()

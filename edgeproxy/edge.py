@@ -26,9 +26,11 @@ if TYPE_CHECKING:
     from .config import EndpointConfig
     from .state import Upstream
 
-__all__ = ["ORIGIN_RTT_HEADER", "PROBE_HEADER", "AuthThrottle", "probe_answer", "split_target"]
+__all__ = ["ENDPOINT_HEADER", "ORIGIN_RTT_HEADER", "PROBE_HEADER", "AuthThrottle", "probe_answer", "split_target"]
 
 PROBE_HEADER: Final = "x-edgeproxy-probe"
+# The sidecar's endpoint URL, so an edge with two endpoints at one origin knows which is meant.
+ENDPOINT_HEADER: Final = "x-edgeproxy-endpoint"
 # The edge's smoothed RTT to the origin (seconds) on its best healthy path, in a probe answer.
 ORIGIN_RTT_HEADER: Final = "x-edgeproxy-origin-rtt"
 PROBE_POLL: Final = 0.01

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from . import codec
 from .client import Response
-from .edge import PROBE_HEADER, AuthThrottle, probe_answer, split_target
+from .edge import ENDPOINT_HEADER, PROBE_HEADER, AuthThrottle, probe_answer, split_target
 from .errors import (
     BadEncoding,
     BodyTooLarge,
@@ -64,7 +64,7 @@ HOP_BY_HOP: Final = frozenset(
 REQUEST_SKIP: Final = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-edgeproxy-token"}
 # On either side of an edge hop we set Accept-Encoding ourselves (the hop's codings, or
 # identity towards the origin); Content-Encoding too when we (de)compressed the body.
-HOP_SKIP: Final = REQUEST_SKIP | {b"accept-encoding", b"x-edgeproxy-probe"}
+HOP_SKIP: Final = REQUEST_SKIP | {b"accept-encoding", b"x-edgeproxy-probe", b"x-edgeproxy-endpoint"}
 HOP_SKIP_CODED: Final = HOP_SKIP | {b"content-encoding"}
 # Bodies smaller than this cross the hop as they are: compressing them gains nothing.
 MIN_COMPRESS: Final = 256
@@ -277,7 +277,7 @@ class Engine(Failover):
         if not token_matches(headers.get("x-edgeproxy-token"), self._tokens):
             raise Unauthorized("missing or wrong x-edgeproxy-token")
         split = split_target(ctx.raw_path)
-        found = ctx.state.hop_route(*split) if split is not None else None
+        found = ctx.state.hop_route(*split, headers.get(ENDPOINT_HEADER)) if split is not None else None
         if found is None:
             shown = ctx.raw_path.split("?", 1)[0][:200]
             raise Forbidden(f"this edge does not serve {shown!r} (not one of its endpoints)")
@@ -459,7 +459,7 @@ class Engine(Failover):
         if key is not None:
             out.append(key[0] + b": " + key[1] + b"\r\n")
         if hop is not None:
-            out.append(hop.headers)  # our token for the edge, and the codings we take back
+            out.append(path.hop_headers)  # our token for the edge, the codings we take back, the endpoint
             if ctx.coding is not None:
                 out.append(b"Content-Encoding: " + ctx.coding.encode() + b"\r\n")
         elif ctx.pin is not None:

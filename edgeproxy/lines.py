@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from .client import Conn, Response
 from .dns import Address, Resolver
+from .edge import ENDPOINT_HEADER
 from .errors import ConnectError
 from .estimator import Estimator
 from .health import Health
@@ -182,6 +183,7 @@ class Path:
         "waiting",
         "host_header",
         "hop",
+        "hop_headers",
         "hop_origin",
     )
 
@@ -221,11 +223,17 @@ class Path:
         target = probe_target(upstream.provider, endpoint.base_path)
         # A `via` path sends the endpoint's URL as the request target (absolute form), so the
         # edge knows which of its origins is meant; it answers probes itself (see edge.py).
+        # The endpoint's URL goes along too: an origin serving two APIs (a relay) may be two
+        # endpoints on the edge, told apart by it.
         self.hop = line.via
-        self.hop_origin = f"{endpoint.scheme}://{self.host_header}" if line.via is not None else ""
-        hop_headers = (line.via.headers + PROBE_HEADER_LINE).decode("latin-1") if line.via is not None else ""
+        self.hop_origin = ""
+        self.hop_headers = b""
+        if line.via is not None:
+            self.hop_origin = f"{endpoint.scheme}://{self.host_header}"
+            self.hop_headers = line.via.headers + f"{ENDPOINT_HEADER}: {endpoint.url}\r\n".encode("latin-1")
+        probe_extra = (self.hop_headers + PROBE_HEADER_LINE).decode("latin-1") if line.via is not None else ""
         self.probe_head = (
-            f"GET {self.hop_origin}{target} HTTP/1.1\r\nHost: {self.host_header}\r\n{hop_headers}"
+            f"GET {self.hop_origin}{target} HTTP/1.1\r\nHost: {self.host_header}\r\n{probe_extra}"
             "User-Agent: edgeproxy-probe\r\n\r\n"
         ).encode("latin-1")
         self.requests = 0

@@ -222,14 +222,21 @@ class State:
                 return upstream
         return None
 
-    def hop_route(self, scheme: str, host: str, port: int, target: str) -> tuple[Upstream, EndpointConfig] | None:
+    def hop_route(
+        self, scheme: str, host: str, port: int, target: str, url: str | None = None
+    ) -> tuple[Upstream, EndpointConfig] | None:
         """The upstream and endpoint a hop request to ``scheme://host:port<target>`` means:
-        exactly that origin, and a target under the endpoint's base path; else None."""
+        exactly that origin, and a target under the endpoint's base path; else None. With
+        several endpoints there, the one whose URL is ``url`` (the sidecar's), if any, else
+        the longest base path."""
+        found = None
         for upstream, ep in self.hops.get((scheme, host, port), ()):
             base = ep.base_path
             if not base or target == base or (target.startswith(base) and target[len(base)] in "/?"):
-                return upstream, ep
-        return None
+                if url is None or ep.url == url:
+                    return upstream, ep
+                found = found or (upstream, ep)
+        return found
 
     def start(self) -> None:
         for path in self.paths.values():

@@ -663,3 +663,20 @@ async def test_hop_token_never_shows_in_logs_status_or_metrics(origin: FakeOrigi
     for r, w in pipes:
         os.close(r)
         os.close(w)
+
+
+async def test_two_endpoints_at_one_origin_are_told_apart(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    """A relay serving OpenAI at <origin>/v1 and Anthropic at <origin>: an Anthropic request for
+    /v1/messages lies under both base paths; the sidecar's endpoint URL says which it is, so
+    the edge injects the Anthropic key the Anthropic way."""
+    cfg = edge_config(origin)
+    cfg["upstreams"]["openai"]["endpoints"][0]["keys"] = ["sk-openai-on-edge"]
+    cfg["upstreams"]["anthropic"]["endpoints"][0]["keys"] = ["sk-ant-on-edge"]
+    edge = await make_proxy(cfg)
+    side = await make_proxy(sidecar_config(origin, edge.url))
+    await ready(side)
+    client = anthropic.AsyncAnthropic(base_url=side.url + "/anthropic", api_key="unused", max_retries=0)
+    await client.messages.create(model="claude-sonnet-4-5", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    seen = [r for r in origin.requests if r.path_only == "/v1/messages"][-1]
+    assert seen.headers["x-api-key"] == "sk-ant-on-edge"
+    assert "Authorization" not in seen.headers and "x-edgeproxy-endpoint" not in {k.lower() for k in seen.headers}

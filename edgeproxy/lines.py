@@ -182,6 +182,7 @@ class Path:
         "cooldown_until",
         "waiting",
         "host_header",
+        "edge_rtt",
         "hop",
         "hop_headers",
         "hop_origin",
@@ -226,6 +227,7 @@ class Path:
         # The endpoint's URL goes along too: an origin serving two APIs (a relay) may be two
         # endpoints on the edge, told apart by it.
         self.hop = line.via
+        self.edge_rtt: float | None = None  # a via path: the edge's own RTT to the origin, last reported
         self.hop_origin = ""
         self.hop_headers = b""
         if line.via is not None:
@@ -313,6 +315,7 @@ class Path:
             "rttvar_ms": _ms(est.rttvar),
             "last_rtt_ms": _ms(est.last_sample),
             "connect_ms": _ms(self.connect_rtt),
+            "edge_rtt_ms": _ms(self.edge_rtt),  # via paths: the edge's part of the SRTT (last probe)
             "last_probe_s_ago": None if health.last_probe_at is None else round(now - health.last_probe_at, 1),
             "last_probe_ok": health.last_probe_ok,
             "inflight": self.inflight,

@@ -132,7 +132,8 @@ class Prober:
                 await resp.wait_head(timeout)
                 rtt = loop.time() - sent
                 if path.hop is not None:
-                    rtt += _edge_answer(resp)
+                    path.edge_rtt = _edge_answer(resp)
+                    rtt += path.edge_rtt
                 while await resp.read():
                     pass
         except ProxyError as exc:

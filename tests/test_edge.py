@@ -463,6 +463,8 @@ async def test_whole_path_score_counts_the_edges_own_rtt(origin: FakeOrigin, mak
         far_srtt, near_srtt = paths["edge0"].estimator.srtt, paths["edge1"].estimator.srtt
         assert far_srtt is not None and near_srtt is not None
         assert far_srtt > near_srtt + 0.1, (far_srtt, near_srtt)  # the far edge's 160 ms RTT counted
+        status = paths["edge0"].status()
+        assert status["edge_rtt_ms"] is not None and status["edge_rtt_ms"] > 150  # shown apart too
         async with aiohttp.ClientSession() as s:
             for _ in range(5):
                 async with s.get(side.url + "/v1/models") as r:

@@ -7,8 +7,8 @@ while the window keeps spanning what came before, so per-event flushing still sh
 of near-identical events many times over.
 
 Decoders never produce more than ``limit`` bytes in all, nor more than ``MAX_RATIO`` times the
-input past ``RATIO_FLOOR`` (a bomb is caught after its first ~100 KB of output, whatever size it
-claims); each step's output is capped (brotli's ``output_buffer_limit``, zlib's ``max_length``,
+input once past ``floor`` bytes of output (a bomb is caught after its first ~2 MB, whatever size
+it claims, in milliseconds); each step's output is capped (brotli's ``output_buffer_limit``, zlib's ``max_length``,
 zstd input fed in slices whose worst-case expansion is bounded), so memory stays small.
 """
 
@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = [
     "DECODABLE",
     "ENCODINGS",
+    "SAFE_RATIO",
     "DecodeError",
     "Decoder",
     "Encoder",
@@ -46,10 +47,15 @@ GZIP_LEVEL: Final = 6
 ZSTD_LEVEL: Final = 6
 
 # Decompression guards.
-MAX_RATIO: Final = 200  # output over input; real JSON and SSE stay under ~20
+# Output over input. Real chat bodies compress 5-20x, SSE streams ~10x; a body repeating the same
+# tool output hundreds of times reaches a few hundred (senders skip compressing anything past
+# SAFE_RATIO, so what they send never trips the guard). Bombs: brotli/zstd 10^4-10^6x; gzip
+# cannot pass ~1030x, its bombs meet the size limit instead.
+MAX_RATIO: Final = 2000
+SAFE_RATIO: Final = MAX_RATIO // 4
 RATIO_FLOOR: Final = 1 << 20  # small outputs are never a bomb, whatever their ratio
 STEP_OUTPUT: Final = 64 * 1024  # at most this much output per step (memory bound)
-SLICE: Final = 4096  # input per step, so the ratio guard sees how much input was consumed
+SLICE: Final = 1024  # input per step, so the ratio guard sees how much input was consumed
 ZSTD_SLICE: Final = 256  # zstd input per step: <= ~8 MB of output in the worst case (RLE blocks)
 ZSTD_MAX_WINDOW: Final = 1 << 23
 
@@ -206,11 +212,12 @@ class Decoder:
     ratio guard. ``wire`` and ``raw`` count the bytes in and out.
     """
 
-    __slots__ = ("_d", "_done", "limit", "name", "raw", "wire")
+    __slots__ = ("_d", "_done", "floor", "limit", "name", "raw", "wire")
 
-    def __init__(self, name: str, limit: int) -> None:
+    def __init__(self, name: str, limit: int, floor: int = RATIO_FLOOR) -> None:
         self.name = name
         self.limit = limit
+        self.floor = floor
         self.wire = 0
         self.raw = 0
         self._done = False
@@ -255,7 +262,7 @@ class Decoder:
         self.raw += produced
         if self.raw > self.limit:
             raise TooLarge(f"decompresses to more than the limit of {self.limit} bytes")
-        if self.raw > RATIO_FLOOR and self.raw > MAX_RATIO * self.wire:
+        if self.raw > self.floor and self.raw > MAX_RATIO * self.wire:
             raise TooLarge(f"decompresses more than {MAX_RATIO}x (a compression bomb?)")
 
     def _brotli(self, data: bytes | memoryview) -> bytes:
@@ -320,5 +327,5 @@ class Decoder:
         return b"".join(parts)
 
 
-def decoder(name: str, limit: int) -> Decoder:
-    return Decoder(name, limit)
+def decoder(name: str, limit: int, floor: int = RATIO_FLOOR) -> Decoder:
+    return Decoder(name, limit, floor)

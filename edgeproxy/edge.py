@@ -14,9 +14,10 @@ with the edge's own best RTT to it, so the sidecar scores the whole path.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from typing import TYPE_CHECKING, Final
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
@@ -49,6 +50,8 @@ def split_target(raw: str) -> tuple[str, str, int, str] | None:
     except ValueError:
         return None
     target = parts.path or "/"
+    if any(unquote(segment) in (".", "..") for segment in target.split("/")):
+        return None  # dot segments could climb out of the endpoint's base path at the origin
     if parts.query:
         target += "?" + parts.query
     return scheme, host, port, target
@@ -75,6 +78,19 @@ async def probe_answer(upstream: Upstream, endpoint: EndpointConfig, wait: float
     return web.Response(status=200, body=b'{"edge":"ok"}', content_type="application/json", headers=headers)
 
 
+def _peer_key(peer: str | None) -> str:
+    """Who is guessing: an IPv4 address, or an IPv6 /64 (one host usually has a whole /64)."""
+    if not peer:
+        return "local"
+    try:
+        ip = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer
+    if ip.version == 6 and ip.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip)
+
+
 class AuthThrottle:
     """Slows down guessing: after FREE wrong tokens from one address within WINDOW seconds,
     each further refusal is delayed (doubling, up to MAX_DELAY) and its connection closed.
@@ -85,6 +101,7 @@ class AuthThrottle:
     FIRST_DELAY: Final = 0.1
     MAX_DELAY: Final = 5.0
     MAX_PEERS: Final = 10_000
+    MAX_COUNT: Final = 64  # far past MAX_DELAY; keeps the arithmetic small
 
     __slots__ = ("_fails",)
 
@@ -93,12 +110,12 @@ class AuthThrottle:
 
     def on_failure(self, peer: str | None) -> float:
         """Record a wrong token from ``peer``; the delay its answer should wait (seconds)."""
-        key = peer or "local"
+        key = _peer_key(peer)
         now = time.monotonic()
         count, last = self._fails.pop(key, (0, now))
         if now - last > self.WINDOW:
             count = 0
-        count += 1
+        count = min(count + 1, self.MAX_COUNT)
         self._fails[key] = (count, now)  # re-inserted: the dict stays in last-seen order
         if len(self._fails) > self.MAX_PEERS:
             del self._fails[next(iter(self._fails))]

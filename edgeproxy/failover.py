@@ -51,6 +51,9 @@ class Failover:
     def _request_head(self, ctx: Ctx, upstream: Upstream, path: Path, body: bytes | None) -> bytes:
         raise NotImplementedError
 
+    async def _hop_body(self, ctx: Ctx, path: Path, body: bytes | None) -> bytes | None:
+        raise NotImplementedError
+
     def _decider(self, ctx: Ctx, path: Path) -> Callable[[list[tuple[bytes, bytes]]], Decoder | None]:
         raise NotImplementedError
 
@@ -219,6 +222,8 @@ class Failover:
     async def _attempt(self, ctx: Ctx, upstream: Upstream, path: Path) -> Response:
         """One try on one path: send, then wait for headers (and for SSE, the first event)."""
         body = self._body_for(ctx, path)
+        if path.hop is not None:
+            body = await self._hop_body(ctx, path, body)
         head = self._request_head(ctx, upstream, path, body)
         failover = upstream.config.failover
         fresh = False
@@ -241,7 +246,7 @@ class Failover:
             try:
                 if ctx.body_stream is not None:
                     try:
-                        await conn.send_stream(ctx.body_stream, chunked=ctx.request.content_length is None)
+                        await conn.send_stream(ctx.body_stream, chunked=ctx.stream_length() is None)
                     except UpstreamReset:
                         if not resp.head_done:
                             raise

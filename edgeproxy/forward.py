@@ -68,6 +68,13 @@ HOP_SKIP: Final = REQUEST_SKIP | {b"accept-encoding", b"x-edgeproxy-probe", b"x-
 HOP_SKIP_CODED: Final = HOP_SKIP | {b"content-encoding"}
 # Bodies smaller than this cross the hop as they are: compressing them gains nothing.
 MIN_COMPRESS: Final = 256
+# Whole bodies from this size on are (de)compressed in a thread, not on the event loop.
+THREAD_MIN: Final = 1 << 20
+# Response decoding at the sidecar: the bomb guard looks at the ratio only past this much
+# output (a stream may be long and repetitive; memory stays bounded per step anyway).
+RESPONSE_RATIO_FLOOR: Final = 8 << 20
+# Request bodies of these types are compressed already (or nearly random): sent as they are.
+_INCOMPRESSIBLE: Final = ("image/", "audio/", "video/", "application/zip", "application/gzip", "application/x-gzip")
 RESPONSE_SKIP: Final = HOP_BY_HOP | {b"content-length"}
 # Methods whose requests carry a body even when empty (we always send Content-Length for them).
 BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
@@ -146,6 +153,10 @@ class Ctx:
     def stream_length(self) -> int | None:
         """The Content-Length of a streamed body as we send it (None: chunked)."""
         return None if self.coding is not None or self.decoded else self.request.content_length
+
+
+def _incompressible(ctype: str | None) -> bool:
+    return ctype is not None and ctype.lower().startswith(_INCOMPRESSIBLE)
 
 
 def _set_request_id(ctx: Ctx) -> None:
@@ -325,7 +336,7 @@ class Engine(Failover):
                 ctx.body = await content.readexactly(length) if length else b""
                 ctx.bytes_in = length
                 if ctx.decoded and coding is not None:
-                    ctx.body = self._decode_body(coding, ctx.body, limits.max_body)
+                    ctx.body = await self._decode_body(coding, ctx.body, limits.max_body)
                 return
             if length is None and not request.body_exists:
                 ctx.body = b"" if ctx.method in BODY_METHODS else None
@@ -340,7 +351,7 @@ class Engine(Failover):
                     ctx.body = b"".join(parts)
                     ctx.bytes_in = size
                     if ctx.decoded and coding is not None:
-                        ctx.body = self._decode_body(coding, ctx.body, limits.max_body)
+                        ctx.body = await self._decode_body(coding, ctx.body, limits.max_body)
                     return
                 parts.append(chunk)
                 size += len(chunk)
@@ -356,10 +367,13 @@ class Engine(Failover):
         if ctx.decoded and coding is not None:
             ctx.body_stream = _decoded_stream(ctx.body_stream, codec.decoder(coding, limits.max_body))
 
-    def _decode_body(self, coding: str, body: bytes, limit: int) -> bytes:
+    async def _decode_body(self, coding: str, body: bytes, limit: int) -> bytes:
         decoder = codec.decoder(coding, limit)
         try:
-            plain = decoder.feed(body)
+            if len(body) < THREAD_MIN // 8:
+                plain = decoder.feed(body)
+            else:  # a big body: decoded off the event loop (the codecs release the GIL)
+                plain = await asyncio.to_thread(decoder.feed, body)
             decoder.finish()
         except codec.TooLarge as exc:
             raise BodyTooLarge(f"request body {exc}") from None
@@ -388,30 +402,10 @@ class Engine(Failover):
 
     def _body_for(self, ctx: Ctx, path: Path) -> bytes | None:
         """The request body for this path: the client's, or with the model renamed when the
-        endpoint has a `models` map that names it (only then is the body parsed, as JSON);
-        compressed when the path is a `via` hop that compresses."""
-        body = self._renamed(ctx, path)
-        ctx.coding = None
-        hop = path.hop
-        if hop is None or hop.compress is None or ctx.request.headers.get("content-encoding"):
-            return body
-        if ctx.body_stream is not None:
-            ctx.coding = hop.compress
-            ctx.body_stream = _encoded_stream(ctx.body_stream, codec.encoder(hop.compress), self, path.line.name)
-            return body
-        if body is None or len(body) < MIN_COMPRESS:
-            return body
-        packed = ctx.packed
-        if packed is None or packed[0] is not body or packed[1] != hop.compress:
-            packed = ctx.packed = (body, hop.compress, codec.encode(hop.compress, body))
-        ctx.coding = hop.compress
-        self.metrics.count_hop("sidecar", path.line.name, "up", len(body), len(packed[2]))
-        return packed[2]
-
-    def _renamed(self, ctx: Ctx, path: Path) -> bytes | None:
+        endpoint has a `models` map that names it. Only then is the body parsed (JSON)."""
         body = ctx.body
         renames = path.endpoint.models
-        if not renames or not body or ctx.request.headers.get("content-encoding"):
+        if not renames or not body or (ctx.request.headers.get("content-encoding") and not ctx.decoded):
             return body
         try:
             doc = orjson.loads(body)
@@ -424,6 +418,37 @@ class Engine(Failover):
             return body
         doc["model"] = new
         return orjson.dumps(doc)
+
+    async def _hop_body(self, ctx: Ctx, path: Path, body: bytes | None) -> bytes | None:
+        """Sidecar role: the body as it crosses a `via` hop, compressed unless that gains
+        nothing (small, already compressed by the client or by nature, or so repetitive the
+        edge's bomb guard would refuse it). Big bodies are compressed off the event loop."""
+        ctx.coding = None
+        hop = path.hop
+        assert hop is not None
+        coding = hop.compress
+        headers = ctx.request.headers
+        if coding is None or "content-encoding" in headers or _incompressible(headers.get("content-type")):
+            return body
+        if ctx.body_stream is not None:
+            ctx.coding = coding
+            ctx.body_stream = _encoded_stream(ctx.body_stream, codec.encoder(coding), self, path.line.name)
+            return body
+        if body is None or len(body) < MIN_COMPRESS:
+            return body
+        packed = ctx.packed
+        if packed is None or packed[0] is not body or packed[1] != coding:
+            if len(body) < THREAD_MIN:
+                wire = codec.encode(coding, body)
+            else:
+                wire = await asyncio.to_thread(codec.encode, coding, body)
+            packed = ctx.packed = (body, coding, wire)
+        wire = packed[2]
+        if len(wire) > len(body) * 0.9 or len(body) > len(wire) * codec.SAFE_RATIO:
+            return body
+        ctx.coding = coding
+        self.metrics.count_hop("sidecar", path.line.name, "up", len(body), len(wire))
+        return wire
 
     def _request_head(self, ctx: Ctx, upstream: Upstream, path: Path, body: bytes | None) -> bytes:
         endpoint = path.endpoint
@@ -459,7 +484,8 @@ class Engine(Failover):
         if key is not None:
             out.append(key[0] + b": " + key[1] + b"\r\n")
         if hop is not None:
-            out.append(path.hop_headers)  # our token for the edge, the codings we take back, the endpoint
+            out.append(path.hop_headers)  # our token for the edge, and the endpoint meant
+            out.append(hop.accept(ctx.request.headers.get("accept-encoding")))
             if ctx.coding is not None:
                 out.append(b"Content-Encoding: " + ctx.coding.encode() + b"\r\n")
         elif ctx.pin is not None:
@@ -492,7 +518,7 @@ class Engine(Failover):
                 return None
             if not sse and codec.accepts(wanted, coding):
                 return None
-            return codec.decoder(coding, limit)
+            return codec.decoder(coding, limit, RESPONSE_RATIO_FLOOR)
 
         return decide
 
@@ -535,10 +561,14 @@ class Engine(Failover):
             if resp.decoder is not None:
                 self._count_hop(ctx, resp)
             if coding is not None and len(body) >= MIN_COMPRESS:
-                wire = codec.encode(coding, body)
-                self.metrics.count_hop("edge", "", "down", len(body), len(wire))
-                body = wire
-                headers.append(("Content-Encoding", coding))
+                if len(body) < THREAD_MIN:
+                    wire = codec.encode(coding, body)
+                else:
+                    wire = await asyncio.to_thread(codec.encode, coding, body)
+                if len(body) <= len(wire) * codec.SAFE_RATIO:  # (else the sidecar's guard would refuse it)
+                    self.metrics.count_hop("edge", "", "down", len(body), len(wire))
+                    body = wire
+                    headers.append(("Content-Encoding", coding))
             ctx.bytes_out = len(body)
             ctx.ttfb = time.monotonic() - ctx.started
             ctx.committed = True

@@ -9,6 +9,8 @@ warm pools) and build or drain only what changed.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import socket
 import ssl
 import time
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
+from . import codec
 from .client import Conn, Response
 from .dns import Address, Resolver
 from .edge import ENDPOINT_HEADER
@@ -33,6 +36,8 @@ if TYPE_CHECKING:
 __all__ = ["PROBE_HEADER_LINE", "Line", "Path", "PathKey", "Via", "tls_context"]
 
 PathKey = tuple[str, str, str]  # (upstream name, endpoint url, line name)
+
+log = logging.getLogger("edgeproxy")
 
 # Bounds for the RTT-derived timeouts below (seconds). The floors keep a loaded machine's
 # scheduling hiccups from looking like a dead line.
@@ -143,7 +148,7 @@ class Line:
 class Via:
     """Where a `via` line goes and how it presents itself to the edge."""
 
-    __slots__ = ("compress", "headers", "host", "port", "tls", "url")
+    __slots__ = ("compress", "headers", "host", "port", "prefs", "tls", "url")
 
     def __init__(self, config: LineConfig) -> None:
         assert config.via is not None and config.token is not None
@@ -153,11 +158,37 @@ class Via:
         https = parts.scheme == "https"
         self.port = parts.port or (443 if https else 80)
         self.tls = tls_context(config.ca) if https else None
+        if not https and not _is_loopback(self.host):
+            log.warning(
+                "lines.%s: the hop to %s is plain http: its token and any API keys cross in clear"
+                " text (use https unless the network between is private, e.g. a VPN)",
+                config.name,
+                self.url,
+            )
         self.compress = None if config.compress == "off" else config.compress
-        # Sent on every hop request (and probe): our token, and the codings we can take back.
-        # `compress: off` asks for none, so the edge sends plain bytes.
-        accept = {"br": "br, gzip", "gzip": "gzip", "zstd": "zstd, br, gzip"}.get(config.compress, "identity")
-        self.headers = f"x-edgeproxy-token: {config.token}\r\nAccept-Encoding: {accept}\r\n".encode("latin-1")
+        # The codings we take answers in, best first (`compress: off`: none, plain bytes).
+        self.prefs: tuple[str, ...] = {"br": ("br", "gzip"), "gzip": ("gzip",), "zstd": ("zstd", "br", "gzip")}.get(
+            config.compress, ()
+        )
+        # Sent on every hop request (and probe): our token.
+        self.headers = f"x-edgeproxy-token: {config.token}\r\n".encode("latin-1")
+
+    def accept(self, wanted: str | None) -> bytes:
+        """The Accept-Encoding for one hop request. Codings the client itself takes come
+        first: an answer in one of those passes through to it untouched (no decoding here,
+        no size cap); the others are decoded by us."""
+        if not self.prefs:
+            return b"Accept-Encoding: identity\r\n"
+        first = [c for c in self.prefs if codec.accepts(wanted, c)]
+        order = first + [c for c in self.prefs if c not in first]
+        return b"Accept-Encoding: " + ", ".join(order).encode() + b"\r\n"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class Path:

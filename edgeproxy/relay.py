@@ -46,8 +46,8 @@ async def push_body(
     the in-band error that follows starts on an event boundary instead of gluing itself to
     half a JSON line. At a clean end, whatever is held goes out as it is.
 
-    With an ``encoder`` (an edge compressing for the hop) the body goes out compressed, and
-    for SSE flushed after every write, so each event is decodable as soon as it arrives; the
+    With an ``encoder`` (an edge compressing for the hop) the body goes out compressed and
+    flushed after every write, so each event is decodable as soon as it arrives; the
     compressor's window still spans events, which is what makes a stream shrink.
 
     Raises ProxyError if the origin fails or falls silent for ``idle_timeout`` (the caller
@@ -74,7 +74,7 @@ async def push_body(
             write(data)
             return buffered() <= CLIENT_HIGH_WATER
 
-    send = emit if encoder is None else _compressing(emit, encoder, flush=sse)
+    send = emit if encoder is None else _compressing(emit, encoder)
 
     held = last = b""
 
@@ -119,12 +119,11 @@ async def push_body(
     await _end(out, write, encoder, writer.chunked)  # type: ignore[attr-defined]
 
 
-def _compressing(emit: Callable[[bytes], bool], encoder: Encoder, flush: bool) -> Callable[[bytes], bool]:
+def _compressing(emit: Callable[[bytes], bool], encoder: Encoder) -> Callable[[bytes], bool]:
+    # Flushed after every write: an SSE event (or an NDJSON line, a chunk of a long JSON
+    # answer) is decodable at the other end as soon as it arrives; the window spans them all.
     def compressed(data: bytes) -> bool:
-        packed = encoder.process(data) + encoder.flush() if flush else encoder.process(data)
-        if not packed:
-            return True  # never an empty chunk: in chunked framing it would end the body
-        return emit(packed)
+        return emit(encoder.process(data) + encoder.flush())
 
     return compressed
 

@@ -249,6 +249,9 @@ async def test_edge_slows_down_repeated_wrong_tokens(origin: FakeOrigin, make_pr
         "http://{origin}/other/path",  # right origin, outside the endpoint's base path
         "http://user:pw@{origin}/v1/models",
         "ftp://{origin}/v1/models",
+        "http://{origin}/v1/../other/secret",  # dot segments climbing out of the base path
+        "http://{origin}/v1/%2e%2e/other/secret",
+        "http://{origin}/v1/./../other",
     ],
 )
 async def test_edge_is_no_open_relay(origin: FakeOrigin, make_proxy: MakeProxy, target: str) -> None:
@@ -682,3 +685,104 @@ async def test_two_endpoints_at_one_origin_are_told_apart(origin: FakeOrigin, ma
     seen = [r for r in origin.requests if r.path_only == "/v1/messages"][-1]
     assert seen.headers["x-api-key"] == "sk-ant-on-edge"
     assert "Authorization" not in seen.headers and "x-edgeproxy-endpoint" not in {k.lower() for k in seen.headers}
+
+
+# -- found in review: each of these once went wrong --------------------------------------------
+
+
+async def test_upload_with_content_length_over_replay_body_crosses_the_hop(
+    origin: FakeOrigin, make_proxy: MakeProxy
+) -> None:
+    """A body with a Content-Length, too big to hold for a retry, is streamed, compressed
+    (so re-framed as chunked) and decoded at the edge: the origin gets exactly the bytes."""
+    import hashlib
+
+    edge = await make_proxy(edge_config(origin))
+    side = await make_proxy(sidecar_config(origin, edge.url, limits={"replay_body": "64KiB"}))
+    await ready(side)
+    data = b"".join(orjson.dumps({"custom_id": f"r{i}", "body": HISTORY[i % 20]}) + b"\n" for i in range(600))
+    assert len(data) > 64 * 1024
+    async with aiohttp.ClientSession() as s:
+        async with s.post(side.url + "/v1/files", data=data, headers={"Content-Type": "application/jsonl"}) as r:
+            assert r.status == 200, await r.text()
+            doc = await r.json()
+    assert doc["bytes"] == len(data) and doc["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+async def test_very_repetitive_body_is_not_taken_for_a_bomb(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    """An agent history repeating one 30 KB tool output 150 times (4.7 MB, compresses ~500x) is a
+    real request, not a bomb: it reaches the origin whole."""
+    side, _ = await hop_pair(origin, make_proxy)
+    tool_output = "".join(f"line {i}: def handler_{i}(request): return respond(request, {i})\n" for i in range(450))
+    messages = [
+        {"role": "user", "content": f"run {i}"} if i % 2 else {"role": "tool", "content": tool_output}
+        for i in range(300)
+    ]
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": messages})
+    assert len(body) > 4_000_000
+    async with aiohttp.ClientSession() as s:
+        async with s.post(side.url + "/v1/chat/completions", data=body) as r:
+            assert r.status == 200, await r.text()
+    seen = [r for r in origin.requests if r.path_only == "/v1/chat/completions"][-1]
+    assert seen.body == body
+
+
+async def test_answer_in_a_coding_the_app_takes_passes_through(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    """A br line, an app that takes gzip (httpx's default): the sidecar asks the edge for gzip
+    first, and the answer passes through to the app as it came (no decoding, no size cap)."""
+    side, _ = await hop_pair(origin, make_proxy, compress="br")
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": HISTORY})
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        headers = {"Accept-Encoding": "gzip, deflate"}
+        async with s.post(side.url + "/v1/chat/completions", data=body, headers=headers) as r:
+            assert r.headers["Content-Encoding"] == "gzip"
+            doc = orjson.loads(codec.decoder("gzip", 1 << 20).feed(await r.read()))
+    assert doc["object"] == "chat.completion"
+
+
+async def test_non_sse_stream_is_not_held_back_by_compression(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    """Gemini's streamGenerateContent without alt=sse is a JSON array sent piece by piece: the
+    edge flushes its compressor after every piece, so the app sees them as they come."""
+    origin.events = 5
+    origin.event_interval = 0.2
+    side, _ = await hop_pair(origin, make_proxy)
+    body = orjson.dumps({"contents": [{"role": "user", "parts": [{"text": "stream it"}]}]})
+    arrivals = []
+    async with aiohttp.ClientSession() as s:
+        url = side.url + "/gemini/v1beta/models/gemini-2.0-flash:streamGenerateContent"
+        async with s.post(url, data=body, headers={"Accept-Encoding": "identity"}) as r:
+            assert r.status == 200
+            start = time.monotonic()
+            async for _ in r.content.iter_any():
+                arrivals.append(time.monotonic() - start)
+    assert len(arrivals) >= 3, arrivals
+    assert arrivals[0] < 0.5, arrivals  # the first piece came at once, not at the end (~1 s)
+
+
+async def test_models_map_on_the_edge_applies_to_compressed_bodies(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    cfg = edge_config(origin)
+    cfg["upstreams"]["openai"]["endpoints"][0]["models"] = {"gpt-4o-mini": "renamed-on-edge"}
+    edge = await make_proxy(cfg)
+    side = await make_proxy(sidecar_config(origin, edge.url))
+    await ready(side)
+    client = openai.AsyncOpenAI(base_url=side.url + "/v1", api_key="sk-client", max_retries=0)
+    for messages in ([{"role": "user", "content": "short"}], HISTORY):  # sent plain, then compressed
+        await client.chat.completions.create(model="gpt-4o-mini", messages=messages)  # type: ignore[arg-type]
+        seen = [r for r in origin.requests if r.path_only == "/v1/chat/completions"][-1]
+        assert seen.json()["model"] == "renamed-on-edge"
+
+
+def test_wrong_token_throttle_stays_bounded() -> None:
+    """However long someone guesses, the delay stays capped (no overflow), and an IPv6 /64
+    counts as one guesser; memory is bounded."""
+    from edgeproxy.edge import AuthThrottle
+
+    throttle = AuthThrottle()
+    delays = [throttle.on_failure("203.0.113.9") for _ in range(5000)]
+    assert delays[:5] == [0.0] * 5 and max(delays) == AuthThrottle.MAX_DELAY
+    for i in range(10):
+        delay = throttle.on_failure(f"2001:db8:1:2::{i:x}")
+    assert delay > 0  # ten addresses of one /64 were one guesser
+    for i in range(AuthThrottle.MAX_PEERS + 100):
+        throttle.on_failure(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}")
+    assert len(throttle._fails) <= AuthThrottle.MAX_PEERS

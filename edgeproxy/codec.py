@@ -27,7 +27,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = [
     "DECODABLE",
     "ENCODINGS",
-    "SAFE_RATIO",
     "DecodeError",
     "Decoder",
     "Encoder",
@@ -37,6 +36,7 @@ __all__ = [
     "decoder",
     "encode",
     "encoder",
+    "safe_ratio",
 ]
 
 # Hop compression levels: fast enough for a 30 KB body in well under a millisecond, still most
@@ -49,10 +49,9 @@ ZSTD_LEVEL: Final = 6
 # Decompression guards.
 # Output over input. Real chat bodies compress 5-20x, SSE streams ~10x; a body repeating the same
 # tool output hundreds of times reaches a few hundred (senders skip compressing anything past
-# SAFE_RATIO, so what they send never trips the guard). Bombs: brotli/zstd 10^4-10^6x; gzip
-# cannot pass ~1030x, its bombs meet the size limit instead.
-MAX_RATIO: Final = 2000
-SAFE_RATIO: Final = MAX_RATIO // 4
+# a quarter of the limit: see safe_ratio(), so what they send never trips the guard). Bombs:
+# brotli and zstd reach 10^4-10^6x; deflate cannot pass ~1030x, so gzip gets a lower limit.
+MAX_RATIO: Final = {"br": 2000, "zstd": 2000, "gzip": 800, "deflate": 800}
 RATIO_FLOOR: Final = 1 << 20  # small outputs are never a bomb, whatever their ratio
 STEP_OUTPUT: Final = 64 * 1024  # at most this much output per step (memory bound)
 SLICE: Final = 1024  # input per step, so the ratio guard sees how much input was consumed
@@ -212,12 +211,13 @@ class Decoder:
     ratio guard. ``wire`` and ``raw`` count the bytes in and out.
     """
 
-    __slots__ = ("_d", "_done", "floor", "limit", "name", "raw", "wire")
+    __slots__ = ("_d", "_done", "floor", "limit", "name", "ratio", "raw", "wire")
 
     def __init__(self, name: str, limit: int, floor: int = RATIO_FLOOR) -> None:
         self.name = name
         self.limit = limit
         self.floor = floor
+        self.ratio = MAX_RATIO.get(name, 2000)
         self.wire = 0
         self.raw = 0
         self._done = False
@@ -262,8 +262,8 @@ class Decoder:
         self.raw += produced
         if self.raw > self.limit:
             raise TooLarge(f"decompresses to more than the limit of {self.limit} bytes")
-        if self.raw > self.floor and self.raw > MAX_RATIO * self.wire:
-            raise TooLarge(f"decompresses more than {MAX_RATIO}x (a compression bomb?)")
+        if self.raw > self.floor and self.raw > self.ratio * self.wire:
+            raise TooLarge(f"decompresses more than {self.ratio}x (a compression bomb?)")
 
     def _brotli(self, data: bytes | memoryview) -> bytes:
         d = self._d
@@ -325,6 +325,11 @@ class Decoder:
                 self._done = True
                 break
         return b"".join(parts)
+
+
+def safe_ratio(name: str) -> int:
+    """Past this ratio a sender sends the body as it is: the receiver's guard would refuse it."""
+    return MAX_RATIO.get(name, 2000) // 4
 
 
 def decoder(name: str, limit: int, floor: int = RATIO_FLOOR) -> Decoder:

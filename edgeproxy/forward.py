@@ -444,7 +444,7 @@ class Engine(Failover):
                 wire = await asyncio.to_thread(codec.encode, coding, body)
             packed = ctx.packed = (body, coding, wire)
         wire = packed[2]
-        if len(wire) > len(body) * 0.9 or len(body) > len(wire) * codec.SAFE_RATIO:
+        if len(wire) > len(body) * 0.9 or len(body) > len(wire) * codec.safe_ratio(coding):
             return body
         ctx.coding = coding
         self.metrics.count_hop("sidecar", path.line.name, "up", len(body), len(wire))
@@ -565,7 +565,7 @@ class Engine(Failover):
                     wire = codec.encode(coding, body)
                 else:
                     wire = await asyncio.to_thread(codec.encode, coding, body)
-                if len(body) <= len(wire) * codec.SAFE_RATIO:  # (else the sidecar's guard would refuse it)
+                if len(body) <= len(wire) * codec.safe_ratio(coding):  # (else the sidecar's guard would refuse it)
                     self.metrics.count_hop("edge", "", "down", len(body), len(wire))
                     body = wire
                     headers.append(("Content-Encoding", coding))

@@ -20,6 +20,7 @@ __all__ = [
     "ConnectTimeout",
     "FirstEventTimeout",
     "Forbidden",
+    "HopBaseUnknown",
     "NoRoute",
     "PathDown",
     "PoolExhausted",
@@ -163,6 +164,13 @@ class Forbidden(ClientError):
     kind = "forbidden"
 
 
+class HopBaseUnknown(ClientError):
+    """A hop request's delta names a body this edge does not keep (any more): the sidecar
+    sends the body whole instead."""
+
+    kind = "hop_base_unknown"
+
+
 class BadEncoding(ClientError):
     """The request body's Content-Encoding does not decode (broken or cut-short data)."""
 
@@ -176,6 +184,7 @@ ERRORS: Final[dict[str, tuple[int, str, str]]] = {
     "unauthorized": (401, "authentication_error", "invalid_edgeproxy_token"),
     "forbidden": (403, "permission_error", "hop_target_not_served"),
     "bad_encoding": (400, "invalid_request_error", "bad_content_encoding"),
+    "hop_base_unknown": (409, "invalid_request_error", "hop_base_unknown"),
     "no_route": (404, "not_found_error", "no_route"),
     "too_large": (413, "request_too_large", "body_too_large"),
     "connect": (502, "api_error", "upstream_unreachable"),

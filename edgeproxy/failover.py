@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from .client import Response
+from .edge import BASE_MISSING
 from .errors import PathDown, ProxyError, UpstreamReset, ViaRefused
 from .providers import retry_wait
 
@@ -221,13 +222,15 @@ class Failover:
 
     async def _attempt(self, ctx: Ctx, upstream: Upstream, path: Path) -> Response:
         """One try on one path: send, then wait for headers (and for SSE, the first event)."""
-        body = self._body_for(ctx, path)
-        if path.hop is not None:
-            body = await self._hop_body(ctx, path, body)
-        head = self._request_head(ctx, upstream, path, body)
         failover = upstream.config.failover
         fresh = False
+        head = None
         while True:
+            if head is None:
+                body = self._body_for(ctx, path)
+                if path.hop is not None:
+                    body = await self._hop_body(ctx, path, body)
+                head = self._request_head(ctx, upstream, path, body)
             # Counted in flight from the moment it is planned on this path, so concurrent
             # requests see the pool filling up and spill before they wait for a connection.
             path.inflight += 1
@@ -260,6 +263,12 @@ class Failover:
                     # (a compressed stream's events cannot be seen: its first byte commits it)
                     await resp.wait_event(failover.first_event_timeout)
                 return resp
+            except HopBaseMissing:
+                # The edge no longer has the body our delta named: send it whole, same path.
+                resp.release()
+                ctx.whole = True
+                head = None
+                continue
             except UpstreamReset as exc:
                 resp.release()
                 if not fresh and reused and _stale_connection(ctx, resp, exc):
@@ -279,10 +288,19 @@ def _check_hop(path: Path, resp: Response) -> None:
     says the line cannot carry this request, not that the origin said no; and a body that
     already failed to decode is the path's failure, retried like a reset."""
     status = resp.status
-    if status in (401, 403) and (kind := resp.header(b"x-edgeproxy-error")) is not None:
+    if status in (401, 403, 409) and (kind := resp.header(b"x-edgeproxy-error")) is not None:
+        if status == 409 and kind == BASE_MISSING_BYTES:
+            raise HopBaseMissing("the edge no longer has the base of our delta")
         resp.release()
         raise ViaRefused(f"edge {path.line.name} refused the hop: {status} {kind.decode('latin-1')}")
     resp.check()
+
+
+class HopBaseMissing(Exception):
+    """409 hop_base_unknown from the edge: resend the body whole (never leaves _attempt)."""
+
+
+BASE_MISSING_BYTES: Final = BASE_MISSING.encode()
 
 
 def _is_sse(resp: Response) -> bool:

@@ -21,12 +21,22 @@ from aiohttp import web
 
 from . import codec
 from .client import Response
-from .edge import ENDPOINT_HEADER, PROBE_HEADER, AuthThrottle, probe_answer, split_target
+from .edge import (
+    BASE_HEADER,
+    ENDPOINT_HEADER,
+    MIN_BASE,
+    PROBE_HEADER,
+    AuthThrottle,
+    Bases,
+    probe_answer,
+    split_target,
+)
 from .errors import (
     BadEncoding,
     BodyTooLarge,
     ClientError,
     Forbidden,
+    HopBaseUnknown,
     NoRoute,
     ProxyError,
     Unauthorized,
@@ -64,10 +74,19 @@ HOP_BY_HOP: Final = frozenset(
 REQUEST_SKIP: Final = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-edgeproxy-token"}
 # On either side of an edge hop we set Accept-Encoding ourselves (the hop's codings, or
 # identity towards the origin); Content-Encoding too when we (de)compressed the body.
-HOP_SKIP: Final = REQUEST_SKIP | {b"accept-encoding", b"x-edgeproxy-probe", b"x-edgeproxy-endpoint"}
+HOP_SKIP: Final = REQUEST_SKIP | {
+    b"accept-encoding",
+    b"x-edgeproxy-probe",
+    b"x-edgeproxy-endpoint",
+    b"x-edgeproxy-base",
+}
 HOP_SKIP_CODED: Final = HOP_SKIP | {b"content-encoding"}
 # Bodies smaller than this cross the hop as they are: compressing them gains nothing.
 MIN_COMPRESS: Final = 256
+BASE_HEADER_BYTES: Final = BASE_HEADER.encode()
+# Bodies an edge keeps as bases for deltas, for all sidecars: at most this many, bytes in all.
+EDGE_BASES: Final = 256
+EDGE_BASE_BYTES: Final = 64 << 20
 # Whole bodies from this size on are (de)compressed in a thread, not on the event loop.
 THREAD_MIN: Final = 1 << 20
 # Response decoding at the sidecar: the bomb guard looks at the ratio only past this much
@@ -89,6 +108,7 @@ class Ctx:
 
     __slots__ = (
         "attempt_log",
+        "base",
         "coding",
         "decoded",
         "encoder",
@@ -97,6 +117,7 @@ class Ctx:
         "pin",
         "target",
         "waited",
+        "whole",
         "body",
         "body_stream",
         "bytes_in",
@@ -148,7 +169,11 @@ class Ctx:
         # Sidecar role (a `via` path): the coding this attempt's body was sent in, and the
         # last compressed body (kept for a retry on another `via` path).
         self.coding: str | None = None
-        self.packed: tuple[bytes, str, bytes] | None = None
+        self.packed: tuple[bytes, str, bytes, tuple[str, int] | None] | None = None
+        # ... and the delta it was sent as (hash of the base, prefix length), unless the edge
+        # did not have the base (then ``whole``: sent whole from now on).
+        self.base: tuple[str, int] | None = None
+        self.whole = False
 
     def stream_length(self) -> int | None:
         """The Content-Length of a streamed body as we send it (None: chunked)."""
@@ -194,7 +219,17 @@ async def _encoded_stream(
 class Engine(Failover):
     """Runs requests through the phases. One per listener; the State is swapped on reload."""
 
-    __slots__ = ("_inflight", "_throttle", "_tokens", "access", "listener", "metrics", "on_slow_path", "state")
+    __slots__ = (
+        "_inflight",
+        "_throttle",
+        "_tokens",
+        "access",
+        "bases",
+        "listener",
+        "metrics",
+        "on_slow_path",
+        "state",
+    )
 
     def __init__(
         self,
@@ -203,6 +238,7 @@ class Engine(Failover):
         metrics: Metrics,
         access: AccessLog,
         on_slow_path: Callable[[Path], None] = lambda path: None,
+        bases: Bases | None = None,
     ) -> None:
         self.state = state
         # Called when an attempt waits for headers longer than its path's RTT suggests: the
@@ -213,6 +249,8 @@ class Engine(Failover):
         self.access = access
         self._tokens = [t.encode() for t in listener.tokens]
         self._throttle = AuthThrottle()
+        # Edge role: recent hop bodies, the bases of sidecars' deltas (shared by listeners).
+        self.bases = bases if bases is not None else Bases(EDGE_BASES, EDGE_BASE_BYTES, EDGE_BASE_BYTES // 4)
         self._inflight: set[Ctx] = set()
 
     def reconfigure(self, state: State, listener: ListenerConfig) -> None:
@@ -335,8 +373,8 @@ class Engine(Failover):
             if length is not None and length <= limits.replay_body:
                 ctx.body = await content.readexactly(length) if length else b""
                 ctx.bytes_in = length
-                if ctx.decoded and coding is not None:
-                    ctx.body = await self._decode_body(coding, ctx.body, limits.max_body)
+                if ctx.pin is not None:
+                    ctx.body = await self._hop_request_body(ctx, coding, ctx.body, limits.max_body)
                 return
             if length is None and not request.body_exists:
                 ctx.body = b"" if ctx.method in BODY_METHODS else None
@@ -350,8 +388,8 @@ class Engine(Failover):
                 if not chunk:
                     ctx.body = b"".join(parts)
                     ctx.bytes_in = size
-                    if ctx.decoded and coding is not None:
-                        ctx.body = await self._decode_body(coding, ctx.body, limits.max_body)
+                    if ctx.pin is not None:
+                        ctx.body = await self._hop_request_body(ctx, coding, ctx.body, limits.max_body)
                     return
                 parts.append(chunk)
                 size += len(chunk)
@@ -366,6 +404,24 @@ class Engine(Failover):
         ctx.body_stream = self._stream_body(ctx, parts, size, limits.max_body)
         if ctx.decoded and coding is not None:
             ctx.body_stream = _decoded_stream(ctx.body_stream, codec.decoder(coding, limits.max_body))
+
+    async def _hop_request_body(self, ctx: Ctx, coding: str | None, body: bytes, limit: int) -> bytes:
+        """Edge role: a hop request's body as the origin gets it: decoded, put back together
+        from a delta, and kept as a base for the next turn of the same conversation."""
+        if ctx.decoded and coding is not None:
+            body = await self._decode_body(coding, body, limit)
+        delta = ctx.request.headers.get(BASE_HEADER)
+        if delta is not None:
+            digest, _, n = delta.partition(":")
+            base = self.bases.get(digest)
+            if base is None or not n.isdigit() or int(n) > len(base):
+                raise HopBaseUnknown("this edge does not keep that base body (any more): send it whole")
+            if int(n) + len(body) > limit:
+                raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
+            body = base[: int(n)] + body
+        if len(body) >= MIN_BASE:
+            self.bases.add(body)
+        return body
 
     async def _decode_body(self, coding: str, body: bytes, limit: int) -> bytes:
         decoder = codec.decoder(coding, limit)
@@ -420,10 +476,13 @@ class Engine(Failover):
         return orjson.dumps(doc)
 
     async def _hop_body(self, ctx: Ctx, path: Path, body: bytes | None) -> bytes | None:
-        """Sidecar role: the body as it crosses a `via` hop, compressed unless that gains
-        nothing (small, already compressed by the client or by nature, or so repetitive the
-        edge's bomb guard would refuse it). Big bodies are compressed off the event loop."""
+        """Sidecar role: the body as it crosses a `via` hop. A delta when a body sent to that
+        edge lately shares a long prefix with it (the same conversation, a turn earlier: see
+        edge.py); compressed unless that gains nothing (small, already compressed by the
+        client or by nature, or so repetitive the edge's bomb guard would refuse it). Big
+        bodies are compressed off the event loop."""
         ctx.coding = None
+        ctx.base = None
         hop = path.hop
         assert hop is not None
         coding = hop.compress
@@ -437,16 +496,24 @@ class Engine(Failover):
         if body is None or len(body) < MIN_COMPRESS:
             return body
         packed = ctx.packed
-        if packed is None or packed[0] is not body or packed[1] != coding:
-            if len(body) < THREAD_MIN:
-                wire = codec.encode(coding, body)
+        if packed is None or packed[0] is not body or packed[1] != coding or ctx.whole:
+            base = None if ctx.whole else hop.bases.best(body)
+            rest = body if base is None else body[base[1] :]
+            if len(rest) < THREAD_MIN:
+                wire = codec.encode(coding, rest)
             else:
-                wire = await asyncio.to_thread(codec.encode, coding, body)
-            packed = ctx.packed = (body, coding, wire)
-        wire = packed[2]
-        if len(wire) > len(body) * 0.9 or len(body) > len(wire) * codec.safe_ratio(coding):
-            return body
-        ctx.coding = coding
+                wire = await asyncio.to_thread(codec.encode, coding, rest)
+            packed = ctx.packed = (body, coding, wire, base)
+            hop.bases.add(body)
+        wire, base = packed[2], packed[3]
+        rest_len = len(body) - (base[1] if base is not None else 0)
+        if len(wire) > rest_len * 0.9 or rest_len > len(wire) * codec.safe_ratio(coding):
+            if base is None:
+                return body
+            wire = body[base[1] :]  # the rest as it is: not worth compressing
+        else:
+            ctx.coding = coding
+        ctx.base = base
         self.metrics.count_hop("sidecar", path.line.name, "up", len(body), len(wire))
         return wire
 
@@ -486,6 +553,8 @@ class Engine(Failover):
         if hop is not None:
             out.append(path.hop_headers)  # our token for the edge, and the endpoint meant
             out.append(hop.accept(ctx.request.headers.get("accept-encoding")))
+            if ctx.base is not None:
+                out.append(b"%s: %s:%d\r\n" % (BASE_HEADER_BYTES, ctx.base[0].encode(), ctx.base[1]))
             if ctx.coding is not None:
                 out.append(b"Content-Encoding: " + ctx.coding.encode() + b"\r\n")
         elif ctx.pin is not None:

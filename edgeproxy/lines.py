@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from . import codec
 from .client import Conn, Response
 from .dns import Address, Resolver
-from .edge import ENDPOINT_HEADER
+from .edge import ENDPOINT_HEADER, Bases
 from .errors import ConnectError
 from .estimator import Estimator
 from .health import Health
@@ -44,6 +44,9 @@ log = logging.getLogger("edgeproxy")
 CONNECT_FLOOR: Final = 0.5
 SUSPECT_FLOOR: Final = 0.2
 SUSPECT_CEILING: Final = 1.0
+# Recent bodies a `via` line keeps for deltas: at most this many, this many bytes in all.
+SIDECAR_BASES: Final = 16
+SIDECAR_BASE_BYTES: Final = 16 << 20
 # Marks a probe sent over a `via` line: the edge answers it itself, with its own RTT.
 PROBE_HEADER_LINE: Final = b"x-edgeproxy-probe: 1\r\n"
 
@@ -148,7 +151,7 @@ class Line:
 class Via:
     """Where a `via` line goes and how it presents itself to the edge."""
 
-    __slots__ = ("compress", "headers", "host", "port", "prefs", "tls", "url")
+    __slots__ = ("bases", "compress", "headers", "host", "port", "prefs", "tls", "url")
 
     def __init__(self, config: LineConfig) -> None:
         assert config.via is not None and config.token is not None
@@ -170,6 +173,8 @@ class Via:
         self.prefs: tuple[str, ...] = {"br": ("br", "gzip"), "gzip": ("gzip",), "zstd": ("zstd", "br", "gzip")}.get(
             config.compress, ()
         )
+        # What we sent this edge lately, for deltas (edge.py "conversation deltas").
+        self.bases = Bases(SIDECAR_BASES, SIDECAR_BASE_BYTES, SIDECAR_BASE_BYTES // 4)
         # Sent on every hop request (and probe): our token.
         self.headers = f"x-edgeproxy-token: {config.token}\r\n".encode("latin-1")
 

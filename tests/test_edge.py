@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
+import string
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -786,3 +788,59 @@ def test_wrong_token_throttle_stays_bounded() -> None:
     for i in range(AuthThrottle.MAX_PEERS + 100):
         throttle.on_failure(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}")
     assert len(throttle._fails) <= AuthThrottle.MAX_PEERS
+
+
+# -- conversation deltas -------------------------------------------------------------------
+
+
+async def test_next_turn_of_a_conversation_crosses_as_a_delta(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    """Turn N re-sends turns 1..N-1: the sidecar sends only what is new (plus the name of the
+    body it extends), the edge puts it back together, and the origin gets the whole body."""
+    edge = await make_proxy(edge_config(origin))
+    sim = LineSim("127.0.0.1", edge.proxy.listeners[0].config.port or 0)
+    await sim.start()
+    try:
+        side = await make_proxy(sidecar_config(origin, f"http://{sim.address}"))
+        await ready(side)
+        client = openai.AsyncOpenAI(base_url=side.url + "/v1", api_key="sk-client", max_retries=0)
+        rng = random.Random(7)
+        words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9))) for _ in range(3000)]
+        messages = [
+            {"role": "user" if i % 2 == 0 else "assistant", "content": " ".join(rng.choices(words, k=120))}
+            for i in range(24)
+        ]
+        sent = []
+        for turn in range(3):
+            messages.append({"role": "user", "content": f"turn {turn}: and what about timeouts?"})
+            before = sim.bytes_up
+            got = await client.chat.completions.create(model="gpt-4o-mini", messages=messages)  # type: ignore[arg-type]
+            sent.append(sim.bytes_up - before)
+            messages.append({"role": "assistant", "content": got.choices[0].message.content or ""})
+            seen = [r for r in origin.requests if r.path_only == "/v1/chat/completions"][-1]
+            assert seen.json()["messages"] == messages[:-1]  # whole, in order, every turn
+    finally:
+        await sim.stop()
+    # The first turn is compressed whole; the next ones are a small delta each.
+    assert sent[1] * 3 < sent[0] and sent[2] * 3 < sent[0], sent
+
+
+async def test_edge_that_lost_the_base_gets_the_body_whole(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    side, edge = await hop_pair(origin, make_proxy)
+    client = openai.AsyncOpenAI(base_url=side.url + "/v1", api_key="sk-client", max_retries=0)
+    messages: list[dict[str, str]] = [*HISTORY, {"role": "user", "content": "first"}]
+    await client.chat.completions.create(model="gpt-4o-mini", messages=messages)  # type: ignore[arg-type]
+    edge.proxy.bases._bodies.clear()  # as after an edge restart
+    messages += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "second"}]
+    got = await client.chat.completions.create(model="gpt-4o-mini", messages=messages)  # type: ignore[arg-type]
+    assert got.choices[0].message.content
+    seen = [r for r in origin.requests if r.path_only == "/v1/chat/completions"]
+    assert len(seen) == 2 and seen[-1].json()["messages"] == messages  # once, whole
+    assert edge.proxy.metrics.requests.values.get(("openai", "409")) == 1  # the delta it refused
+
+
+async def test_a_delta_naming_an_unknown_base_is_refused(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    edge = await make_proxy(edge_config(origin))
+    extra = "x-edgeproxy-base: 00112233445566778899aabbccddeeff:100\r\n"
+    status, headers, _ = await raw_request(edge.url, hop(origin.url + "/v1/chat/completions", extra=extra, body=b"}"))
+    assert status == 409 and headers["x-edgeproxy-error"] == "hop_base_unknown"
+    assert not [r for r in origin.requests if r.path_only == "/v1/chat/completions"]

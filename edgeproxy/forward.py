@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -34,6 +35,7 @@ from .relay import push_body
 if TYPE_CHECKING:
     from .accesslog import AccessLog
     from .config import ListenerConfig
+    from .keys import Key
     from .lines import Path
     from .metrics import Metrics
     from .state import State, Upstream
@@ -91,6 +93,10 @@ class Ctx:
         "tried",
         "ttfb",
         "upstream",
+        "keys",
+        "key_retries",
+        "key_disabled",
+        "queued",
     )
 
     def __init__(self, request: web.BaseRequest, state: State) -> None:
@@ -114,6 +120,10 @@ class Ctx:
         self.error: str | None = None
         self.attempt_log: list[dict[str, object]] = []
         self.waited = False  # a 429's short Retry-After was waited out already
+        self.keys: dict[Path, Key] | None = None  # the key injected on each path tried
+        self.key_retries = 0  # attempts sent again with another key (429, 401, 403)
+        self.key_disabled = False  # a refusal (401/403) disabled a key during this request
+        self.queued = False  # waited for a rate-limited key to free up
 
 
 class Engine(Failover):
@@ -158,7 +168,7 @@ class Engine(Failover):
             response = await self._run(ctx)
             return response
         except ProxyError as exc:
-            response = self._error_response(ctx, exc.kind, exc.message)
+            response = self._error_response(ctx, exc.kind, exc.message, exc.retry_after)
             return response
         except asyncio.CancelledError:
             ctx.status, ctx.error = STATUS_CLIENT_CLOSED, ctx.error or "client_disconnected"
@@ -293,7 +303,12 @@ class Engine(Failover):
         if not target or target[0] != "/":
             target = "/" + target
         host = path.host_header
-        key = upstream.key_header(endpoint)
+        key = upstream.pick_key(endpoint)
+        if key is not None:
+            if ctx.keys is None:
+                ctx.keys = {}
+            ctx.keys[path] = key
+            self.metrics.key_requests.inc((upstream.name, endpoint.url, key.id))
         out = [f"{ctx.method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1")]
         connection_listed: set[bytes] = set()
         for name, value in ctx.request.raw_headers:
@@ -311,7 +326,7 @@ class Engine(Failover):
             out = [out[0]] + [h for h in out[1:] if h.split(b":", 1)[0].lower() not in connection_listed]
         out.append(b"x-request-id: " + ctx.request_id.encode() + b"\r\n")
         if key is not None:
-            out.append(key[0] + b": " + key[1] + b"\r\n")
+            out.append(upstream.auth_header + b": " + key.value + b"\r\n")
         if ctx.body_stream is not None:
             length = ctx.request.content_length
             out.append(b"Content-Length: %d\r\n" % length if length is not None else b"Transfer-Encoding: chunked\r\n")
@@ -412,7 +427,7 @@ class Engine(Failover):
         return out
 
     # -- errors and logging ----------------------------------------------------------------
-    def _error_response(self, ctx: Ctx, kind: str, message: str) -> web.Response:
+    def _error_response(self, ctx: Ctx, kind: str, message: str, retry_after: float | None = None) -> web.Response:
         provider = ctx.upstream.provider if ctx.upstream is not None else "openai"
         status, body = error_body(provider, kind, message)
         ctx.status = status
@@ -424,6 +439,11 @@ class Engine(Failover):
             headers["x-request-id"] = ctx.request_id
         if kind == "unauthorized":
             headers["WWW-Authenticate"] = 'Bearer realm="edgeproxy"'
+        if retry_after is not None:
+            # Whole seconds (RFC 9110), rounded up so a client that obeys is not early; the
+            # exact wait too, in the header both the OpenAI and Anthropic SDKs read first.
+            headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+            headers["retry-after-ms"] = str(max(0, round(retry_after * 1000)))
         return web.Response(status=status, body=body, headers=headers)
 
     def _log(self, ctx: Ctx) -> None:

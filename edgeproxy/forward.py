@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Final
 import orjson
 from aiohttp import web
 
+from . import usage
 from .client import Response
 from .errors import (
     BodyTooLarge,
@@ -343,7 +344,7 @@ class Engine(Failover):
         headers: list[tuple[str, str]] = []
         connection_listed: tuple[bytes, ...] = ()
         length: int | None = None
-        is_sse = has_rid = False
+        is_sse = has_rid = is_json = encoded = False
         for name, value in resp.headers:
             lname = name.lower()
             if lname in RESPONSE_SKIP:
@@ -354,6 +355,9 @@ class Engine(Failover):
                 continue
             if lname == b"content-type":
                 is_sse = value[:17].lower() == b"text/event-stream"
+                is_json = value[:16].lower() == b"application/json"
+            elif lname == b"content-encoding":
+                encoded = True  # (usage in a compressed body cannot be seen)
             elif lname == b"x-request-id":
                 has_rid = True
             headers.append((name.decode("latin-1"), value.decode("latin-1")))
@@ -369,6 +373,8 @@ class Engine(Failover):
             ctx.bytes_out = len(body)
             ctx.ttfb = time.monotonic() - ctx.started
             ctx.committed = True
+            if is_json and resp.status == 200 and not encoded:
+                self._meter(ctx, upstream, usage.from_body(body))
             if ctx.method == "HEAD":
                 if length is not None:
                     headers.append(("Content-Length", str(length)))
@@ -392,7 +398,10 @@ class Engine(Failover):
             try:
                 # Events are relayed whole only when we can see them (not compressed).
                 framed = is_sse and resp.header(b"content-encoding") is None
-                await push_body(request, out, resp, idle, framed)
+                tap = usage.StreamTap() if framed and resp.status == 200 else None
+                await push_body(request, out, resp, idle, framed, tap)
+                if tap is not None:
+                    self._meter(ctx, upstream, usage.from_stream(tap))
             except ProxyError as exc:
                 return await self._broken_stream(ctx, upstream, out, exc, is_sse)
             finally:
@@ -425,6 +434,21 @@ class Engine(Failover):
             if transport is not None:
                 transport.abort()
         return out
+
+    def _meter(self, ctx: Ctx, upstream: Upstream, used: usage.Usage | None) -> None:
+        """Count the tokens a response used, per model and key; they also drain the key's
+        token buckets (its local `tpm`, and our estimate of the origin's)."""
+        if used is None:
+            return
+        key = ctx.keys.get(ctx.path) if ctx.keys is not None and ctx.path is not None else None
+        labels = (upstream.name, used.model or "-", "client" if key is None else key.id)
+        tokens = self.metrics.tokens
+        if used.input:
+            tokens.inc((*labels, "input"), used.input)
+        if used.output:
+            tokens.inc((*labels, "output"), used.output)
+        if key is not None:
+            key.on_tokens(used.input + used.output, time.monotonic())
 
     # -- errors and logging ----------------------------------------------------------------
     def _error_response(self, ctx: Ctx, kind: str, message: str, retry_after: float | None = None) -> web.Response:

@@ -13,6 +13,7 @@ is ours to frame (chunked or raw, as aiohttp chose), and ``write_eof()`` still e
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Final
 
 from aiohttp import web
@@ -30,14 +31,20 @@ MAX_HELD_EVENT: Final = 1024 * 1024
 
 
 async def push_body(
-    request: web.BaseRequest, out: web.StreamResponse, resp: Response, idle_timeout: float, sse: bool
+    request: web.BaseRequest,
+    out: web.StreamResponse,
+    resp: Response,
+    idle_timeout: float,
+    sse: bool,
+    tap: Callable[[bytes], None] | None = None,
 ) -> None:
     """Stream ``resp``'s body to the client; return at its end.
 
     For SSE (``sse``) only whole events go out: a partial event is held until its blank line
     arrives (no delay: a client cannot use half an event), so that if the origin breaks off,
     the in-band error that follows starts on an event boundary instead of gluing itself to
-    half a JSON line. At a clean end, whatever is held goes out as it is.
+    half a JSON line. At a clean end, whatever is held goes out as it is. ``tap``, if given,
+    sees every run of whole events that goes out (usage metering keeps the last few).
 
     Raises ProxyError if the origin fails or falls silent for ``idle_timeout`` (the caller
     reports it in-band), ConnectionResetError if the client is gone.
@@ -77,6 +84,8 @@ async def push_body(
             if 0 <= end < len(data):
                 data, held = data[:end], data[end:]
         last = data
+        if tap is not None:
+            tap(data)
         return emit(data)
 
     resp.push_to(sse_sink if sse else emit)

@@ -143,10 +143,15 @@ class Failover:
         labels = (upstream.name, path.endpoint.url, key.id)
         if status == 429:
             wait = retry_wait(resp.headers)
+            now = time.monotonic()
+            if wait is not None and wait.is_integer():
+                # Retry-After is whole seconds; the same answer's rate-limit headers may say
+                # to the millisecond when the key frees up: trust them within that second.
+                exact = key.bucket_wait(now)
+                if wait - 1 < exact <= wait:
+                    wait = exact
             key.limited += 1
-            key.cooldown_until = max(
-                key.cooldown_until, time.monotonic() + (DEFAULT_COOL_DOWN if wait is None else wait)
-            )
+            key.cooldown_until = max(key.cooldown_until, now + (DEFAULT_COOL_DOWN if wait is None else wait))
             self.metrics.key_limited.inc(labels)
             allowed = "429" in upstream.config.failover.retry_on
         else:

@@ -466,7 +466,7 @@ class Engine(Failover):
         if retry_after is not None:
             # Whole seconds (RFC 9110), rounded up so a client that obeys is not early; the
             # exact wait too, in the header both the OpenAI and Anthropic SDKs read first.
-            headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+            headers["Retry-After"] = str(max(1, math.ceil(round(retry_after, 3))))
             headers["retry-after-ms"] = str(max(0, round(retry_after * 1000)))
         return web.Response(status=status, body=body, headers=headers)
 

@@ -169,11 +169,15 @@ class Key:
         """Seconds until this key may be used (0: now; inf: disabled)."""
         if self.disabled is not None:
             return INF
-        wait = self.cooldown_until - now
+        return max(self.cooldown_until - now, self.bucket_wait(now), 0.0)
+
+    def bucket_wait(self, now: float) -> float:
+        """Seconds until every bucket (local and origin) has room for one more request."""
+        wait = 0.0
         for bucket in self._buckets():
             if bucket is not None:
                 wait = max(wait, bucket.wait_for(1.0, now))
-        return max(wait, 0.0)
+        return wait
 
     def headroom(self, now: float) -> float:
         """How much of its limits is left, 0..1: the emptiest of its buckets."""

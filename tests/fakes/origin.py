@@ -279,9 +279,9 @@ class KeyLimit:
         return 0.0
 
     def wait(self, now: float) -> float:
-        """Seconds until one more request would be admitted."""
-        self._refill(now)
-        return max(0.0, (1 - self.level) * self.window / self.requests)
+        """Seconds until one more request would be admitted (reads only: safe from another thread)."""
+        level = min(self.requests, self.level + (now - self.at) * self.requests / self.window)
+        return max(0.0, (1 - level) * self.window / self.requests)
 
     def headers(self, kind: str, now: float) -> dict[str, str]:
         """The rate-limit headers the real API sends with every answer, OpenAI's or Anthropic's."""

@@ -292,7 +292,16 @@ class Failover:
     def _note_attempt(self, ctx: Ctx, upstream: Upstream, path: Path, outcome: str, started: float) -> None:
         self.metrics.attempts.inc((upstream.name, path.line.name, outcome))
         ms = round((time.monotonic() - started) * 1000, 3)
-        ctx.attempt_log.append({"line": path.line.name, "endpoint": path.endpoint.host, "outcome": outcome, "ms": ms})
+        entry: dict[str, object] = {
+            "line": path.line.name,
+            "endpoint": path.endpoint.host,
+            "outcome": outcome,
+            "ms": ms,
+        }
+        key = ctx.keys.get(path) if ctx.keys is not None else None
+        if key is not None:
+            entry["key"] = key.id
+        ctx.attempt_log.append(entry)
 
     async def _attempt(self, ctx: Ctx, upstream: Upstream, path: Path) -> Response:
         """One try on one path: send, then wait for headers (and for SSE, the first event)."""

@@ -487,6 +487,7 @@ class Engine(Failover):
         if self.access.mode == "off":
             return
         path = ctx.path
+        key = ctx.keys.get(path) if ctx.keys is not None and path is not None else None
         self.access.write(
             {
                 "time": time.time(),
@@ -496,6 +497,7 @@ class Engine(Failover):
                 "upstream": name,
                 "endpoint": path.endpoint.host if path is not None else None,
                 "line": path.line.name if path is not None else None,
+                "key": key.id if key is not None else None,  # its id: the key itself never
                 "status": ctx.status,
                 "attempts": len(ctx.attempt_log),
                 "attempt_log": ctx.attempt_log if len(ctx.attempt_log) > 1 else None,

@@ -89,39 +89,64 @@ def origin_bucket(limit: float, remaining: float, reset: float | None, now: floa
     return Bucket(limit, rate, min(max(level, remaining), remaining + 0.999), now)
 
 
+# Header name -> (dimension, field): field 0 limit, 1 remaining, 2 reset.
+_RATE_HEADERS: Final = {
+    **{f"x-ratelimit-{what}-{dim}".encode(): (dim, i) for dim in ("requests", "tokens") for i, what in
+       enumerate(("limit", "remaining", "reset"))},
+    **{f"anthropic-ratelimit-{dim}-{what}".encode(): (dim, i) for dim in ("requests", "tokens") for i, what in
+       enumerate(("limit", "remaining", "reset"))},
+}  # fmt: skip
+_FIRST_BYTES: Final = frozenset(b"xXaA")  # what a rate-limit header name starts with
+# Reset durations repeat ("6ms", "1s", "6m0s"): parse each text once (bounded).
+_durations: dict[bytes, float | None] = {}
+
+
+def _reset_seconds(raw: bytes) -> float | None:
+    seconds = _durations.get(raw, -1.0)
+    if seconds != -1.0:
+        return seconds
+    text = raw.decode("latin-1").strip()
+    seconds = _duration(text)
+    if seconds is None:
+        until = _until(text, time.time())  # an RFC 3339 time: not cacheable
+        return until if until is not None and math.isfinite(until) else None
+    if len(_durations) > 1024:
+        _durations.clear()
+    _durations[raw] = seconds
+    return seconds
+
+
 def rate_limits(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, tuple[float, float, float | None]] | None:
     """{"requests"|"tokens": (limit, remaining, seconds until full)} from a response's rate-limit
-    headers (OpenAI's or Anthropic's); None if there are none."""
-    found: dict[str, dict[str, bytes]] = {}
-    for raw_name, value in headers:
-        name = raw_name.lower()
-        if name.startswith(b"x-ratelimit-"):
-            what, _, dim = name[12:].partition(b"-")
-        elif name.startswith(b"anthropic-ratelimit-"):
-            dim, _, what = name[20:].rpartition(b"-")
-        else:
+    headers (OpenAI's or Anthropic's); None if there are none. Called on every answer with a
+    pooled key, so it only looks twice at headers that may be one of them."""
+    found: dict[str, list[bytes | None]] | None = None
+    for name, value in headers:
+        if len(name) < 24 or name[0] not in _FIRST_BYTES:
             continue
-        if dim in (b"requests", b"tokens") and what in (b"limit", b"remaining", b"reset"):
-            found.setdefault(dim.decode(), {})[what.decode()] = value
-    if not found:
+        slot = _RATE_HEADERS.get(name.lower())
+        if slot is None:
+            continue
+        if found is None:
+            found = {}
+        parts = found.get(slot[0])
+        if parts is None:
+            parts = found[slot[0]] = [None, None, None]
+        parts[slot[1]] = value
+    if found is None:
         return None
     out: dict[str, tuple[float, float, float | None]] = {}
-    now = None
-    for dimension, parts in found.items():
+    for dimension, (raw_limit, raw_remaining, raw_reset) in found.items():
+        if raw_limit is None or raw_remaining is None:
+            continue
         try:
-            limit, remaining = float(parts["limit"]), float(parts["remaining"])
-        except (KeyError, ValueError):
+            limit, remaining = float(raw_limit), float(raw_remaining)
+        except ValueError:
             continue
         if not (math.isfinite(limit) and math.isfinite(remaining)) or limit <= 0:
             continue
-        reset = None
-        text = parts.get("reset", b"").decode("latin-1").strip()
-        if text:
-            reset = _duration(text)
-            if reset is None:
-                now = time.time() if now is None else now
-                reset = _until(text, now)
-        out[dimension] = (limit, max(0.0, remaining), None if reset is None or not math.isfinite(reset) else reset)
+        reset = _reset_seconds(raw_reset) if raw_reset else None
+        out[dimension] = (limit, max(0.0, remaining), reset)
     return out or None
 
 

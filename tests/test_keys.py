@@ -19,6 +19,7 @@ import openai
 import orjson
 import pytest
 
+from edgeproxy.accesslog import AccessLog
 from edgeproxy.config import ConfigError, dump_redacted, key_id, load_dict, load_file
 from edgeproxy.keys import Key, KeyPool, origin_bucket, rate_limits
 from edgeproxy.server import Proxy
@@ -325,3 +326,20 @@ async def test_anthropic_sdk_through_a_pool(origin: FakeOrigin, make_proxy: Any)
     assert sum(origin.key_limited.values()) == 0  # edgeproxy knew from the headers: no 429 was needed
     wait = float(err.value.response.headers["retry-after-ms"]) / 1000
     assert origin.next_accept_in() <= wait <= origin.next_accept_in() + 1.5  # the reset is in whole seconds
+
+
+async def test_the_access_log_names_keys_by_id(origin: FakeOrigin, make_proxy: Any, tmp_path: Path) -> None:
+    p = await make_proxy(keyed(origin, KEYS[:2]))
+    origin.revoked_keys.add(KEYS[0])
+    log_path = tmp_path / "access.log"
+    with log_path.open("wb") as f:
+        p.proxy.listeners[0].engine.access = AccessLog("json", f.fileno())
+        assert (await post(p.url))[0] == 200
+        await asyncio.sleep(0.05)  # the log flushes on the next loop turn
+    record = orjson.loads(log_path.read_bytes().splitlines()[-1])
+    assert record["key"] == key_id(KEYS[1])
+    assert [(a["outcome"], a["key"]) for a in record["attempt_log"]] == [
+        ("401", key_id(KEYS[0])),
+        ("ok", key_id(KEYS[1])),
+    ]
+    assert KEYS[0] not in log_path.read_text() and KEYS[1] not in log_path.read_text()

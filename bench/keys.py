@@ -157,8 +157,8 @@ async def bench(a: argparse.Namespace, tmp: Path, procs: c.Procs, res: Res) -> l
     try:
         rate = 2.5 * a.n / 60
         for name, drained in (("spread", False), ("drained", True)):
-            fresh(origin, a.n, drained)
             port, _ = start_edgeproxy(procs, tmp, origin.url, name, 2.0)
+            fresh(origin, a.n, drained)  # after start-up: its seconds would refill the buckets
             load = Load(origin)
             await load.run(f"http://127.0.0.1:{port}", rate, a.duration, [None])
             r = res[name] = {**client_counts(load.results), **shares(origin)}
@@ -178,8 +178,8 @@ async def bench(a: argparse.Namespace, tmp: Path, procs: c.Procs, res: Res) -> l
             print(f"  {name}: {r}", flush=True)
 
         # revoked: key1 revoked half-way through
-        fresh(origin, a.n, False)
         port, _ = start_edgeproxy(procs, tmp, origin.url, "revoked", 2.0)
+        fresh(origin, a.n, False)
         load = Load(origin)
         rrate = 1.8 * a.n / 60
         mark: dict[str, Any] = {}
@@ -202,8 +202,8 @@ async def bench(a: argparse.Namespace, tmp: Path, procs: c.Procs, res: Res) -> l
         print(f"  revoked: {r}", flush=True)
 
         # exhausted: everything rate-limited; compare Retry-After with the truth
-        fresh(origin, a.exhausted_n, True)
         port, _ = start_edgeproxy(procs, tmp, origin.url, "exhausted", 0.5)
+        fresh(origin, a.exhausted_n, True)
         load = Load(origin)
         erate = 1.0
         await load.run(f"http://127.0.0.1:{port}", erate, a.exhausted_duration, [None])

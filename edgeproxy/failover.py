@@ -172,7 +172,7 @@ class Failover:
             allowed = True  # a key the origin refuses is our problem, never the client's
         if not allowed or ctx.body_stream is not None or ctx.key_retries >= upstream.max_key_retries:
             return False
-        ctx.tried.pop()  # the path may serve again: it was the key, not the line
+        ctx.tried.remove(path)  # the path may serve again: it was the key, not the line
         if upstream.plan(ctx.tried, retry, take=False) is None and upstream.key_wait(ctx.tried) is None:
             ctx.tried.append(path)
             return False  # no key left anywhere: the client gets the origin's answer as it is

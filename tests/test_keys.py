@@ -8,6 +8,7 @@ the official SDKs and plain aiohttp, over real sockets. Timing targets live in b
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from edgeproxy.keys import Key, KeyPool, origin_bucket, rate_limits
 from edgeproxy.server import Proxy
 from tests.conftest import RunningProxy, free_port, proxy_config
 from tests.fakes.origin import FakeOrigin
+from tests.test_cli import run_cli
 
 KEYS = ["sk-key-aaaaaaaaaaaaaaaaaaaa", "sk-key-bbbbbbbbbbbbbbbbbbbb", "sk-key-cccccccccccccccccccc"]
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
@@ -343,3 +345,33 @@ async def test_the_access_log_names_keys_by_id(origin: FakeOrigin, make_proxy: A
         ("ok", key_id(KEYS[1])),
     ]
     assert KEYS[0] not in log_path.read_text() and KEYS[1] not in log_path.read_text()
+
+
+async def test_a_stream_is_sent_again_with_another_key_before_it_starts(origin: FakeOrigin, make_proxy: Any) -> None:
+    origin.limit_keys(KEYS[:2], requests=5, window=60.0)
+    origin.key_limits[KEYS[0]].level = 0.0
+    p = await make_proxy(keyed(origin, KEYS[:2]))
+    client = openai.AsyncOpenAI(base_url=p.url + "/v1", api_key="ignored", max_retries=0)
+    try:
+        stream = await client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "stream me"}], stream=True
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    finally:
+        await client.close()
+    assert text == "echo: stream me"
+    assert origin.key_limited[KEYS[0]] == 1 and origin.key_served[KEYS[1]] == 1
+
+
+async def test_edgeproxy_status_lists_keys_by_id(origin: FakeOrigin, make_proxy: Any) -> None:
+    p = await make_proxy(keyed(origin, [KEYS[0], {"key": KEYS[1], "id": "team-b", "rpm": 100}]))
+    origin.revoked_keys.add(KEYS[0])
+    assert (await post(p.url))[0] == 200
+    r = await asyncio.to_thread(run_cli, "status", "--admin", p.admin_url)
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[2]: line for line in r.stdout.splitlines() if line.startswith("openai ")}
+    assert "disabled (401)" in lines[key_id(KEYS[0])] and "ready" in lines["team-b"]
+    r = await asyncio.to_thread(run_cli, "status", "--json", "--admin", p.admin_url)
+    keys = json.loads(r.stdout)["upstreams"]
+    assert KEYS[0] not in r.stdout and KEYS[1] not in r.stdout
+    assert any(k["id"] == "team-b" and k["rpm"] == 100 for u in keys for pool in u["keys"].values() for k in pool)

@@ -117,6 +117,30 @@ def cmd_status(args: argparse.Namespace) -> int:
         if color:
             line = _paint(line, r, n == 0)
         print(line)
+    keys = [
+        (u["name"], url, k) for u in status["upstreams"] for url, pool in (u.get("keys") or {}).items() for k in pool
+    ]
+    if keys:
+        table = [("UPSTREAM", "ENDPOINT", "KEY", "STATE", "READY_IN", "REQUESTS", "429S", "LEFT", "TOKENS")]
+        for name, url, k in keys:
+            ready = k["available_in_s"]
+            table.append(
+                (
+                    name,
+                    url,
+                    k["id"],
+                    k["state"] + (f" ({k['disabled']})" if k.get("disabled") else ""),
+                    "-" if not ready else f"{ready:.1f}s",
+                    str(k["requests"]),
+                    str(k["limited"]),
+                    str(k.get("requests_left", "-")),
+                    str(k["tokens"]),
+                )
+            )
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        print()
+        for r in table:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return 0
 
 

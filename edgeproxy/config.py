@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import importlib
 import ipaddress
 import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any, Final
 from urllib.parse import SplitResult, urlsplit
@@ -32,6 +33,7 @@ __all__ = [
     "ConfigError",
     "EndpointConfig",
     "FailoverConfig",
+    "KeyConfig",
     "LimitsConfig",
     "LineConfig",
     "ListenerConfig",
@@ -179,6 +181,21 @@ class LineConfig:
     ca: str | None = None
 
 
+def key_id(key: str) -> str:
+    """A short, stable name for a key that reveals nothing of it: ``k-`` + 6 hex of its SHA-256."""
+    return "k-" + hashlib.sha256(key.encode()).hexdigest()[:6]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyConfig:
+    """One key of an endpoint's pool, with its optional local limits (per minute)."""
+
+    key: str = field(repr=False)  # the secret: never in a repr, a log line or an error
+    id: str = ""  # what logs, metrics and /-/status call it
+    rpm: int | None = None
+    tpm: int | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class EndpointConfig:
     """One origin of an upstream. ``url`` is scheme://host[:port]base_path, no trailing slash."""
@@ -188,10 +205,13 @@ class EndpointConfig:
     host: str
     port: int
     base_path: str
-    keys: tuple[str, ...] = ()
+    keys: tuple[str, ...] = field(default=(), repr=False)  # secrets: never in a repr
     lines: tuple[str, ...] = ()
     priority: int = 1
     models: tuple[tuple[str, str], ...] = ()
+    # The pool behind ``keys`` (same order), with ids and local limits. Empty when the
+    # endpoint was built by hand from bare keys: ``key_configs()`` fills it in.
+    key_pool: tuple[KeyConfig, ...] = field(default=(), repr=False)
 
     @property
     def origin(self) -> str:
@@ -201,6 +221,11 @@ class EndpointConfig:
 
     def model_map(self) -> dict[str, str]:
         return dict(self.models)
+
+    def key_configs(self) -> tuple[KeyConfig, ...]:
+        if self.key_pool or not self.keys:
+            return self.key_pool
+        return tuple(KeyConfig(k, key_id(k)) for k in self.keys)
 
 
 _RETRY_ON_DEFAULT: Final = frozenset({"connect", "reset", "timeout", "429", "500", "502", "503", "504"})
@@ -214,6 +239,9 @@ class FailoverConfig:
     first_event_timeout: float = 30.0
     stream_idle_timeout: float = 60.0
     hedge: float | None = None
+    # Every key of the upstream rate-limited: how long a request may wait for one to free up
+    # before it gets a 429 with Retry-After.
+    queue_timeout: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -769,7 +797,15 @@ _DEFAULT_UPSTREAMS: Final[dict[str, Any]] = {
         "endpoints": [{"url": "https://generativelanguage.googleapis.com"}],
     },
 }
-_FAILOVER_KEYS = ("retries", "retry_on", "first_byte_timeout", "first_event_timeout", "stream_idle_timeout", "hedge")
+_FAILOVER_KEYS = (
+    "retries",
+    "retry_on",
+    "first_byte_timeout",
+    "first_event_timeout",
+    "stream_idle_timeout",
+    "hedge",
+    "queue_timeout",
+)
 
 
 def _failover(ctx: _Ctx, raw: object, path: str, base: FailoverConfig) -> FailoverConfig:
@@ -813,7 +849,38 @@ def _failover(ctx: _Ctx, raw: object, path: str, base: FailoverConfig) -> Failov
         first_event_timeout=ctx.duration(m, "first_event_timeout", path, base.first_event_timeout),
         stream_idle_timeout=ctx.duration(m, "stream_idle_timeout", path, base.stream_idle_timeout),
         hedge=hedge,
+        queue_timeout=ctx.duration(m, "queue_timeout", path, base.queue_timeout, zero_ok=True),
     )
+
+
+_KEY_FIELDS = ("key", "id", "rpm", "tpm")
+_KEY_ID_RE = re.compile(r"[A-Za-z0-9_.:#-]{1,64}")
+
+
+def _key(ctx: _Ctx, item: object, kp: str) -> KeyConfig | None:
+    """One entry of `keys`: a bare key, or a mapping {key, id, rpm, tpm}."""
+    m: dict[str, object] = ctx.section(item, kp, _KEY_FIELDS) if isinstance(item, dict) else {"key": item}
+    key_path = f"{kp}.key" if isinstance(item, dict) else kp
+    if isinstance(item, dict) and m.get("key") is None:
+        ctx.err(key_path, "missing: the API key (e.g. key: ${OPENAI_API_KEY_2})")
+        return None
+    key = ctx.string(m.get("key"), key_path)
+    if key == "":
+        ctx.err(key_path, "empty key (is the variable it comes from empty? remove the entry to pass client keys)")
+        return None
+    if key is not None and any(c.isspace() for c in key):
+        ctx.err(key_path, "key contains whitespace (a stray newline or space in the variable or file it comes from?)")
+        return None
+    kid = key_id(key) if key is not None else ""
+    if m.get("id") is not None and m["id"] is not _BAD:
+        given = ctx.string(m["id"], f"{kp}.id", "a short name (letters, digits, _ . : # -)")
+        if given is not None and not _KEY_ID_RE.fullmatch(given):
+            ctx.err(f"{kp}.id", "use 1-64 letters, digits and _ . : # - (it names the key in logs and metrics)")
+        elif given is not None:
+            kid = given
+    rpm = ctx.int_(m, "rpm", kp, 0, 1) or None
+    tpm = ctx.int_(m, "tpm", kp, 0, 1) or None
+    return KeyConfig(key, kid, rpm, tpm) if key is not None else None
 
 
 def _endpoint(ctx: _Ctx, raw: object, path: str, all_lines: Sequence[str]) -> EndpointConfig | None:
@@ -834,17 +901,22 @@ def _endpoint(ctx: _Ctx, raw: object, path: str, all_lines: Sequence[str]) -> En
     if parts is not None and (parts.username is not None or parts.password is not None):
         ctx.err(url_path, "credentials in the URL are not allowed; put the API key in keys")
         parts = None
-    keys = []
+    keys: list[KeyConfig] = []
     if m.get("keys") is not None:
+        seen_keys: dict[str, str] = {}
+        seen_ids: dict[str, str] = {}
         for i, item in _str_list(m["keys"]):
             kp = f"{path}.keys" + ("" if i is None else f"[{i}]")
-            key = ctx.string(item, kp)
-            if key == "":
-                ctx.err(kp, "empty key (is the variable it comes from empty? remove the entry to pass client keys)")
-            elif key is not None and any(c.isspace() for c in key):
-                ctx.err(kp, "key contains whitespace (a stray newline or space in the variable or file it comes from?)")
-            elif key is not None:
-                keys.append(key)
+            kc = _key(ctx, item, kp)
+            if kc is None:
+                continue
+            if kc.key in seen_keys:
+                ctx.err(kp, f"the same key as {seen_keys[kc.key]} (list each key once)")
+            elif kc.id in seen_ids:
+                ctx.err(kp, f"id {kc.id!r} is already used by {seen_ids[kc.id]} (give each key its own id)")
+            else:
+                seen_keys[kc.key], seen_ids[kc.id] = kp, kp
+                keys.append(kc)
     lines = list(all_lines)
     if m.get("lines") is not None and m["lines"] is not _BAD:
         raw_lines = m["lines"] if isinstance(m["lines"], list) else None
@@ -887,10 +959,11 @@ def _endpoint(ctx: _Ctx, raw: object, path: str, all_lines: Sequence[str]) -> En
         host,
         port,
         base_path,
-        tuple(keys),
+        tuple(k.key for k in keys),
         tuple(lines),
         priority,
         tuple(models),
+        tuple(keys),
     )
 
 
@@ -1170,12 +1243,14 @@ def dump_redacted(cfg: Config) -> dict[str, Any]:
             "first_event_timeout": f.first_event_timeout,
             "stream_idle_timeout": f.stream_idle_timeout,
             "hedge": f.hedge,
+            "queue_timeout": f.queue_timeout,
         }
 
     def endpoint(e: EndpointConfig) -> dict[str, Any]:
         return {
             "url": e.url,
             "keys": ["***"] * len(e.keys),
+            "key_pool": [{"id": k.id, "rpm": k.rpm, "tpm": k.tpm} for k in e.key_configs()],
             "lines": list(e.lines),
             "priority": e.priority,
             "models": e.model_map(),

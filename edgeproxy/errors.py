@@ -21,10 +21,12 @@ __all__ = [
     "FirstEventTimeout",
     "Forbidden",
     "HopBaseUnknown",
+    "KeysRefused",
     "NoRoute",
     "PathDown",
     "PoolExhausted",
     "ProxyError",
+    "RateLimited",
     "Unauthorized",
     "UpstreamBadEncoding",
     "UpstreamProtocolError",
@@ -50,6 +52,8 @@ class ProxyError(Exception):
     outcome: str = ""
     # Whether the failure counts against the path's health (False: it says nothing about it).
     blames_line: bool = True
+    # Seconds the client should wait before trying again (a Retry-After header), if known.
+    retry_after: float | None = None
 
     def __init__(self, message: str, *, retry: bool | None = None, sent: bool | None = None) -> None:
         super().__init__(message)
@@ -139,6 +143,24 @@ class ViaRefused(ConnectError):
     kind = "via_refused"
 
 
+class RateLimited(ProxyError):
+    """Every key that could serve the request is rate-limited (or out of local headroom) for
+    longer than `failover.queue_timeout`: the client gets a 429 with ``retry_after``."""
+
+    kind = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class KeysRefused(ProxyError):
+    """The origin refused every key we could inject (401/403): they stay disabled until the
+    next reload, so the request is not sent with any of them."""
+
+    kind = "keys_refused"
+
+
 class ClientError(ProxyError):
     """The client sent something we refuse (malformed, truncated body...)."""
 
@@ -198,5 +220,7 @@ ERRORS: Final[dict[str, tuple[int, str, str]]] = {
     "path_down": (502, "api_error", "upstream_path_down"),
     "pool_exhausted": (503, "api_error", "upstream_pool_exhausted"),
     "overloaded": (503, "api_error", "retry_budget_exhausted"),
+    "rate_limited": (429, "rate_limit_error", "rate_limit_exceeded"),
+    "keys_refused": (401, "authentication_error", "upstream_keys_refused"),
     "internal": (500, "api_error", "internal_error"),
 }

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Final
 
 from .client import Response
 from .edge import BASE_MISSING
-from .errors import PathDown, ProxyError, UpstreamReset, ViaRefused
+from .errors import KeysRefused, PathDown, ProxyError, RateLimited, UpstreamReset, ViaRefused
+from .keys import Key, rate_limits
 from .providers import retry_wait
 
 if TYPE_CHECKING:
@@ -36,6 +37,9 @@ DEFAULT_COOL_DOWN: Final = 1.0
 # A 429 asking for at most this long, with no other path to go to, is waited out (once).
 SHORT_WAIT: Final = 2.0
 MIN_WAIT: Final = 0.05
+# Answers that are about the key we injected, not about the line or the origin's health:
+# 429 cools that key down, 401/403 disable it (until a reload); either way another key goes.
+KEY_STATUSES: Final = frozenset({401, 403, 429})
 
 
 class Failover:
@@ -73,7 +77,8 @@ class Failover:
         while True:
             path = upstream.plan(ctx.tried, retry, only=ctx.pin)
             if path is None:
-                raise ProxyError("no path to try")  # an upstream without paths
+                await self._wait_for_key(ctx, upstream)  # every key busy: queue, or a 429
+                continue
             ctx.tried.append(path)
             ctx.path = path
             started = time.monotonic()
@@ -97,6 +102,17 @@ class Failover:
                 continue
             path = ctx.path
             status = resp.status
+            key = ctx.keys.get(path) if ctx.keys is not None else None
+            if key is not None:
+                limits = rate_limits(resp.headers)
+                if limits is not None:
+                    key.on_rate_limits(limits, time.monotonic())
+                if status in KEY_STATUSES:
+                    self._note_attempt(ctx, upstream, path, str(status), started)
+                    if self._on_key_refused(ctx, upstream, path, key, resp, retry):
+                        resp.release()
+                        continue  # at once, with another key: not the line's fault
+                    return resp
             if status != 429 and status < 500:
                 self._health(upstream, path, "ok")
                 self._note_attempt(ctx, upstream, path, "ok", started)
@@ -126,6 +142,72 @@ class Failover:
                 upstream.reselect()
                 continue
             return resp
+
+    def _on_key_refused(self, ctx: Ctx, upstream: Upstream, path: Path, key: Key, resp: Response, retry: bool) -> bool:
+        """The origin refused the key we injected: a 429 cools that key down for as long as the
+        origin says, a 401/403 disables it until the next reload. True if the request should
+        go again at once with another key (the loop queues it if none is ready yet)."""
+        status = resp.status
+        labels = (upstream.name, path.endpoint.url, key.id)
+        if status == 429:
+            wait = retry_wait(resp.headers)
+            now = time.monotonic()
+            if wait is not None and wait.is_integer():
+                # Retry-After is whole seconds; the same answer's rate-limit headers may say
+                # to the millisecond when the key frees up: trust them within that second.
+                exact = key.bucket_wait(now)
+                if wait - 1 < exact <= wait:
+                    wait = exact
+            key.limited += 1
+            key.cooldown_until = max(key.cooldown_until, now + (DEFAULT_COOL_DOWN if wait is None else wait))
+            self.metrics.key_limited.inc(labels)
+            allowed = "429" in upstream.config.failover.retry_on
+        else:
+            if status == 403 and ctx.key_disabled:
+                # A second refusal within one request: more likely about the request (a model
+                # or feature this account may not use) than a second dead key. Keep the key;
+                # the client gets the origin's answer.
+                return False
+            ctx.key_disabled = True
+            if key.disabled is None:
+                key.disabled = str(status)
+                log.warning(
+                    "key %s of %s disabled until the next reload: the origin answered %d",
+                    key.id,
+                    path.endpoint.url,
+                    status,
+                )
+            allowed = True  # a key the origin refuses is our problem, never the client's
+        if not allowed or ctx.body_stream is not None or ctx.key_retries >= upstream.max_key_retries:
+            return False
+        ctx.tried.remove(path)  # the path may serve again: it was the key, not the line
+        if upstream.plan(ctx.tried, retry, take=False) is None and upstream.key_wait(ctx.tried) is None:
+            ctx.tried.append(path)
+            return False  # no key left anywhere: the client gets the origin's answer as it is
+        ctx.key_retries += 1
+        self.metrics.key_retries.inc((upstream.name, str(status)))
+        return True
+
+    async def _wait_for_key(self, ctx: Ctx, upstream: Upstream) -> None:
+        """Nothing to plan: if keys are only busy (rate-limited, out of local headroom), wait
+        for the first to free up within `failover.queue_timeout` of the request's arrival;
+        else raise RateLimited, whose Retry-After says how long until one is free."""
+        wait = upstream.key_wait(ctx.tried, ctx.pin)
+        if wait is None:
+            if upstream.pools:
+                raise KeysRefused(
+                    f"the origin refused every API key of upstream {upstream.name} (401/403);"
+                    " they stay disabled until the next reload"
+                )
+            raise ProxyError("no path to try")  # an upstream without paths
+        now = time.monotonic()
+        if now + wait > ctx.started + upstream.config.failover.queue_timeout:
+            self.metrics.keys_exhausted.inc((upstream.name,))
+            raise RateLimited(f"every API key of upstream {upstream.name} is rate-limited; retry in {wait:.2f}s", wait)
+        if not ctx.queued:
+            ctx.queued = True
+            self.metrics.queued.inc((upstream.name,))
+        await asyncio.sleep(max(wait, MIN_WAIT))
 
     def _health(self, upstream: Upstream, path: Path, outcome: str, started: float | None = None) -> None:
         if upstream.on_attempt(path, outcome, started):
@@ -218,7 +300,16 @@ class Failover:
     def _note_attempt(self, ctx: Ctx, upstream: Upstream, path: Path, outcome: str, started: float) -> None:
         self.metrics.attempts.inc((upstream.name, path.line.name, outcome))
         ms = round((time.monotonic() - started) * 1000, 3)
-        ctx.attempt_log.append({"line": path.line.name, "endpoint": path.endpoint.host, "outcome": outcome, "ms": ms})
+        entry: dict[str, object] = {
+            "line": path.line.name,
+            "endpoint": path.endpoint.host,
+            "outcome": outcome,
+            "ms": ms,
+        }
+        key = ctx.keys.get(path) if ctx.keys is not None else None
+        if key is not None:
+            entry["key"] = key.id
+        ctx.attempt_log.append(entry)
 
     async def _attempt(self, ctx: Ctx, upstream: Upstream, path: Path) -> Response:
         """One try on one path: send, then wait for headers (and for SSE, the first event)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Final
 import orjson
 from aiohttp import web
 
-from . import codec
+from . import codec, usage
 from .client import Response
 from .edge import (
     BASE_HEADER,
@@ -48,6 +49,7 @@ from .relay import push_body
 if TYPE_CHECKING:
     from .accesslog import AccessLog
     from .config import ListenerConfig
+    from .keys import Key
     from .lines import Path
     from .metrics import Metrics
     from .state import State, Upstream
@@ -136,6 +138,10 @@ class Ctx:
         "tried",
         "ttfb",
         "upstream",
+        "keys",
+        "key_retries",
+        "key_disabled",
+        "queued",
     )
 
     def __init__(self, request: web.BaseRequest, state: State) -> None:
@@ -174,6 +180,10 @@ class Ctx:
         # did not have the base (then ``whole``: sent whole from now on).
         self.base: tuple[str, int] | None = None
         self.whole = False
+        self.keys: dict[Path, Key] | None = None  # the key injected on each path tried
+        self.key_retries = 0  # attempts sent again with another key (429, 401, 403)
+        self.key_disabled = False  # a refusal (401/403) disabled a key during this request
+        self.queued = False  # waited for a rate-limited key to free up
 
     def stream_length(self) -> int | None:
         """The Content-Length of a streamed body as we send it (None: chunked)."""
@@ -272,7 +282,7 @@ class Engine(Failover):
             response = await self._run(ctx)
             return response
         except ProxyError as exc:
-            response = self._error_response(ctx, exc.kind, exc.message)
+            response = self._error_response(ctx, exc.kind, exc.message, exc.retry_after)
             if isinstance(exc, Unauthorized):
                 delay = self._throttle.on_failure(request.remote)
                 if delay:  # someone keeps guessing: make each guess slow, and reconnect
@@ -526,7 +536,12 @@ class Engine(Failover):
             if not target or target[0] != "/":
                 target = "/" + target
         host = path.host_header
-        key = upstream.key_header(endpoint)
+        key = upstream.pick_key(endpoint)
+        if key is not None:
+            if ctx.keys is None:
+                ctx.keys = {}
+            ctx.keys[path] = key
+            self.metrics.key_requests.inc((upstream.name, endpoint.url, key.id))
         hop = path.hop
         # A `via` path names the endpoint in the target (absolute form) for the edge.
         out = [f"{ctx.method} {path.hop_origin}{target} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1")]
@@ -549,7 +564,7 @@ class Engine(Failover):
             out = [out[0]] + [h for h in out[1:] if h.split(b":", 1)[0].lower() not in connection_listed]
         out.append(b"x-request-id: " + ctx.request_id.encode() + b"\r\n")
         if key is not None:
-            out.append(key[0] + b": " + key[1] + b"\r\n")
+            out.append(upstream.auth_header + b": " + key.value + b"\r\n")
         if hop is not None:
             out.append(path.hop_headers)  # our token for the edge, and the endpoint meant
             out.append(hop.accept(ctx.request.headers.get("accept-encoding")))
@@ -599,7 +614,7 @@ class Engine(Failover):
         headers: list[tuple[str, str]] = []
         connection_listed: tuple[bytes, ...] = ()
         length: int | None = None
-        is_sse = has_rid = False
+        is_sse = has_rid = is_json = encoded = False
         for name, value in resp.headers:
             lname = name.lower()
             if lname in RESPONSE_SKIP:
@@ -610,6 +625,9 @@ class Engine(Failover):
                 continue
             if lname == b"content-type":
                 is_sse = value[:17].lower() == b"text/event-stream"
+                is_json = value[:16].lower() == b"application/json"
+            elif lname == b"content-encoding":
+                encoded = True  # (usage in a compressed body cannot be seen)
             elif lname == b"x-request-id":
                 has_rid = True
             headers.append((name.decode("latin-1"), value.decode("latin-1")))
@@ -641,6 +659,8 @@ class Engine(Failover):
             ctx.bytes_out = len(body)
             ctx.ttfb = time.monotonic() - ctx.started
             ctx.committed = True
+            if is_json and resp.status == 200 and not encoded:
+                self._meter(ctx, upstream, usage.from_body(body))
             if ctx.method == "HEAD":
                 if length is not None:
                     headers.append(("Content-Length", str(length)))
@@ -668,7 +688,10 @@ class Engine(Failover):
             try:
                 # Events are relayed whole only when we can see them (not compressed).
                 framed = is_sse and resp.header(b"content-encoding") is None
-                await push_body(request, out, resp, idle, framed, ctx.encoder)
+                tap = usage.StreamTap() if framed and resp.status == 200 else None
+                await push_body(request, out, resp, idle, framed, ctx.encoder, tap)
+                if tap is not None:
+                    self._meter(ctx, upstream, usage.from_stream(tap))
             except ProxyError as exc:
                 return await self._broken_stream(ctx, upstream, out, exc, is_sse)
             finally:
@@ -714,8 +737,23 @@ class Engine(Failover):
                 transport.abort()
         return out
 
+    def _meter(self, ctx: Ctx, upstream: Upstream, used: usage.Usage | None) -> None:
+        """Count the tokens a response used, per model and key; they also drain the key's
+        token buckets (its local `tpm`, and our estimate of the origin's)."""
+        if used is None:
+            return
+        key = ctx.keys.get(ctx.path) if ctx.keys is not None and ctx.path is not None else None
+        labels = (upstream.name, used.model or "-", "client" if key is None else key.id)
+        tokens = self.metrics.tokens
+        if used.input:
+            tokens.inc((*labels, "input"), used.input)
+        if used.output:
+            tokens.inc((*labels, "output"), used.output)
+        if key is not None:
+            key.on_tokens(used.input + used.output, time.monotonic())
+
     # -- errors and logging ----------------------------------------------------------------
-    def _error_response(self, ctx: Ctx, kind: str, message: str) -> web.Response:
+    def _error_response(self, ctx: Ctx, kind: str, message: str, retry_after: float | None = None) -> web.Response:
         provider = ctx.upstream.provider if ctx.upstream is not None else "openai"
         status, body = error_body(provider, kind, message)
         ctx.status = status
@@ -727,6 +765,11 @@ class Engine(Failover):
             headers["x-request-id"] = ctx.request_id
         if kind == "unauthorized":
             headers["WWW-Authenticate"] = 'Bearer realm="edgeproxy"'
+        if retry_after is not None:
+            # Whole seconds (RFC 9110), rounded up so a client that obeys is not early; the
+            # exact wait too, in the header both the OpenAI and Anthropic SDKs read first.
+            headers["Retry-After"] = str(max(1, math.ceil(round(retry_after, 3))))
+            headers["retry-after-ms"] = str(max(0, round(retry_after * 1000)))
         return web.Response(status=status, body=body, headers=headers)
 
     def _log(self, ctx: Ctx) -> None:
@@ -746,6 +789,7 @@ class Engine(Failover):
         if self.access.mode == "off":
             return
         path = ctx.path
+        key = ctx.keys.get(path) if ctx.keys is not None and path is not None else None
         self.access.write(
             {
                 "time": time.time(),
@@ -755,6 +799,7 @@ class Engine(Failover):
                 "upstream": name,
                 "endpoint": path.endpoint.host if path is not None else None,
                 "line": path.line.name if path is not None else None,
+                "key": key.id if key is not None else None,  # its id: the key itself never
                 "status": ctx.status,
                 "attempts": len(ctx.attempt_log),
                 "attempt_log": ctx.attempt_log if len(ctx.attempt_log) > 1 else None,

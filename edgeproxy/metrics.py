@@ -126,6 +126,36 @@ class Metrics(Collector):
         self.path_up = Gauge(
             "edgeproxy_path_up", "1 if the path is healthy (last probe answered)", ("upstream", "endpoint", "line")
         )
+        self.key_requests = Counter(
+            "edgeproxy_key_requests", "Attempts sent with each key of a pool", ("upstream", "endpoint", "key")
+        )
+        self.key_limited = Counter(
+            "edgeproxy_key_rate_limited",
+            "429s the origin answered for each key (it cools down)",
+            ("upstream", "endpoint", "key"),
+        )
+        self.key_retries = Counter(
+            "edgeproxy_key_retries", "Attempts sent again at once with another key, by status", ("upstream", "status")
+        )
+        self.queued = Counter("edgeproxy_key_queued", "Requests that waited for a rate-limited key", ("upstream",))
+        self.keys_exhausted = Counter(
+            "edgeproxy_keys_exhausted",
+            "429s edgeproxy answered: every key rate-limited past queue_timeout",
+            ("upstream",),
+        )
+        self.key_disabled = Gauge(
+            "edgeproxy_key_disabled",
+            "1 if the origin refused the key (401/403) until the next reload",
+            ("upstream", "endpoint", "key"),
+        )
+        self.key_headroom = Gauge(
+            "edgeproxy_key_remaining",
+            "Requests or tokens left for the key, as the origin's rate-limit headers said (refilled since)",
+            ("upstream", "endpoint", "key", "limit"),
+        )
+        self.tokens = Counter(
+            "edgeproxy_tokens", "Tokens used, from the responses' usage", ("upstream", "model", "key", "type")
+        )
         self.switches = Counter("edgeproxy_route_switches", "Times an upstream's preferred path changed", ("upstream",))
         self.reloads = Counter("edgeproxy_reloads", "Config reloads by result (ok, failed)", ("result",))
         self.reloads.values.update({("ok",): 0.0, ("failed",): 0.0})  # present from the start, for increase()

@@ -38,13 +38,15 @@ async def push_body(
     idle_timeout: float,
     sse: bool,
     encoder: Encoder | None = None,
+    tap: Callable[[bytes], None] | None = None,
 ) -> None:
     """Stream ``resp``'s body to the client; return at its end.
 
     For SSE (``sse``) only whole events go out: a partial event is held until its blank line
     arrives (no delay: a client cannot use half an event), so that if the origin breaks off,
     the in-band error that follows starts on an event boundary instead of gluing itself to
-    half a JSON line. At a clean end, whatever is held goes out as it is.
+    half a JSON line. At a clean end, whatever is held goes out as it is. ``tap``, if given,
+    sees every run of whole events that goes out (usage metering keeps the last few).
 
     With an ``encoder`` (an edge compressing for the hop) the body goes out compressed and
     flushed after every write, so each event is decodable as soon as it arrives; the
@@ -90,6 +92,8 @@ async def push_body(
             if 0 <= end < len(data):
                 data, held = data[:end], data[end:]
         last = data
+        if tap is not None:
+            tap(data)
         return send(data)
 
     resp.push_to(sse_sink if sse else send)

@@ -278,6 +278,17 @@ class Proxy:
             if path.estimator.srtt is not None:
                 rtt[labels] = path.estimator.srtt
             up[labels] = 1.0 if path.is_usable(now) else 0.0
+        disabled, left = self.metrics.key_disabled.values, self.metrics.key_headroom.values
+        disabled.clear()
+        left.clear()
+        for upstream in self.state.upstreams:
+            for url, pool in upstream.pools.items():
+                for key in pool.keys:
+                    labels = (upstream.name, url, key.id)
+                    disabled[labels] = 0.0 if key.disabled is None else 1.0
+                    for limit, bucket in (("requests", key.origin_requests), ("tokens", key.origin_tokens)):
+                        if bucket is not None:
+                            left[(*labels, limit)] = max(0.0, float(int(bucket.level_at(now))))
 
     # -- admin -----------------------------------------------------------------------------
     async def _start_admin(self, lc: ListenerConfig) -> None:
@@ -345,6 +356,7 @@ class Proxy:
                     "switches": u.switches,
                     "retry_budget_exhausted": u.budget.exhausted,
                     "paths": [p.status() for p in u.order],  # in try order: the first takes traffic
+                    "keys": {url: pool.status(time.monotonic()) for url, pool in u.pools.items()},  # by id only
                 }
                 for u in self.state.upstreams
             ],

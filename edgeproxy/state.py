@@ -8,12 +8,11 @@ one reference. Requests keep the State they started with to their end.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .budget import RetryBudget
+from .keys import Key, KeyPool
 from .lines import Line, Path, PathKey
 from .providers import auth_header, auth_value
 from .select import Candidate, order
@@ -41,7 +40,8 @@ class Upstream:
         "injects_keys",
         "auth_header",
         "budget",
-        "_keys",
+        "pools",
+        "max_key_retries",
     )
 
     def __init__(self, config: UpstreamConfig, paths: list[Path], tolerance: float) -> None:
@@ -60,11 +60,19 @@ class Upstream:
         # our token instead (otherwise it must pass through to the origin untouched).
         self.injects_keys = all(ep.keys for ep in config.endpoints)
         self.auth_header = auth_header(config.provider)
-        self._keys: dict[str, Iterator[bytes]] = {
-            ep.url: itertools.cycle([auth_value(config.provider, k) for k in ep.keys])
+        now = time.monotonic()
+        # endpoint url -> its key pool, for endpoints that have keys (the others pass through)
+        self.pools: dict[str, KeyPool] = {
+            ep.url: KeyPool(
+                ep.url,
+                [Key(kc, auth_value(config.provider, kc.key), i, now) for i, kc in enumerate(ep.key_configs())],
+            )
             for ep in config.endpoints
             if ep.keys
         }
+        # A request switches keys at most this often (an origin answering 429 with no wait
+        # on every key must not spin us).
+        self.max_key_retries = 2 * sum(len(p.keys) for p in self.pools.values()) + 2
         self.reselect()
 
     def __repr__(self) -> str:
@@ -85,6 +93,7 @@ class Upstream:
         """
         spill = fallback = None
         now = time.monotonic()
+        pools = self.pools
         for path in self.order:
             if (
                 path in tried
@@ -92,6 +101,10 @@ class Upstream:
                 or (only is not None and path.endpoint.url != only)
             ):
                 continue
+            if pools:
+                pool = pools.get(path.endpoint.url)
+                if pool is not None and not pool.is_ready(now):
+                    continue  # every key disabled or rate-limited: see key_wait()
             if path.inflight >= path.pool.max_size:
                 spill = spill or path
                 continue
@@ -150,12 +163,30 @@ class Upstream:
                 return ep
         raise KeyError(url)
 
-    def key_header(self, endpoint: EndpointConfig) -> tuple[bytes, bytes] | None:
-        """(header name, value) presenting the endpoint's next key, or None to pass through."""
-        keys = self._keys.get(endpoint.url)
-        if keys is None:
+    def key_wait(self, tried: list[Path], only: str | None = None) -> float | None:
+        """When plan() found nothing: seconds until a key of an untried endpoint is ready
+        (0: now), or None if no untried endpoint has a pool that will ever be (all disabled).
+        ``only``: as for plan()."""
+        now = time.monotonic()
+        wait = None
+        for path in self.paths:
+            pool = self.pools.get(path.endpoint.url)
+            if pool is None or path in tried or (only is not None and path.endpoint.url != only):
+                continue
+            w = max(pool.available_in(now), path.cooldown_until - now)
+            wait = w if wait is None else min(wait, w)
+        return None if wait is None or wait == float("inf") else wait
+
+    def pick_key(self, endpoint: EndpointConfig) -> Key | None:
+        """The key for an attempt on ``endpoint`` now, or None to pass the client's through."""
+        pool = self.pools.get(endpoint.url)
+        if pool is None:
             return None
-        return self.auth_header, next(keys)
+        now = time.monotonic()
+        key = pool.pick_any(now)
+        if key is not None:
+            key.on_pick(now)
+        return key
 
 
 class State:
@@ -206,6 +237,9 @@ class State:
                     previous.switches,
                     previous.budget,
                 )
+                for url, pool in upstream.pools.items():
+                    if url in previous.pools:  # what we know of each kept key (not a disable)
+                        pool.take_over(previous.pools[url])
                 upstream.reselect()
             upstreams.append(upstream)
         return cls(config, upstreams, paths, lines)

@@ -35,6 +35,8 @@ ALERTS = {
     "EdgeproxyNoHealthyPath",
     "EdgeproxyReloadFailed",
     "EdgeproxyRetryBudgetExhausted",
+    "EdgeproxyKeyDisabled",
+    "EdgeproxyKeysExhausted",
     "EdgeproxyDown",
 }
 

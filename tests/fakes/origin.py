@@ -35,11 +35,14 @@ import base64
 import gzip
 import hashlib
 import itertools
+import math
 import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -86,6 +89,7 @@ _POLL = 0.02  # how often a sleeping stream checks whether its client went away
 
 _OK, _GONE, _STOPPING = 0, 1, 2
 _BODY_KEY = web.RequestKey("fake_origin_body", bytes)
+_LIMIT_HEADERS_KEY = web.RequestKey("fake_origin_limit_headers", dict)
 
 _OPENAI_ERRORS: dict[int, tuple[str, str | None]] = {
     400: ("invalid_request_error", None),
@@ -232,6 +236,86 @@ class _BadRequest(Exception):
 Frame = tuple[bytes, dict[str, Any] | None, bytes]  # prefix, JSON object (gets x_origin_ts), suffix
 
 
+def _go_duration(seconds: float) -> str:
+    """OpenAI's reset format: Go durations such as "20ms", "1.5s", "6m0s"."""
+    if seconds < 1:
+        return f"{max(1, math.ceil(seconds * 1000))}ms"
+    minutes, rest = divmod(seconds, 60.0)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{int(minutes)}m{text}" if minutes else text
+
+
+class KeyLimit:
+    """A per-key token bucket like the real APIs': ``requests`` (and optionally ``tokens``) per
+    ``window`` seconds, refilled continuously, starting full."""
+
+    __slots__ = ("at", "requests", "tokens", "tokens_level", "level", "window")
+
+    def __init__(self, requests: int, window: float = 60.0, tokens: int | None = None) -> None:
+        self.requests, self.window, self.tokens = requests, window, tokens
+        self.level = float(requests)
+        self.tokens_level = float(tokens or 0)
+        self.at = time.monotonic()
+
+    def _refill(self, now: float) -> None:
+        dt, self.at = now - self.at, now
+        self.level = min(self.requests, self.level + dt * self.requests / self.window)
+        if self.tokens:
+            self.tokens_level = min(self.tokens, self.tokens_level + dt * self.tokens / self.window)
+
+    def admit(self, cost: int, now: float) -> float:
+        """Take one request (and ``cost`` tokens): 0.0 if admitted, else seconds to wait."""
+        self._refill(now)
+        wait = 0.0
+        if self.level < 1:
+            wait = (1 - self.level) * self.window / self.requests
+        if self.tokens and self.tokens_level < cost:
+            wait = max(wait, (cost - self.tokens_level) * self.window / self.tokens)
+        if wait > 0:
+            return wait
+        self.level -= 1
+        if self.tokens:
+            self.tokens_level -= cost
+        return 0.0
+
+    def wait(self, now: float) -> float:
+        """Seconds until one more request would be admitted (reads only: safe from another thread)."""
+        level = min(self.requests, self.level + (now - self.at) * self.requests / self.window)
+        return max(0.0, (1 - level) * self.window / self.requests)
+
+    def headers(self, kind: str, now: float) -> dict[str, str]:
+        """The rate-limit headers the real API sends with every answer, OpenAI's or Anthropic's."""
+        self._refill(now)
+        dims = [("requests", self.requests, self.level)]
+        if self.tokens:
+            dims.append(("tokens", self.tokens, self.tokens_level))
+        out = {}
+        for dim, limit, level in dims:
+            full_in = (limit - level) * self.window / limit
+            if kind == _ANTHROPIC:
+                when = datetime.fromtimestamp(math.ceil(time.time() + full_in), UTC)
+                out[f"anthropic-ratelimit-{dim}-limit"] = str(limit)
+                out[f"anthropic-ratelimit-{dim}-remaining"] = str(max(0, math.floor(level)))
+                out[f"anthropic-ratelimit-{dim}-reset"] = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+            else:
+                out[f"x-ratelimit-limit-{dim}"] = str(limit)
+                out[f"x-ratelimit-remaining-{dim}"] = str(max(0, math.floor(level)))
+                out[f"x-ratelimit-reset-{dim}"] = _go_duration(full_in)
+        return out
+
+
+def presented_key(request: web.BaseRequest) -> str | None:
+    """The API key a request carries, however its SDK presents it."""
+    h = request.headers
+    for name in ("x-api-key", "x-goog-api-key"):
+        if name in h:
+            return h[name]
+    auth = h.get("Authorization")
+    if auth is not None and auth[:7].lower() == "bearer ":
+        return auth[7:]
+    return None
+
+
 # --------------------------------------------------------------------------- the origin
 
 
@@ -268,6 +352,8 @@ class FakeOrigin(Threaded):
         self.reply: str | None = None  # if set: the reply text for every completion (instead of "echo: ...")
         self.record: bool = True  # False: do not append to .requests (benchmarks)
         self.probes_affected: bool = False  # True: the knobs apply to edgeproxy's probes too
+        self.key_limits: dict[str, KeyLimit] = {}  # per-key rate limits (see limit_keys)
+        self.revoked_keys: set[str] = set()  # keys answered 401 invalid_api_key
         # observations
         self.requests: list[Recorded] = []
         self.request_count: int = 0  # client requests, counted even when record is False
@@ -276,7 +362,23 @@ class FakeOrigin(Threaded):
         self.streams_completed: int = 0
         self.streams_dropped: int = 0  # streams the origin aborted itself (drop_after_events)
         self.active_streams: int = 0
+        self.key_served: Counter[str] = Counter()  # per key: requests admitted (limited keys only)
+        self.key_limited: Counter[str] = Counter()  # per key: 429s sent
+        self.key_refused: Counter[str] = Counter()  # per key: 401s sent (revoked)
         self.stream_disconnected_event.clear()
+
+    def limit_keys(self, keys: Iterable[str], requests: int, window: float = 60.0, tokens: int | None = None) -> None:
+        """Rate-limit each of ``keys`` on its own: ``requests`` (and ``tokens``) per ``window``
+        seconds, with real-shaped headers on every answer and a 429 with Retry-After when over."""
+        for key in keys:
+            self.key_limits[key] = KeyLimit(requests, window, tokens)
+
+    def next_accept_in(self, keys: Iterable[str] | None = None) -> float:
+        """Seconds until one of ``keys`` (default: every limited, unrevoked key) is admitted again."""
+        now = time.monotonic()
+        names = self.key_limits if keys is None else keys
+        waits = [self.key_limits[k].wait(now) for k in names if k in self.key_limits and k not in self.revoked_keys]
+        return min(waits, default=0.0)
 
     @property
     def url(self) -> str:
@@ -292,6 +394,7 @@ class FakeOrigin(Threaded):
 
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 40)
+        app.on_response_prepare.append(_add_limit_headers)
         r = app.router
         w = self._wrap
         r.add_post("/v1/chat/completions", w(self._chat, _OPENAI))
@@ -428,6 +531,11 @@ class FakeOrigin(Threaded):
             if self.require_key is not None and not self._authorized(request, k):
                 await self._latency(request)
                 return self._error(k, 401, "Incorrect API key provided.")
+            if self.revoked_keys or self.key_limits:
+                refused = self._key_check(request, k, body)
+                if refused is not None:
+                    await self._latency(request)
+                    return refused
             status = self.fail_status
             if status is not None:
                 if self.fail_times > 0:
@@ -451,6 +559,26 @@ class FakeOrigin(Threaded):
                 return self._error(k, 400, str(e))
 
         return wrapped
+
+    def _key_check(self, request: web.Request, kind: str, body: bytes) -> web.Response | None:
+        """Per-key limits and revocations: an error to send, or None to serve the request."""
+        key = presented_key(request)
+        if key is None:
+            return None
+        if key in self.revoked_keys:
+            self.key_refused[key] += 1
+            return self._error(kind, 401, "Incorrect API key provided: this key was revoked.")
+        limit = self.key_limits.get(key)
+        if limit is None:
+            return None
+        now = time.monotonic()
+        wait = limit.admit(len(body) // 4 + 16, now)
+        request[_LIMIT_HEADERS_KEY] = limit.headers(kind, now)
+        if wait > 0:
+            self.key_limited[key] += 1
+            return self._error(kind, 429, "Rate limit reached for requests.", str(math.ceil(wait)))
+        self.key_served[key] += 1
+        return None
 
     def _authorized(self, request: web.Request, kind: str) -> bool:
         key = self.require_key
@@ -919,6 +1047,12 @@ class FakeOrigin(Threaded):
 
 
 # --------------------------------------------------------------------------- module helpers
+
+
+async def _add_limit_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    headers = request.get(_LIMIT_HEADERS_KEY)
+    if headers:
+        response.headers.update(headers)
 
 
 async def _consume(request: web.Request) -> tuple[int, str]:

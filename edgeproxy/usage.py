@@ -1,0 +1,133 @@
+"""Usage metering: the tokens a response used, found cheaply, without parsing whole bodies.
+
+The APIs report usage in one small object: ``usage`` (OpenAI chat/completions/embeddings and
+Responses, Anthropic) or ``usageMetadata`` (Gemini), at the end of a JSON body; in a stream,
+in the last events (OpenAI's final chunk when ``stream_options.include_usage`` is set;
+Anthropic's ``message_delta``, with the input side in ``message_start``). We look for that
+object from the end of the bytes and parse only it, and the model name with a regex near the
+start. A response without usage costs one ``rfind``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from typing import Final
+
+import orjson
+
+__all__ = ["StreamTap", "Usage", "from_body", "from_stream"]
+
+# Where to look in a JSON body: usage sits at the end, the model near the start (a long
+# completion between them is never scanned).
+TAIL: Final = 4096
+HEAD: Final = 2048
+# Events kept from the end of a stream: OpenAI's usage chunk is followed by [DONE], Anthropic's
+# message_delta by message_stop; they may come in separate reads.
+TAIL_EVENTS: Final = 3
+
+_MODEL = re.compile(rb'"model(?:Version)?"\s*:\s*"([^"\\]{1,200})"')
+_KEYS: Final = (b'"usage"', b'"usageMetadata"')
+
+
+class Usage:
+    __slots__ = ("input", "model", "output")
+
+    def __init__(self, model: str | None, input: int, output: int) -> None:
+        self.model, self.input, self.output = model, input, output
+
+    def __repr__(self) -> str:
+        return f"<Usage {self.model} in={self.input} out={self.output}>"
+
+
+def _usage_object(data: bytes, last: bool = True) -> dict[str, object] | None:
+    """The last (or first) ``"usage": {...}`` object in ``data``, parsed; None if none."""
+    for name in _KEYS:
+        lo, hi = 0, len(data)
+        while True:
+            at = data.rfind(name, lo, hi) if last else data.find(name, lo, hi)
+            if at < 0:
+                break
+            if last:
+                hi = at
+            else:
+                lo = at + len(name)
+            start = data.find(b"{", at + len(name), at + len(name) + 8)
+            if start < 0:
+                continue  # "usage": null (OpenAI's chunks before the last one)
+            close = data.find(b"}", start)
+            while close > 0:  # the first "}" that closes a valid object (usage may nest objects)
+                try:
+                    obj = orjson.loads(data[start : close + 1])
+                except orjson.JSONDecodeError:
+                    close = data.find(b"}", close + 1)
+                    continue
+                return obj if isinstance(obj, dict) else None
+    return None
+
+
+def _int(obj: dict[str, object], *names: str) -> int:
+    total = 0
+    for name in names:
+        v = obj.get(name)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            total += v
+    return total
+
+
+def _tokens(obj: dict[str, object]) -> tuple[int, int]:
+    """(input, output) tokens from any provider's usage object."""
+    if "prompt_tokens" in obj or "completion_tokens" in obj:  # OpenAI chat, completions, embeddings
+        return _int(obj, "prompt_tokens"), _int(obj, "completion_tokens")
+    if "promptTokenCount" in obj or "candidatesTokenCount" in obj:  # Gemini
+        return _int(obj, "promptTokenCount"), _int(obj, "candidatesTokenCount", "thoughtsTokenCount")
+    # Anthropic (cache reads and writes are input too) and OpenAI's Responses API
+    return (
+        _int(obj, "input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"),
+        _int(obj, "output_tokens"),
+    )
+
+
+def _model(data: bytes) -> str | None:
+    m = _MODEL.search(data)
+    return m.group(1).decode("utf-8", "replace") if m else None
+
+
+def from_body(body: bytes) -> Usage | None:
+    """Usage from a whole JSON response body, or None."""
+    tail = body[-TAIL:]
+    obj = _usage_object(tail)
+    if obj is None:
+        return None
+    inp, out = _tokens(obj)
+    return Usage(_model(body[:HEAD]) or _model(tail), inp, out)
+
+
+class StreamTap:
+    """Sees each chunk of a stream as it is relayed; keeps its first chunk and its last few."""
+
+    __slots__ = ("first", "tail")
+
+    def __init__(self) -> None:
+        self.first: bytes | None = None
+        self.tail: deque[bytes] = deque(maxlen=TAIL_EVENTS)
+
+    def __call__(self, data: bytes) -> None:
+        if self.first is None:
+            self.first = data[:HEAD]
+        self.tail.append(data)
+
+
+def from_stream(tap: StreamTap) -> Usage | None:
+    """Usage from a relayed stream's first and last chunks, or None."""
+    last = b"".join(tap.tail)[-TAIL:]
+    first = tap.first or b""
+    end = _usage_object(last) if last else None
+    start = _usage_object(first, last=False)
+    if end is None and start is None:
+        return None
+    inp, out = _tokens(end) if end is not None else (0, 0)
+    if start is not None:  # Anthropic: message_start has the input side, message_delta the output
+        s_in, s_out = _tokens(start)
+        inp, out = max(inp, s_in), out or s_out
+    return Usage(_model(first) or _model(last), inp, out)

@@ -76,7 +76,7 @@ class Failover:
         retry = False
         while True:
             path = upstream.plan(ctx.tried, retry, only=ctx.pin)
-            if path is None:
+            if path is None or (upstream.pools and not self._take_key(ctx, upstream, path)):
                 await self._wait_for_key(ctx, upstream)  # every key busy: queue, or a 429
                 continue
             ctx.tried.append(path)
@@ -104,14 +104,20 @@ class Failover:
             status = resp.status
             key = ctx.keys.get(path) if ctx.keys is not None else None
             if key is not None:
-                limits = rate_limits(resp.headers)
-                if limits is not None:
-                    key.on_rate_limits(limits, time.monotonic())
+                self._key_answer(ctx, key, resp)
                 if status in KEY_STATUSES:
                     self._note_attempt(ctx, upstream, path, str(status), started)
                     if self._on_key_refused(ctx, upstream, path, key, resp, retry):
                         resp.release()
                         continue  # at once, with another key: not the line's fault
+                    if status == 401 and upstream.pools:
+                        # Our last key was refused. The origin's answer would show the client a
+                        # masked form of it (OpenAI does): ours says the same without it.
+                        resp.release()
+                        raise KeysRefused(
+                            f"the origin refused the API key(s) of upstream {upstream.name} (401);"
+                            " refused keys stay disabled until the next reload"
+                        )
                     return resp
             if status != 429 and status < 500:
                 self._health(upstream, path, "ok")
@@ -148,27 +154,23 @@ class Failover:
         origin says, a 401/403 disables it until the next reload. True if the request should
         go again at once with another key (the loop queues it if none is ready yet)."""
         status = resp.status
-        labels = (upstream.name, path.endpoint.url, key.id)
         if status == 429:
-            wait = retry_wait(resp.headers)
-            now = time.monotonic()
-            if wait is not None and wait.is_integer():
-                # Retry-After is whole seconds; the same answer's rate-limit headers may say
-                # to the millisecond when the key frees up: trust them within that second.
-                exact = key.bucket_wait(now)
-                if wait - 1 < exact <= wait:
-                    wait = exact
-            key.limited += 1
-            key.cooldown_until = max(key.cooldown_until, now + (DEFAULT_COOL_DOWN if wait is None else wait))
-            self.metrics.key_limited.inc(labels)
+            self._cool_key(upstream, path, key, resp)
             allowed = "429" in upstream.config.failover.retry_on
         else:
-            if status == 403 and ctx.key_disabled:
-                # A second refusal within one request: more likely about the request (a model
-                # or feature this account may not use) than a second dead key. Keep the key;
-                # the client gets the origin's answer.
+            first = ctx.disabled_key
+            if status == 403 and first is not None and first is not key:
+                # A second key refused for the same request: it is about the request (a model,
+                # a feature, a region this account may not use), not two dead keys. The first
+                # comes back; the client gets the origin's answer.
+                if first.disabled == "403":
+                    first.disabled = None
+                    log.warning(
+                        "key %s of %s enabled again: the 403 was about the request", first.id, path.endpoint.url
+                    )
                 return False
-            ctx.key_disabled = True
+            if ctx.disabled_key is None:
+                ctx.disabled_key = key
             if key.disabled is None:
                 key.disabled = str(status)
                 log.warning(
@@ -181,12 +183,52 @@ class Failover:
         if not allowed or ctx.body_stream is not None or ctx.key_retries >= upstream.max_key_retries:
             return False
         ctx.tried.remove(path)  # the path may serve again: it was the key, not the line
-        if upstream.plan(ctx.tried, retry, take=False) is None and upstream.key_wait(ctx.tried) is None:
+        only = ctx.pin
+        if (
+            upstream.plan(ctx.tried, retry, take=False, only=only) is None
+            and upstream.key_wait(ctx.tried, only) is None
+        ):
             ctx.tried.append(path)
             return False  # no key left anywhere: the client gets the origin's answer as it is
         ctx.key_retries += 1
         self.metrics.key_retries.inc((upstream.name, str(status)))
         return True
+
+    def _take_key(self, ctx: Ctx, upstream: Upstream, path: Path) -> bool:
+        """Take the key for an attempt on ``path`` now, as it is planned (so concurrent
+        requests, and hedges that start later, see it taken); False if its endpoint has keys
+        and none is ready."""
+        if path.endpoint.url not in upstream.pools:
+            return True
+        key = upstream.pick_key(path.endpoint)
+        if key is None:
+            return False
+        if ctx.keys is None:
+            ctx.keys = {}
+        ctx.keys[path] = key
+        self.metrics.key_requests.inc((upstream.name, path.endpoint.url, key.id))
+        return True
+
+    def _key_answer(self, ctx: Ctx, key: Key, resp: Response) -> None:
+        """What an answer says about its key's limits: the origin's view replaces ours."""
+        limits = rate_limits(resp.headers)
+        if limits is not None:
+            key.on_rate_limits(limits, time.monotonic())
+            ctx.counted = "tokens" in limits  # this answer's tokens are off the origin's count already
+
+    def _cool_key(self, upstream: Upstream, path: Path, key: Key, resp: Response) -> None:
+        """A 429 on ``key``: it cools down for as long as the origin says."""
+        wait = retry_wait(resp.headers)
+        now = time.monotonic()
+        if wait is not None and wait.is_integer():
+            # Retry-After is whole seconds; the same answer's rate-limit headers may say to
+            # the millisecond when the key frees up: trust them within that second.
+            exact = key.bucket_wait(now, origin_only=True)
+            if wait - 1 < exact <= wait:
+                wait = exact
+        key.limited += 1
+        key.cooldown_until = max(key.cooldown_until, now + (DEFAULT_COOL_DOWN if wait is None else wait))
+        self.metrics.key_limited.inc((upstream.name, path.endpoint.url, key.id))
 
     async def _wait_for_key(self, ctx: Ctx, upstream: Upstream) -> None:
         """Nothing to plan: if keys are only busy (rate-limited, out of local headroom), wait
@@ -233,6 +275,8 @@ class Failover:
         try:
             done, pending = await asyncio.wait(pending, timeout=delay)
             second_path = None if done else upstream.plan(ctx.tried, retry=True, only=ctx.pin)
+            if second_path is not None and upstream.pools and not self._take_key(ctx, upstream, second_path):
+                second_path = None  # no ready key for it: no hedge
             if second_path is not None and upstream.budget.try_retry(time.monotonic()):
                 ctx.tried.append(second_path)
                 self.metrics.hedges.inc((upstream.name,))
@@ -252,8 +296,14 @@ class Failover:
                     # Failed, or an answer worth retrying, while the other still runs: note
                     # it, let it go, and wait for the other.
                     if exc is None:
-                        outcome = str(task.result().status)
-                        task.result().release()
+                        lost = task.result()
+                        outcome = str(lost.status)
+                        key = ctx.keys.get(owner[task]) if ctx.keys is not None else None
+                        if key is not None:
+                            self._key_answer(ctx, key, lost)
+                            if lost.status == 429:
+                                self._cool_key(upstream, owner[task], key, lost)
+                        lost.release()
                     else:
                         outcome = exc.kind if isinstance(exc, ProxyError) else "internal"
                     self._note_attempt(ctx, upstream, owner[task], outcome, started)
@@ -379,8 +429,9 @@ def _check_hop(path: Path, resp: Response) -> None:
     says the line cannot carry this request, not that the origin said no; and a body that
     already failed to decode is the path's failure, retried like a reset."""
     status = resp.status
-    if status in (401, 403, 409) and (kind := resp.header(b"x-edgeproxy-error")) is not None:
-        if status == 409 and kind == BASE_MISSING_BYTES:
+    if status in (401, 403, 409) and (kind := resp.header(b"x-edgeproxy-error")) in HOP_REFUSALS:
+        assert kind is not None
+        if kind == BASE_MISSING_BYTES:
             raise HopBaseMissing("the edge no longer has the base of our delta")
         resp.release()
         raise ViaRefused(f"edge {path.line.name} refused the hop: {status} {kind.decode('latin-1')}")
@@ -392,6 +443,9 @@ class HopBaseMissing(Exception):
 
 
 BASE_MISSING_BYTES: Final = BASE_MISSING.encode()
+# The edge's own refusals of the hop itself (our token, a target it does not serve, a delta
+# base it lacks); its other errors (keys_refused, rate_limited...) are answers to pass on.
+HOP_REFUSALS: Final = frozenset({b"unauthorized", b"forbidden", BASE_MISSING_BYTES})
 
 
 def _is_sse(resp: Response) -> bool:

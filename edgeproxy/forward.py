@@ -140,7 +140,8 @@ class Ctx:
         "upstream",
         "keys",
         "key_retries",
-        "key_disabled",
+        "counted",
+        "disabled_key",
         "queued",
     )
 
@@ -182,7 +183,8 @@ class Ctx:
         self.whole = False
         self.keys: dict[Path, Key] | None = None  # the key injected on each path tried
         self.key_retries = 0  # attempts sent again with another key (429, 401, 403)
-        self.key_disabled = False  # a refusal (401/403) disabled a key during this request
+        self.disabled_key: Key | None = None  # the key a 401/403 disabled during this request
+        self.counted = False  # the answer's rate-limit headers already counted its tokens
         self.queued = False  # waited for a rate-limited key to free up
 
     def stream_length(self) -> int | None:
@@ -536,12 +538,7 @@ class Engine(Failover):
             if not target or target[0] != "/":
                 target = "/" + target
         host = path.host_header
-        key = upstream.pick_key(endpoint)
-        if key is not None:
-            if ctx.keys is None:
-                ctx.keys = {}
-            ctx.keys[path] = key
-            self.metrics.key_requests.inc((upstream.name, endpoint.url, key.id))
+        key = ctx.keys.get(path) if ctx.keys is not None else None  # taken as planned: failover._take_key
         hop = path.hop
         # A `via` path names the endpoint in the target (absolute form) for the edge.
         out = [f"{ctx.method} {path.hop_origin}{target} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1")]
@@ -750,7 +747,7 @@ class Engine(Failover):
         if used.output:
             tokens.inc((*labels, "output"), used.output)
         if key is not None:
-            key.on_tokens(used.input + used.output, time.monotonic())
+            key.on_tokens(used.input + used.output, time.monotonic(), ctx.counted)
 
     # -- errors and logging ----------------------------------------------------------------
     def _error_response(self, ctx: Ctx, kind: str, message: str, retry_after: float | None = None) -> web.Response:

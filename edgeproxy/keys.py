@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
-from .providers import _duration, _until
+from .providers import MAX_WAIT, _duration, _until
 
 if TYPE_CHECKING:
     from .config import KeyConfig
@@ -143,7 +143,7 @@ def rate_limits(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, tuple[float
             limit, remaining = float(raw_limit), float(raw_remaining)
         except ValueError:
             continue
-        if not (math.isfinite(limit) and math.isfinite(remaining)) or limit <= 0:
+        if not (math.isfinite(limit) and math.isfinite(remaining)) or limit < 1:
             continue
         reset = _reset_seconds(raw_reset) if raw_reset else None
         out[dimension] = (limit, max(0.0, remaining), reset)
@@ -196,13 +196,17 @@ class Key:
             return INF
         return max(self.cooldown_until - now, self.bucket_wait(now), 0.0)
 
-    def bucket_wait(self, now: float) -> float:
-        """Seconds until every bucket (local and origin) has room for one more request."""
+    def bucket_wait(self, now: float, origin_only: bool = False) -> float:
+        """Seconds until every bucket (local and origin; or the origin's only) has room for
+        one more request."""
         wait = 0.0
-        for bucket in self._buckets():
+        buckets = (self.origin_requests, self.origin_tokens) if origin_only else self._buckets()
+        for bucket in buckets:
             if bucket is not None:
                 wait = max(wait, bucket.wait_for(1.0, now))
-        return wait
+        # However far off a bucket says (a buggy reset in 2999), look again after MAX_WAIT: the
+        # next answer's headers correct it; never sideline a key for good.
+        return min(wait, MAX_WAIT)
 
     def headroom(self, now: float) -> float:
         """How much of its limits is left, 0..1: the emptiest of its buckets."""
@@ -225,8 +229,13 @@ class Key:
             if bucket is not None:
                 bucket.take(1.0, now)
 
-    def on_tokens(self, n: int, now: float) -> None:
+    def on_tokens(self, n: int, now: float, counted: bool = False) -> None:
+        """``n`` tokens used. ``counted``: the same answer's rate-limit headers already took
+        them off (the origin charges on acceptance, and our buckets were just set from those
+        headers): count them, drain nothing twice."""
         self.tokens += n
+        if counted:
+            return
         for bucket in (self.local_tokens, self.origin_tokens):
             if bucket is not None:
                 bucket.take(n, now)
@@ -303,15 +312,6 @@ class KeyPool:
         if best is not None:
             self._next = (best.index + 1) % n
         return best
-
-    def pick_any(self, now: float) -> Key:
-        """A key for an attempt that must go out now (plan() checked that one is ready, but a
-        hedge starts later): the best ready one, else the one ready soonest. Never none: the
-        client's own credential must not go out in place of our keys."""
-        key = self.pick(now)
-        if key is not None:
-            return key
-        return min(self.keys, key=lambda k: k.available_in(now))
 
     def available_in(self, now: float) -> float:
         """Seconds until some key is ready (0: now; inf: every key is disabled)."""

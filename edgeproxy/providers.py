@@ -94,8 +94,16 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+_DURATION_WHOLE = re.compile(r"(?:\d{1,9}(?:\.\d{1,9})?(?:ms|h|m|s))+")
+# Longer header values than this are nonsense (and must not cost regex time on the hot path).
+MAX_HEADER_TIME: Final = 40
+
+
 def _duration(text: str) -> float | None:
     """OpenAI's reset durations: "6m0s", "1s", "20ms", "1h2m3.5s"."""
+    text = text.replace(" ", "")
+    if len(text) > MAX_HEADER_TIME or _DURATION_WHOLE.fullmatch(text) is None:
+        return None
     parts = _DURATION_PART.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
         return None
@@ -104,6 +112,8 @@ def _duration(text: str) -> float | None:
 
 def _until(text: str, now: float) -> float | None:
     """Seconds from ``now`` (epoch) until an RFC 3339 or HTTP date."""
+    if len(text) > MAX_HEADER_TIME:
+        return None
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

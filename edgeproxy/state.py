@@ -178,12 +178,13 @@ class Upstream:
         return None if wait is None or wait == float("inf") else wait
 
     def pick_key(self, endpoint: EndpointConfig) -> Key | None:
-        """The key for an attempt on ``endpoint`` now, or None to pass the client's through."""
+        """Take the best ready key of ``endpoint``'s pool for an attempt now; None if none is
+        ready (or the endpoint has no keys: see ``pools``)."""
         pool = self.pools.get(endpoint.url)
         if pool is None:
             return None
         now = time.monotonic()
-        key = pool.pick_any(now)
+        key = pool.pick(now)
         if key is not None:
             key.on_pick(now)
         return key

@@ -40,6 +40,11 @@ class Usage:
         return f"<Usage {self.model} in={self.input} out={self.output}>"
 
 
+# A usage object nests at most a couple of objects (token details): a few "}" to try, not every
+# one a crafted answer could hold.
+MAX_TRIES: Final = 8
+
+
 def _usage_object(data: bytes, last: bool = True) -> dict[str, object] | None:
     """The last (or first) ``"usage": {...}`` object in ``data``, parsed; None if none."""
     for name in _KEYS:
@@ -56,7 +61,9 @@ def _usage_object(data: bytes, last: bool = True) -> dict[str, object] | None:
             if start < 0:
                 continue  # "usage": null (OpenAI's chunks before the last one)
             close = data.find(b"}", start)
-            while close > 0:  # the first "}" that closes a valid object (usage may nest objects)
+            tries = 0
+            while close > 0 and tries < MAX_TRIES:  # the first "}" closing a valid object (it may nest)
+                tries += 1
                 try:
                     obj = orjson.loads(data[start : close + 1])
                 except orjson.JSONDecodeError:

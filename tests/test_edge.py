@@ -844,3 +844,21 @@ async def test_a_delta_naming_an_unknown_base_is_refused(origin: FakeOrigin, mak
     status, headers, _ = await raw_request(edge.url, hop(origin.url + "/v1/chat/completions", extra=extra, body=b"}"))
     assert status == 409 and headers["x-edgeproxy-error"] == "hop_base_unknown"
     assert not [r for r in origin.requests if r.path_only == "/v1/chat/completions"]
+
+
+async def test_edges_own_keys_refused_reach_the_app_as_an_answer(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    """The edge's key was revoked: the app gets the edge's 401 keys_refused (its keys, not our
+    hop, are the problem), and the via line is not blamed for it."""
+    cfg = edge_config(origin)
+    cfg["upstreams"]["openai"]["endpoints"][0]["keys"] = ["sk-edge-revoked"]
+    origin.revoked_keys.add("sk-edge-revoked")
+    edge = await make_proxy(cfg)
+    side = await make_proxy(sidecar_config(origin, edge.url))
+    await ready(side)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.get(side.url + "/v1/models") as r:
+                assert r.status == 401
+                assert r.headers["x-edgeproxy-error"] == "keys_refused"
+    path = side.proxy.state.paths[("openai", origin.url + "/v1", "edge0")]
+    assert path.health.state == "up"

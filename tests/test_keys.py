@@ -265,25 +265,36 @@ async def test_a_reload_re_enables_disabled_keys_and_keeps_what_it_knew(origin: 
         await proxy.stop(1.0)
 
 
-async def test_with_no_key_left_the_client_gets_the_origins_401(origin: FakeOrigin, make_proxy: Any) -> None:
+async def test_with_no_key_left_the_client_gets_our_401(origin: FakeOrigin, make_proxy: Any) -> None:
+    # Not the origin's own 401: OpenAI's names the refused key (masked, but its last
+    # characters). Ours says what happened, and that a reload brings the keys back.
     p = await make_proxy(keyed(origin, KEYS[:2]))
     origin.revoked_keys.update(KEYS[:2])
-    status_, _, body = await post(p.url)
-    assert status_ == 401 and b"revoked" in body  # the origin's own answer, as it was
+    status_, headers, body = await post(p.url)
+    assert status_ == 401 and headers["x-edgeproxy-error"] == "keys_refused"
+    assert b"revoked" not in body and b"next reload" in body
     assert sum(origin.key_refused.values()) == 2
     status_, _, body = await post(p.url)
     assert status_ == 401 and sum(origin.key_refused.values()) == 2  # no more tries with dead keys
     assert b"refused every API key of upstream openai" in body and b"next reload" in body
 
 
-async def test_one_request_disables_at_most_one_key_on_403(origin: FakeOrigin, make_proxy: Any) -> None:
-    # A 403 from every key for one request is the request's problem (a model the account may
-    # not use), not three dead keys: one key is set aside, not the whole pool.
+async def test_a_403_from_two_keys_is_about_the_request(origin: FakeOrigin, make_proxy: Any) -> None:
+    # A 403 from a second key for the same request is the request's problem (a model the
+    # account may not use, a region), not two dead keys: the client gets the 403 and every key
+    # stays in the pool, however many such requests come.
     p = await make_proxy(keyed(origin, KEYS))
-    origin.fail_status, origin.fail_times = 403, 2
-    status_, _, _ = await post(p.url)
-    assert status_ == 403
+    origin.fail_status, origin.fail_times = 403, 6
+    assert [(await post(p.url))[0] for _ in range(3)] == [403] * 3
     assert [(await post(p.url))[0] for _ in range(4)] == [200] * 4
+    pool = p.proxy.state.upstream("openai").pools[origin.url + "/v1"]
+    assert [k.state(time.monotonic()) for k in pool.keys].count("disabled") == 0
+
+
+async def test_a_403_for_one_key_only_disables_it(origin: FakeOrigin, make_proxy: Any) -> None:
+    p = await make_proxy(keyed(origin, KEYS))
+    origin.fail_status, origin.fail_times = 403, 1  # the first key tried is refused, once
+    assert (await post(p.url))[0] == 200  # another key took it
     pool = p.proxy.state.upstream("openai").pools[origin.url + "/v1"]
     assert [k.state(time.monotonic()) for k in pool.keys].count("disabled") == 1
 
@@ -375,3 +386,63 @@ async def test_edgeproxy_status_lists_keys_by_id(origin: FakeOrigin, make_proxy:
     keys = json.loads(r.stdout)["upstreams"]
     assert KEYS[0] not in r.stdout and KEYS[1] not in r.stdout
     assert any(k["id"] == "team-b" and k["rpm"] == 100 for u in keys for pool in u["keys"].values() for k in pool)
+
+
+# -- found in review: each of these once went wrong --------------------------------------------
+
+
+async def test_tokens_the_origin_already_counted_are_not_charged_twice(origin: FakeOrigin, make_proxy: Any) -> None:
+    """The origin's remaining-tokens header already counts the answer's own usage: charging
+    it again made edgeproxy refuse (429) a request the origin had room for."""
+    origin.limit_keys(KEYS[:1], requests=1000, window=60.0, tokens=30000)
+    p = await make_proxy(keyed(origin, KEYS[:1], queue_timeout="1s"))
+    big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 80000}]}  # ~20k tokens
+    assert (await post(p.url, body=big))[0] == 200
+    status_, headers, _ = await post(p.url)  # a small one: the origin has ~10k tokens left
+    assert status_ == 200, headers.get("x-edgeproxy-error")
+    assert len(origin.requests) == 2
+
+
+async def test_hedges_do_not_overshoot_a_local_rpm(origin: FakeOrigin, make_proxy: Any) -> None:
+    keys = [{"key": KEYS[0], "rpm": 1, "id": "one"}]
+    p = await make_proxy(keyed(origin, keys, queue_timeout=0, hedge="5s"))
+    results = await asyncio.gather(*(post(p.url) for _ in range(5)))
+    assert sorted(r[0] for r in results) == [200, 429, 429, 429, 429]
+    assert len(origin.requests) == 1  # the key was taken as planned, not when the hedge started
+
+
+async def test_a_revoked_key_is_never_sent_again_even_with_hedges(origin: FakeOrigin, make_proxy: Any) -> None:
+    origin.revoked_keys.add(KEYS[0])
+    p = await make_proxy(keyed(origin, KEYS[:1], hedge="5s"))
+    assert (await post(p.url))[0] == 401  # refused once: disabled
+    results = await asyncio.gather(*(post(p.url) for _ in range(5)))
+    assert [r[0] for r in results] == [401] * 5  # ours, keys_refused
+    assert origin.key_refused[KEYS[0]] == 1  # the disabled key never went out again
+
+
+def test_absurd_rate_limit_headers_cost_nothing_and_sideline_no_key() -> None:
+    """A reset of 16k digits is refused at once (no regex backtracking on the event loop); a
+    reset centuries away keeps the key out for at most MAX_WAIT, not for ever."""
+    from edgeproxy.providers import MAX_WAIT
+
+    started = time.perf_counter()
+    limits = rate_limits(
+        [
+            (b"x-ratelimit-limit-requests", b"60"),
+            (b"x-ratelimit-remaining-requests", b"0"),
+            (b"x-ratelimit-reset-requests", b"1" * 16000 + b"x"),
+        ]
+    )
+    assert time.perf_counter() - started < 0.05
+    assert limits == {"requests": (60.0, 0.0, None)}
+    pool = _pool(1)
+    key = pool.keys[0]
+    far = [
+        (b"anthropic-ratelimit-requests-limit", b"50"),
+        (b"anthropic-ratelimit-requests-remaining", b"0"),
+        (b"anthropic-ratelimit-requests-reset", b"2999-01-01T00:00:00Z"),
+    ]
+    parsed = rate_limits(far)
+    assert parsed is not None
+    key.on_rate_limits(parsed, 0.0)
+    assert 0 < key.available_in(0.0) <= MAX_WAIT

@@ -11,8 +11,13 @@ Probes run once at start, then not again (interval 1 h), so no probe bytes are c
 
   1. Request body: a ~30 KB multi-turn agent conversation (system prompt, tools, English and
      Chinese turns, Python code, tool results: pytest output, JSON logs), generated from word
-     lists and sentence templates with a seeded RNG. Bytes up on the hop for one POST (LineSim,
-     headers included) and the body alone (the sidecar's edgeproxy_hop_bytes_total).
+     lists and sentence templates with a seeded RNG; it is turn k of the conversation. Bytes up on
+     the hop for one POST (LineSim, headers included) and the body alone (the sidecar's
+     edgeproxy_hop_bytes_total), in two cases: the first request of a conversation (cold: the
+     sidecar's delta bases are emptied first), and the next turn (delta: the previous turn's body,
+     the same request without the last assistant reply and user message, is sent first and not
+     counted; turn k then crosses as a conversation delta). Each 3 times; the fake origin's
+     recorded body must equal the app's, byte for byte.
   2. A 500-event stream (--events): the fake origin streams OpenAI chat.completion.chunk
      events, a few tokens of a generated answer each, one every 20 ms. Bytes down on the hop.
   3. Per-event delay of that stream: arrival at the app (time.time()) - x_origin_ts (the
@@ -62,6 +67,7 @@ import uvloop
 sys.path.insert(0, str(c.ROOT))
 from edgeproxy import codec
 from edgeproxy.config import load_dict
+from edgeproxy.edge import Bases
 from edgeproxy.server import Proxy
 from tests.fakes.linesim import LineSim
 from tests.fakes.origin import FakeOrigin
@@ -528,6 +534,20 @@ def conversation(seed: int, target: int) -> tuple[dict[str, Any], TextGen]:
     return doc, g
 
 
+def previous_turn(doc: dict[str, Any]) -> dict[str, Any]:
+    """The request an SDK sent the turn before ``doc``: the same request without the last user
+    message and the assistant reply before it (the answer to that previous request). Same keys
+    in the same order, serialized the same way by the caller."""
+    msgs = doc["messages"]
+    assert msgs[-1]["role"] == "user" and msgs[-2]["role"] == "assistant" and not msgs[-2].get("tool_calls")
+    return doc | {"messages": msgs[:-2]}
+
+
+def _shared_prefix(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
 def answer_text(seed: int, chars: int) -> str:
     """The assistant's streamed answer: English prose, then a code block, then prose."""
     g = TextGen(seed)
@@ -634,17 +654,66 @@ def metric(p: Proxy, *labels: str) -> float:
 # =========================================================================== sections 1-3
 
 
-async def post_once(s: aiohttp.ClientSession, hop: Hop, edge: Proxy, body: bytes) -> Res:
+def forget_bases(side: Proxy) -> None:
+    """Empty the sidecar's memory of what it sent over its `via` lines (the bases of deltas):
+    the next request is then the first of a conversation on that line, whatever ran before."""
+    for path in side.state.paths.values():
+        hop = path.hop
+        if hop is not None:
+            b = hop.bases
+            hop.bases = Bases(b.max_count, b.max_bytes, b.max_body)
+
+
+class EdgeBaseLookups:
+    """Counts the edge's look-ups of delta bases (Bases.get: only the edge calls it, once per
+    request that came as a delta): found or not (a miss makes the sidecar resend whole)."""
+
+    def __init__(self) -> None:
+        self.hits = self.misses = 0
+        self._saved = Bases.get
+
+    def __enter__(self) -> EdgeBaseLookups:
+        me, get = self, self._saved
+
+        def counted(bases: Bases, digest: str) -> bytes | None:
+            found = get(bases, digest)
+            if found is None:
+                me.misses += 1
+            else:
+                me.hits += 1
+            return found
+
+        Bases.get = counted  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        Bases.get = self._saved  # type: ignore[method-assign]
+
+
+async def post_once(s: aiohttp.ClientSession, hop: Hop, origin: FakeOrigin, body: bytes) -> Res:
+    """One POST of ``body`` through the hop: bytes on the line, the body before and after the
+    sidecar (its hop_bytes metric: whole body raw, what crossed; none counted = sent as it is),
+    whether the edge took it as a delta, and whether the origin got exactly ``body``."""
     up0, down0 = hop.sim.bytes_up, hop.sim.bytes_down
     raw0, wire0 = metric(hop.side, "sidecar", "edge", "up", "raw"), metric(hop.side, "sidecar", "edge", "up", "wire")
-    async with s.post(hop.url, data=body, headers=HEADERS) as r:
-        got = await r.read()
-        status = r.status
-    await asyncio.sleep(0.02)
+    origin.requests.clear()
+    origin.record = True
+    try:
+        with EdgeBaseLookups() as lookups:
+            async with s.post(hop.url, data=body, headers=HEADERS) as r:
+                got = await r.read()
+                status = r.status
+            await asyncio.sleep(0.02)
+    finally:
+        origin.record = False
     raw = metric(hop.side, "sidecar", "edge", "up", "raw") - raw0
     wire = metric(hop.side, "sidecar", "edge", "up", "wire") - wire0
+    seen = [x.body for x in origin.requests]
+    origin.requests.clear()
     return {"status": status, "bytes_up": hop.sim.bytes_up - up0, "bytes_down": hop.sim.bytes_down - down0,
-            "body_raw": raw or len(body), "body_wire": wire or len(body), "response_bytes": len(got)}  # fmt: skip
+            "body_raw": raw if raw else len(body), "body_wire": wire if raw else len(body),
+            "response_bytes": len(got), "delta_hits": lookups.hits, "delta_misses": lookups.misses,
+            "origin_identical": seen == [body]}  # fmt: skip
 
 
 class CodecTimer:
@@ -732,7 +801,8 @@ async def stream_once(s: aiohttp.ClientSession, hop: Hop, edge: Proxy, body: byt
             "enc_us": timer.enc, "dec_us": timer.dec}  # fmt: skip
 
 
-async def live(a: argparse.Namespace, res: Res, body_doc: dict[str, Any]) -> tuple[FakeOrigin, list[bytes]]:
+async def live(a: argparse.Namespace, res: Res, body_doc: dict[str, Any],
+               prev_doc: dict[str, Any]) -> tuple[FakeOrigin, list[bytes]]:  # fmt: skip
     """Sections 1-3. Returns the origin (still running, for section 5) and the plain SSE events."""
     origin = FakeOrigin()
     origin.record = False
@@ -757,17 +827,40 @@ async def live(a: argparse.Namespace, res: Res, body_doc: dict[str, Any]) -> tup
             await ready(h.side)
 
         body = json.dumps(body_doc, ensure_ascii=False, separators=(",", ":")).encode()
+        prev = json.dumps(prev_doc, ensure_ascii=False, separators=(",", ":")).encode()
         sbody = json.dumps(body_doc | {"stream": True}, ensure_ascii=False, separators=(",", ":")).encode()
         timeout = aiohttp.ClientTimeout(total=a.events * a.interval * 5 + 30)
         async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as s:
-            # 1: one POST per mode (after a warm-up), 3 times: the bytes must not vary
+            # 1: per mode (after a warm-up), 3 times each, the bytes must not vary:
+            #  cold: turn k as the first request of a conversation (the sidecar has sent nothing
+            #        like it: its bases are emptied first);
+            #  next turn: the previous turn's body first (not counted), then turn k: a delta.
             req: Res = {}
+            turn: Res = {}
             for mode, h in hops.items():
-                await post_once(s, h, edge, body)
-                runs = [await post_once(s, h, edge, body) for _ in range(3)]
-                req[mode] = runs[-1] | {"stable": len({(x["bytes_up"], x["body_wire"]) for x in runs}) == 1,
-                                        "statuses": [x["status"] for x in runs]}  # fmt: skip
+                forget_bases(h.side)
+                await post_once(s, h, origin, body)
+                cold, nxt = [], []
+                for _ in range(3):
+                    forget_bases(h.side)
+                    cold.append(await post_once(s, h, origin, body))
+                for _ in range(3):
+                    forget_bases(h.side)
+                    prev_run = await post_once(s, h, origin, prev)
+                    nxt.append(await post_once(s, h, origin, body) | {"prev": prev_run})
+                for out, runs in ((req, cold), (turn, nxt)):
+                    out[mode] = runs[-1] | {"stable": len({(x["bytes_up"], x["body_wire"]) for x in runs}) == 1,
+                                            "statuses": [x["status"] for x in runs],
+                                            "origin_identical_all": all(x["origin_identical"] for x in runs),
+                                            "delta_hits_all": [x["delta_hits"] for x in runs],
+                                            "delta_misses_all": [x["delta_misses"] for x in runs]}  # fmt: skip
+                sent = cold + nxt + [x["prev"] for x in nxt]
+                bad = [x for x in sent if x["status"] != 200 or not x["origin_identical"]]
+                if bad:
+                    print(f"  !! {mode}: {len(bad)} request(s) not 200 or the origin's body differs from the app's",
+                          flush=True)  # fmt: skip
             res["request"] = req
+            res["request_next_turn"] = turn
             # 2 + 3: streams, one at a time, modes alternating in order per round
             expected = a.events + 2  # role chunk + content chunks + finish chunk
             runs_by: dict[str, list[Res]] = {m: [] for m in MODES}
@@ -1111,13 +1204,20 @@ def verify_bombs(bombs: dict[str, bytes]) -> dict[str, int]:
 
 async def bench(a: argparse.Namespace, tmp: Path, procs: c.Procs, res: Res) -> None:
     doc, gen = conversation(7, a.body_kb * 1000)
+    prev_doc = previous_turn(doc)
     body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+    prev = json.dumps(prev_doc, ensure_ascii=False, separators=(",", ":")).encode()
+    shared = _shared_prefix(prev, body)
     res["body"] = {"bytes": len(body), "messages": len(doc["messages"]),
+                   "turn": sum(m["role"] == "user" for m in doc["messages"]),
+                   "prev_bytes": len(prev), "prev_messages": len(prev_doc["messages"]), "shared_prefix": shared,
+                   "rest_bytes": len(body) - shared,
+                   "rest_br_bytes": len(codec.encode("br", body[shared:])),
                    "kinds_bytes": {k: sum(len(t.encode()) for t in v) for k, v in gen.kinds.items()},
                    "realism": realism(gen)}  # fmt: skip
     print(f"1-3: request body {len(body)} B, {len(doc['messages'])} messages; stream {a.events} events "
           f"every {a.interval * 1000:g} ms, {a.rounds} round(s) x {len(MODES)} modes...", flush=True)  # fmt: skip
-    origin, sse = await live(a, res, doc)
+    origin, sse = await live(a, res, doc, prev_doc)
     try:
         print("4: codec CPU...", flush=True)
         res["cpu"] = cpu_section(a, body, sse)
@@ -1143,23 +1243,54 @@ def report(a: argparse.Namespace, res: Res, bg: dict[str, float], la0: str) -> N
     targets: Res = {}
     # ---- 1
     b = res["body"]
-    req = res["request"]
-    off = req["off"]
-    print(f"\n1. Request body: {b['bytes']} B of compact UTF-8 JSON, {b['messages']} messages (system prompt, 4 tools, "
-          f"English/Chinese turns, tool calls and results); by kind (B): {b['kinds_bytes']}")  # fmt: skip
+    print(f"\n1. Request body: turn {b['turn']} of a conversation, {b['bytes']} B of compact UTF-8 JSON, "
+          f"{b['messages']} messages (system prompt, 4 tools, English/Chinese turns, tool calls and results); "
+          f"by kind (B): {b['kinds_bytes']}")  # fmt: skip
+    print(f"   previous turn (sent first, not counted): {b['prev_bytes']} B, {b['prev_messages']} messages (the same"
+          f" without the last assistant reply and user message); shared prefix {b['shared_prefix']} B, so turn"
+          f" {b['turn']} adds {b['rest_bytes']} B ({b['rest_br_bytes']} B in br): the 2 new messages, then"
+          f" the tools and the rest of the request, which follow the messages")  # fmt: skip
     rows = []
-    for mode, r in req.items():
-        up_ratio = off["bytes_up"] / r["bytes_up"]
-        body_ratio = r["body_raw"] / r["body_wire"]
-        ok = None if mode != "br" else up_ratio >= 5
-        if mode == "br":
-            targets["request_br_5x"] = ok
-        br = mode == "br"
-        rows.append([mode, int(r["body_raw"]), int(r["body_wire"]), f"{body_ratio:.2f}x", r["bytes_up"],
-                     f"{up_ratio:.2f}x", "yes" if r["stable"] else "NO", ">= 5x" if br else "",
-                     mark(ok) if br else "", mark(body_ratio >= 5) if br else ""])  # fmt: skip
-    c.print_table(["compress", "body raw B", "body wire B", "body ratio", "bytes up (hop, headers incl.)",
-                   "ratio vs off", "stable x3", "target", "result (wire)", "result (body only)"], rows)  # fmt: skip
+    integrity = []
+    for kind, label, key in (("cold", "first request of a conversation (cold)", "request"),
+                             ("delta", "next turn (delta)", "request_next_turn")):  # fmt: skip
+        req = res[key]
+        off = req["off"]
+        for mode, r in req.items():
+            up_ratio = off["bytes_up"] / r["bytes_up"]
+            body_ratio = r["body_raw"] / r["body_wire"]
+            br = mode == "br"
+            ok = up_ratio >= 5 if br else None
+            if br:
+                targets["request_br_5x" if kind == "cold" else "request_br_5x_next_turn"] = ok
+            hits, misses = r["delta_hits_all"], r["delta_misses_all"]
+            if not any(hits) and not any(misses):
+                delta = "no"
+            elif all(h == 1 for h in hits) and not any(misses):
+                delta = "yes x3"
+            else:
+                delta = f"hits {hits} misses {misses}"
+            if not r["origin_identical_all"] or set(r["statuses"]) != {200}:
+                integrity.append(f"{label}, {mode}: statuses {r['statuses']}, origin body identical: "
+                                 f"{r['origin_identical_all']}")  # fmt: skip
+            rows.append([label if mode == "off" else "", mode, int(r["body_raw"]), int(r["body_wire"]),
+                         f"{body_ratio:.2f}x", r["bytes_up"], f"{up_ratio:.2f}x", delta,
+                         "yes" if r["stable"] else "NO", "yes x3" if r["origin_identical_all"] else "NO",
+                         ">= 5x" if br else "", mark(ok) if br else "",
+                         mark(body_ratio >= 5) if br else ""])  # fmt: skip
+    c.print_table(["request (turn " + str(b["turn"]) + ")", "compress", "body raw B", "body wire B", "body ratio",
+                   "bytes up (hop, headers incl.)", "ratio vs off", "sent as delta", "stable x3",
+                   "origin got it intact", "target", "result (wire)", "result (body only)"], rows)  # fmt: skip
+    print("   A chat app sends the cold row once per conversation and the next-turn (delta) row on every turn after"
+          " the first, as long as the turn before crossed the same `via` line to the same edge lately (the sidecar"
+          " keeps the last 16 bodies per line, the edge 256 / 64 MiB). off never sends deltas. body wire B: what"
+          " crossed for the body (for a delta: the compressed rest; the base hash and prefix length ride in the"
+          " x-edgeproxy-base header, counted in bytes up). 'origin got it intact': the fake origin's recorded body"
+          " equals the app's, byte for byte, in all 3 runs.")  # fmt: skip
+    if integrity:
+        print("   !! INTEGRITY PROBLEM (the origin did not get the app's body, or not 200):", *integrity,
+              sep="\n      ")  # fmt: skip
+    res["request_integrity_ok"] = not integrity
     print("   realism check, br ratio of each kind of generated text vs real text cut to the same size:")
     c.print_table(["   kind (reference)", "generated B", "generated ratio", "reference ratio"], b["realism"])
     # ---- 2 + 3

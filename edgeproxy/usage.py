@@ -40,37 +40,57 @@ class Usage:
         return f"<Usage {self.model} in={self.input} out={self.output}>"
 
 
-# A usage object nests at most a couple of objects (token details): a few "}" to try, not every
-# one a crafted answer could hold.
-MAX_TRIES: Final = 8
+# A usage object nests at most a couple of objects (token details): braces to match, bounded.
+MAX_BRACES: Final = 16
 
 
-def _usage_object(data: bytes, last: bool = True) -> dict[str, object] | None:
-    """The last (or first) ``"usage": {...}`` object in ``data``, parsed; None if none."""
+def _usage_object(data: bytes, last: bool = True, lo: int = 0) -> dict[str, object] | None:
+    """The last (or first) ``"usage": {...}`` object in ``data[lo:]``, parsed; None if none.
+    The object's end is found by matching braces (usage holds numbers and small objects, no
+    strings with braces), so it is parsed once, with no copy of the data around it."""
     for name in _KEYS:
-        lo, hi = 0, len(data)
+        hi = len(data)
+        start_at = lo
         while True:
-            at = data.rfind(name, lo, hi) if last else data.find(name, lo, hi)
+            at = data.rfind(name, start_at, hi) if last else data.find(name, start_at, hi)
             if at < 0:
                 break
             if last:
                 hi = at
             else:
-                lo = at + len(name)
+                start_at = at + len(name)
             start = data.find(b"{", at + len(name), at + len(name) + 8)
             if start < 0:
                 continue  # "usage": null (OpenAI's chunks before the last one)
-            close = data.find(b"}", start)
-            tries = 0
-            while close > 0 and tries < MAX_TRIES:  # the first "}" closing a valid object (it may nest)
-                tries += 1
-                try:
-                    obj = orjson.loads(data[start : close + 1])
-                except orjson.JSONDecodeError:
-                    close = data.find(b"}", close + 1)
-                    continue
-                return obj if isinstance(obj, dict) else None
+            end = _close(data, start)
+            if end < 0:
+                return None
+            try:
+                obj = orjson.loads(data[start : end + 1])
+            except orjson.JSONDecodeError:
+                return None
+            return obj if isinstance(obj, dict) else None
     return None
+
+
+def _close(data: bytes, start: int) -> int:
+    """Index of the "}" closing the "{" at ``start``; -1 if not found within MAX_BRACES."""
+    depth = 0
+    i = start
+    for _ in range(MAX_BRACES):
+        close = data.find(b"}", i + 1)
+        if close < 0:
+            return -1
+        opening = data.find(b"{", i + 1, close)
+        if opening >= 0:
+            depth += 1
+            i = opening
+            continue
+        if depth == 0:
+            return close
+        depth -= 1
+        i = close
+    return -1
 
 
 def _int(obj: dict[str, object], *names: str) -> int:
@@ -84,7 +104,11 @@ def _int(obj: dict[str, object], *names: str) -> int:
 
 def _tokens(obj: dict[str, object]) -> tuple[int, int]:
     """(input, output) tokens from any provider's usage object."""
-    if "prompt_tokens" in obj or "completion_tokens" in obj:  # OpenAI chat, completions, embeddings
+    prompt = obj.get("prompt_tokens")
+    if prompt is not None or "completion_tokens" in obj:  # OpenAI chat, completions, embeddings
+        completion = obj.get("completion_tokens", 0)
+        if type(prompt) is int and type(completion) is int and prompt >= 0 and completion >= 0:
+            return prompt, completion  # the common case, without the general checks below
         return _int(obj, "prompt_tokens"), _int(obj, "completion_tokens")
     if "promptTokenCount" in obj or "candidatesTokenCount" in obj:  # Gemini
         return _int(obj, "promptTokenCount"), _int(obj, "candidatesTokenCount", "thoughtsTokenCount")
@@ -95,19 +119,20 @@ def _tokens(obj: dict[str, object]) -> tuple[int, int]:
     )
 
 
-def _model(data: bytes) -> str | None:
-    m = _MODEL.search(data)
+def _model(data: bytes, lo: int = 0, hi: int | None = None) -> str | None:
+    m = _MODEL.search(data, lo, len(data) if hi is None else hi)
     return m.group(1).decode("utf-8", "replace") if m else None
 
 
 def from_body(body: bytes) -> Usage | None:
-    """Usage from a whole JSON response body, or None."""
-    tail = body[-TAIL:]
-    obj = _usage_object(tail)
+    """Usage from a whole JSON response body, or None. Looks at its last TAIL bytes for the
+    usage object and its first HEAD bytes for the model, in place (no copies)."""
+    lo = max(0, len(body) - TAIL)
+    obj = _usage_object(body, lo=lo)
     if obj is None:
         return None
     inp, out = _tokens(obj)
-    return Usage(_model(body[:HEAD]) or _model(tail), inp, out)
+    return Usage(_model(body, 0, HEAD) or _model(body, lo), inp, out)
 
 
 class StreamTap:

@@ -124,15 +124,40 @@ def _model(data: bytes, lo: int = 0, hi: int | None = None) -> str | None:
     return m.group(1).decode("utf-8", "replace") if m else None
 
 
+# The common case in one step: OpenAI's compact usage object, counts first (what its API and
+# most compatible servers send). Anything else takes the general path below.
+_OPENAI_USAGE = re.compile(
+    rb'"usage":\s{0,16}\{\s{0,16}"prompt_tokens":\s{0,4}(\d{1,12}),\s{0,16}"completion_tokens":\s{0,4}(\d{1,12})\s{0,16}[,}]'
+)
+_MODEL_KEY: Final = b'"model":'
+
+
 def from_body(body: bytes) -> Usage | None:
     """Usage from a whole JSON response body, or None. Looks at its last TAIL bytes for the
     usage object and its first HEAD bytes for the model, in place (no copies)."""
     lo = max(0, len(body) - TAIL)
-    obj = _usage_object(body, lo=lo)
-    if obj is None:
+    m = _OPENAI_USAGE.search(body, lo)
+    if m is not None:
+        inp, out = int(m.group(1)), int(m.group(2))
+    else:
+        obj = _usage_object(body, lo=lo)
+        if obj is None:
+            return None
+        inp, out = _tokens(obj)
+    return Usage(_fast_model(body) or _model(body, 0, HEAD) or _model(body, lo), inp, out)
+
+
+def _fast_model(body: bytes) -> str | None:
+    at = body.find(_MODEL_KEY, 0, HEAD)
+    if at < 0:
         return None
-    inp, out = _tokens(obj)
-    return Usage(_model(body, 0, HEAD) or _model(body, lo), inp, out)
+    start = body.find(b'"', at + len(_MODEL_KEY), at + len(_MODEL_KEY) + 4) + 1  # ("model": "x" too)
+    if start <= 0:
+        return None
+    end = body.find(b'"', start, start + 200)
+    if end < 0 or b"\\" in body[start:end]:
+        return None
+    return body[start:end].decode("utf-8", "replace")
 
 
 class StreamTap:

@@ -144,7 +144,7 @@ class AuthThrottle:
 # kept B, puts it back together. If the edge no longer has B it answers 409 `hop_base_unknown`
 # and the sidecar sends the whole body at once, on the same path: nothing for the client to see.
 
-BASE_HEADER: Final = "x-edgeproxy-base"  # "<hash>:<prefix length>"
+BASE_HEADER: Final = "x-edgeproxy-base"  # "<hash>:<prefix length>:<suffix length>"
 BASE_MISSING: Final = "hop_base_unknown"
 MIN_BASE: Final = 4096  # bodies smaller than this are not kept (nor worth a delta)
 MIN_PREFIX: Final = 2048  # a shared prefix shorter than this is not worth naming
@@ -191,10 +191,11 @@ class Bases:
             self._bodies.move_to_end(digest)
         return body
 
-    def best(self, body: bytes) -> tuple[str, int] | None:
+    def best(self, body: bytes) -> tuple[str, int, int] | None:
         """The kept body sharing the longest prefix with ``body`` (at least MIN_PREFIX bytes):
-        its hash and the prefix length. Most recent first; a cheap first-bytes check skips the
-        rest, so this costs a few memcmp calls per candidate."""
+        its hash, the prefix length, and the length of the suffix they also share after it
+        (the tools and settings a request carries after its messages). Most recent first; a
+        cheap first-bytes check skips the rest, so this costs a few memcmp calls a candidate."""
         if len(body) < MIN_BASE:
             return None
         head = body[:64]
@@ -206,12 +207,27 @@ class Bases:
             n = _common_prefix(base, body)
             if n >= MIN_PREFIX and (found is None or n > found[1]):
                 found = (digest, n)
-        return found
+        if found is None:
+            return None
+        digest, n = found
+        return digest, n, _common_suffix(self._bodies[digest], body, n)
+
+
+def _common_suffix(a: bytes, b: bytes, skip: int) -> int:
+    """How many bytes ``a`` and ``b`` share at their ends, not counting their first ``skip``."""
+    end = min(len(a), len(b)) - skip
+    if end <= 0:
+        return 0
+    ma, mb = memoryview(a)[::-1], memoryview(b)[::-1]
+    return _common_prefix_views(ma[:end], mb[:end])
 
 
 def _common_prefix(a: bytes, b: bytes) -> int:
-    ma, mb = memoryview(a), memoryview(b)
-    end = min(len(a), len(b))
+    return _common_prefix_views(memoryview(a), memoryview(b))
+
+
+def _common_prefix_views(ma: memoryview, mb: memoryview) -> int:
+    end = min(len(ma), len(mb))
     block = 4096
     i = 0
     while i < end and ma[i : i + block] == mb[i : i + block]:

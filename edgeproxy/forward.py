@@ -176,10 +176,10 @@ class Ctx:
         # Sidecar role (a `via` path): the coding this attempt's body was sent in, and the
         # last compressed body (kept for a retry on another `via` path).
         self.coding: str | None = None
-        self.packed: tuple[bytes, str, bytes, tuple[str, int] | None] | None = None
-        # ... and the delta it was sent as (hash of the base, prefix length), unless the edge
+        self.packed: tuple[bytes, str, bytes, tuple[str, int, int] | None] | None = None
+        # ... and the delta it was sent as (hash of the base, shared prefix and suffix), unless the edge
         # did not have the base (then ``whole``: sent whole from now on).
-        self.base: tuple[str, int] | None = None
+        self.base: tuple[str, int, int] | None = None
         self.whole = False
         self.keys: dict[Path, Key] | None = None  # the key injected on each path tried
         self.key_retries = 0  # attempts sent again with another key (429, 401, 403)
@@ -424,13 +424,16 @@ class Engine(Failover):
             body = await self._decode_body(coding, body, limit)
         delta = ctx.request.headers.get(BASE_HEADER)
         if delta is not None:
-            digest, _, n = delta.partition(":")
+            digest, _, spans = delta.partition(":")
+            head, _, tail = spans.partition(":")
             base = self.bases.get(digest)
-            if base is None or not n.isdigit() or int(n) > len(base):
+            tail = tail or "0"
+            if base is None or not (head.isdigit() and tail.isdigit()) or int(head) + int(tail) > len(base):
                 raise HopBaseUnknown("this edge does not keep that base body (any more): send it whole")
-            if int(n) + len(body) > limit:
+            n, m = int(head), int(tail)
+            if n + len(body) + m > limit:
                 raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
-            body = base[: int(n)] + body
+            body = b"".join((base[:n], body, base[len(base) - m :] if m else b""))
         if len(body) >= MIN_BASE:
             self.bases.add(body)
         return body
@@ -510,7 +513,7 @@ class Engine(Failover):
         packed = ctx.packed
         if packed is None or packed[0] is not body or packed[1] != coding or ctx.whole:
             base = None if ctx.whole else hop.bases.best(body)
-            rest = body if base is None else body[base[1] :]
+            rest = body if base is None else body[base[1] : len(body) - base[2]]
             if len(rest) < THREAD_MIN:
                 wire = codec.encode(coding, rest)
             else:
@@ -518,11 +521,11 @@ class Engine(Failover):
             packed = ctx.packed = (body, coding, wire, base)
             hop.bases.add(body)
         wire, base = packed[2], packed[3]
-        rest_len = len(body) - (base[1] if base is not None else 0)
+        rest_len = len(body) - (base[1] + base[2] if base is not None else 0)
         if len(wire) > rest_len * 0.9 or rest_len > len(wire) * codec.safe_ratio(coding):
             if base is None:
                 return body
-            wire = body[base[1] :]  # the rest as it is: not worth compressing
+            wire = body[base[1] : len(body) - base[2]]  # the rest as it is: not worth compressing
         else:
             ctx.coding = coding
         ctx.base = base
@@ -566,7 +569,8 @@ class Engine(Failover):
             out.append(path.hop_headers)  # our token for the edge, and the endpoint meant
             out.append(hop.accept(ctx.request.headers.get("accept-encoding")))
             if ctx.base is not None:
-                out.append(b"%s: %s:%d\r\n" % (BASE_HEADER_BYTES, ctx.base[0].encode(), ctx.base[1]))
+                digest, n, m = ctx.base
+                out.append(b"%s: %s:%d:%d\r\n" % (BASE_HEADER_BYTES, digest.encode(), n, m))
             if ctx.coding is not None:
                 out.append(b"Content-Encoding: " + ctx.coding.encode() + b"\r\n")
         elif ctx.pin is not None:

@@ -809,19 +809,33 @@ async def test_next_turn_of_a_conversation_crosses_as_a_delta(origin: FakeOrigin
             {"role": "user" if i % 2 == 0 else "assistant", "content": " ".join(rng.choices(words, k=120))}
             for i in range(24)
         ]
+        # Tools come after the messages in the body, the same every turn: shared too (a suffix).
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": f"tool_{i}",
+                    "description": " ".join(rng.choices(words, k=40)),
+                    "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+                },
+            }
+            for i in range(8)
+        ]
         sent = []
         for turn in range(3):
             messages.append({"role": "user", "content": f"turn {turn}: and what about timeouts?"})
             before = sim.bytes_up
-            got = await client.chat.completions.create(model="gpt-4o-mini", messages=messages)  # type: ignore[arg-type]
+            got = await client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=tools)  # type: ignore[arg-type]
             sent.append(sim.bytes_up - before)
             messages.append({"role": "assistant", "content": got.choices[0].message.content or ""})
             seen = [r for r in origin.requests if r.path_only == "/v1/chat/completions"][-1]
             assert seen.json()["messages"] == messages[:-1]  # whole, in order, every turn
     finally:
         await sim.stop()
-    # The first turn is compressed whole; the next ones are a small delta each.
-    assert sent[1] * 3 < sent[0] and sent[2] * 3 < sent[0], sent
+    # The first turn is compressed whole; the next ones are a small delta each: their new
+    # messages (a few hundred bytes) and the request's headers, not the history nor the tools.
+    assert sent[1] * 4 < sent[0] and sent[2] * 4 < sent[0], sent
+    assert max(sent[1:]) < 1500, sent
 
 
 async def test_edge_that_lost_the_base_gets_the_body_whole(origin: FakeOrigin, make_proxy: MakeProxy) -> None:

@@ -1248,8 +1248,9 @@ def report(a: argparse.Namespace, res: Res, bg: dict[str, float], la0: str) -> N
           f"by kind (B): {b['kinds_bytes']}")  # fmt: skip
     print(f"   previous turn (sent first, not counted): {b['prev_bytes']} B, {b['prev_messages']} messages (the same"
           f" without the last assistant reply and user message); shared prefix {b['shared_prefix']} B, so turn"
-          f" {b['turn']} adds {b['rest_bytes']} B ({b['rest_br_bytes']} B in br): the 2 new messages, then"
-          f" the tools and the rest of the request, which follow the messages")  # fmt: skip
+          f" {b['turn']} adds {b['rest_bytes']} B after it ({b['rest_br_bytes']} B in br): the 2 new messages,"
+          f" then the tools and the rest of the request, which the sidecar also finds shared (a suffix) and"
+          f" leaves out of the delta")  # fmt: skip
     rows = []
     integrity = []
     for kind, label, key in (("cold", "first request of a conversation (cold)", "request"),
@@ -1284,7 +1285,7 @@ def report(a: argparse.Namespace, res: Res, bg: dict[str, float], la0: str) -> N
     print("   A chat app sends the cold row once per conversation and the next-turn (delta) row on every turn after"
           " the first, as long as the turn before crossed the same `via` line to the same edge lately (the sidecar"
           " keeps the last 16 bodies per line, the edge 256 / 64 MiB). off never sends deltas. body wire B: what"
-          " crossed for the body (for a delta: the compressed rest; the base hash and prefix length ride in the"
+          " crossed for the body (for a delta: the compressed middle; the base hash, prefix and suffix lengths ride in the"
           " x-edgeproxy-base header, counted in bytes up). 'origin got it intact': the fake origin's recorded body"
           " equals the app's, byte for byte, in all 3 runs.")  # fmt: skip
     if integrity:

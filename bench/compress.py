@@ -1285,9 +1285,9 @@ def report(a: argparse.Namespace, res: Res, bg: dict[str, float], la0: str) -> N
     print("   A chat app sends the cold row once per conversation and the next-turn (delta) row on every turn after"
           " the first, as long as the turn before crossed the same `via` line to the same edge lately (the sidecar"
           " keeps the last 16 bodies per line, the edge 256 / 64 MiB). off never sends deltas. body wire B: what"
-          " crossed for the body (for a delta: the compressed middle; the base hash, prefix and suffix lengths ride in the"
-          " x-edgeproxy-base header, counted in bytes up). 'origin got it intact': the fake origin's recorded body"
-          " equals the app's, byte for byte, in all 3 runs.")  # fmt: skip
+          " crossed for the body (for a delta: the compressed middle; the base hash, prefix and suffix lengths"
+          " ride in the x-edgeproxy-base header, counted in bytes up). 'origin got it intact': the fake origin's"
+          " recorded body equals the app's, byte for byte, in all 3 runs.")  # fmt: skip
     if integrity:
         print("   !! INTEGRITY PROBLEM (the origin did not get the app's body, or not 200):", *integrity,
               sep="\n      ")  # fmt: skip

@@ -136,7 +136,8 @@ def from_body(body: bytes) -> Usage | None:
     """Usage from a whole JSON response body, or None. Looks at its last TAIL bytes for the
     usage object and its first HEAD bytes for the model, in place (no copies)."""
     lo = max(0, len(body) - TAIL)
-    m = _OPENAI_USAGE.search(body, lo)
+    at = body.rfind(b'"usage":', lo)
+    m = _OPENAI_USAGE.match(body, at) if at >= 0 else None
     if m is not None:
         inp, out = int(m.group(1)), int(m.group(2))
     else:
@@ -147,6 +148,12 @@ def from_body(body: bytes) -> Usage | None:
     return Usage(_fast_model(body) or _model(body, 0, HEAD) or _model(body, lo), inp, out)
 
 
+# Model names seen, decoded once; past MAX_MODELS distinct ones the rest count as "other" (the
+# name comes from the response: it must not grow the metrics without bound).
+MAX_MODELS: Final = 1000
+_names: dict[bytes, str] = {}
+
+
 def _fast_model(body: bytes) -> str | None:
     at = body.find(_MODEL_KEY, 0, HEAD)
     if at < 0:
@@ -155,9 +162,15 @@ def _fast_model(body: bytes) -> str | None:
     if start <= 0:
         return None
     end = body.find(b'"', start, start + 200)
-    if end < 0 or b"\\" in body[start:end]:
+    if end < 0 or body.find(b"\\", start, end) >= 0:
         return None
-    return body[start:end].decode("utf-8", "replace")
+    raw = body[start:end]
+    name = _names.get(raw)
+    if name is None:
+        if len(_names) >= MAX_MODELS:
+            return "other"
+        name = _names[raw] = raw.decode("utf-8", "replace")
+    return name
 
 
 class StreamTap:

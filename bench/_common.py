@@ -29,6 +29,8 @@ import aiohttp
 Popen = subprocess.Popen[bytes]
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+# The project's own venv python for edgeproxy processes, when there is one (else this one).
+EDGE_PY = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else PY
 NGINX = "/usr/sbin/nginx"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

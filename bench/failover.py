@@ -68,7 +68,7 @@ sys.path.insert(0, str(c.ROOT))
 from tests.fakes.linesim import LineSim
 from tests.fakes.origin import PROBE_AGENT, FakeOrigin
 
-EDGE_PY = str(c.ROOT / ".venv" / "bin" / "python") if (c.ROOT / ".venv" / "bin" / "python").exists() else c.PY
+EDGE_PY = c.EDGE_PY
 PROMPT = [{"role": "user", "content": "failover bench"}]
 CHAT = json.dumps({"model": "gpt-4o-mini", "messages": PROMPT}).encode()
 STREAM = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": PROMPT}).encode()

@@ -53,7 +53,7 @@ import uvloop
 sys.path.insert(0, str(c.ROOT))
 from tests.fakes.origin import FakeOrigin
 
-EDGE_PY = str(c.ROOT / ".venv" / "bin" / "python") if (c.ROOT / ".venv" / "bin" / "python").exists() else c.PY
+EDGE_PY = c.EDGE_PY
 KEYS = [f"sk-bench-{i}-{'x' * 24}" for i in range(3)]
 CHAT = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "keys bench"}]}).encode()
 Res = dict[str, Any]

@@ -37,6 +37,7 @@ __all__ = [
     "AuthThrottle",
     "Bases",
     "body_hash",
+    "edge_bases",
     "probe_answer",
     "split_target",
 ]
@@ -148,10 +149,18 @@ BASE_HEADER: Final = "x-edgeproxy-base"  # "<hash>:<prefix length>:<suffix lengt
 BASE_MISSING: Final = "hop_base_unknown"
 MIN_BASE: Final = 4096  # bodies smaller than this are not kept (nor worth a delta)
 MIN_PREFIX: Final = 2048  # a shared prefix shorter than this is not worth naming
+# Bodies an edge keeps as bases, for all sidecars: at most this many, this many bytes in all.
+EDGE_BASES: Final = 256
+EDGE_BASE_BYTES: Final = 64 << 20
 
 
 def body_hash(body: bytes) -> str:
     return hashlib.blake2b(body, digest_size=16).hexdigest()
+
+
+def edge_bases() -> Bases:
+    """The store an edge keeps its bases in (one per process, shared by its listeners)."""
+    return Bases(EDGE_BASES, EDGE_BASE_BYTES, EDGE_BASE_BYTES // 4)
 
 
 class Bases:

@@ -76,19 +76,13 @@ HOP_BY_HOP: Final = frozenset(
 REQUEST_SKIP: Final = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-edgeproxy-token"}
 # On either side of an edge hop we set Accept-Encoding ourselves (the hop's codings, or
 # identity towards the origin); Content-Encoding too when we (de)compressed the body.
-HOP_SKIP: Final = REQUEST_SKIP | {
-    b"accept-encoding",
-    b"x-edgeproxy-probe",
-    b"x-edgeproxy-endpoint",
-    b"x-edgeproxy-base",
-}
+HOP_SKIP: Final = (
+    REQUEST_SKIP | {b"accept-encoding"} | {h.encode() for h in (PROBE_HEADER, ENDPOINT_HEADER, BASE_HEADER)}
+)
 HOP_SKIP_CODED: Final = HOP_SKIP | {b"content-encoding"}
 # Bodies smaller than this cross the hop as they are: compressing them gains nothing.
 MIN_COMPRESS: Final = 256
 BASE_HEADER_BYTES: Final = BASE_HEADER.encode()
-# Bodies an edge keeps as bases for deltas, for all sidecars: at most this many, bytes in all.
-EDGE_BASES: Final = 256
-EDGE_BASE_BYTES: Final = 64 << 20
 # Whole bodies from this size on are (de)compressed in a thread, not on the event loop.
 THREAD_MIN: Final = 1 << 20
 # Response decoding at the sidecar: the bomb guard looks at the ratio only past this much
@@ -249,8 +243,8 @@ class Engine(Failover):
         listener: ListenerConfig,
         metrics: Metrics,
         access: AccessLog,
+        bases: Bases,
         on_slow_path: Callable[[Path], None] = lambda path: None,
-        bases: Bases | None = None,
     ) -> None:
         self.state = state
         # Called when an attempt waits for headers longer than its path's RTT suggests: the
@@ -262,7 +256,7 @@ class Engine(Failover):
         self._tokens = [t.encode() for t in listener.tokens]
         self._throttle = AuthThrottle()
         # Edge role: recent hop bodies, the bases of sidecars' deltas (shared by listeners).
-        self.bases = bases if bases is not None else Bases(EDGE_BASES, EDGE_BASE_BYTES, EDGE_BASE_BYTES // 4)
+        self.bases = bases
         self._inflight: set[Ctx] = set()
 
     def reconfigure(self, state: State, listener: ListenerConfig) -> None:

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from . import codec
 from .client import Conn, Response
 from .dns import Address, Resolver
-from .edge import ENDPOINT_HEADER, Bases
+from .edge import ENDPOINT_HEADER, PROBE_HEADER, Bases
 from .errors import ConnectError
 from .estimator import Estimator
 from .health import Health
@@ -48,7 +48,7 @@ SUSPECT_CEILING: Final = 1.0
 SIDECAR_BASES: Final = 16
 SIDECAR_BASE_BYTES: Final = 16 << 20
 # Marks a probe sent over a `via` line: the edge answers it itself, with its own RTT.
-PROBE_HEADER_LINE: Final = b"x-edgeproxy-probe: 1\r\n"
+PROBE_HEADER_LINE: Final = f"{PROBE_HEADER}: 1\r\n".encode()
 
 
 def tls_context(cafile: str | None = None) -> ssl.SSLContext:

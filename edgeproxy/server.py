@@ -22,10 +22,10 @@ from . import __version__
 from .accesslog import AccessLog
 from .config import Config, ConfigError, ListenerConfig, dump_redacted, load_file
 from .dns import Resolver
-from .edge import Bases
+from .edge import edge_bases
 from .errors import PathDown
 from .failover import may_move
-from .forward import EDGE_BASE_BYTES, EDGE_BASES, Engine
+from .forward import Engine
 from .lines import Path
 from .metrics import Metrics
 from .probe import Prober
@@ -73,7 +73,7 @@ class Proxy:
         self.resolver = Resolver()
         self.state = State.build(config, self.resolver)
         self.prober = Prober(config.probe, self.metrics, self._on_probe)
-        self.bases = Bases(EDGE_BASES, EDGE_BASE_BYTES, EDGE_BASE_BYTES // 4)  # edge role: for deltas
+        self.bases = edge_bases()  # edge role: the bases of sidecars' deltas
         self.metrics.on_scrape = self._path_gauges
         self.listeners: list[Listener] = []
         self.admin_runner: web.AppRunner | None = None
@@ -102,7 +102,7 @@ class Proxy:
     async def _open_listener(self, lc: ListenerConfig) -> Listener:
         loop = asyncio.get_running_loop()
         limits = self.config.limits
-        engine = Engine(self.state, lc, self.metrics, self.access, self.prober.urgent, self.bases)
+        engine = Engine(self.state, lc, self.metrics, self.access, self.bases, self.prober.urgent)
         ws = web.Server(
             engine.handle,
             handler_cancellation=True,  # client gone -> cancel -> upstream closed

@@ -65,10 +65,10 @@ import brotli
 import uvloop
 
 sys.path.insert(0, str(c.ROOT))
-from edgeproxy import codec
 from edgeproxy.config import load_dict
-from edgeproxy.edge import Bases
-from edgeproxy.server import Proxy
+from edgeproxy.filters.edge import Bases
+from edgeproxy.ops.server import Proxy
+from edgeproxy.proto import codec
 from tests.fakes.linesim import LineSim
 from tests.fakes.origin import FakeOrigin
 

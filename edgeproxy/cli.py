@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(config.log.level)
     import uvloop
 
-    from .server import serve
+    from .ops.server import serve
 
     try:
         uvloop.run(serve(config))

@@ -46,7 +46,7 @@ from aiohttp import web
 
 from .cli import add_demo_arguments
 from .config import load_dict
-from .server import Proxy
+from .ops.server import Proxy
 
 __all__ = ["FakeOrigin", "Line", "main"]
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from edgeproxy.config import load_dict
-from edgeproxy.server import Proxy
+from edgeproxy.ops.server import Proxy
 from tests.fakes.origin import FakeOrigin
 
 

@@ -20,10 +20,10 @@ import openai
 import orjson
 import pytest
 
-from edgeproxy.accesslog import AccessLog
 from edgeproxy.config import ConfigError, dump_redacted, key_id, load_dict, load_file
-from edgeproxy.keys import Key, KeyPool, origin_bucket, rate_limits
-from edgeproxy.server import Proxy
+from edgeproxy.filters.keypool import Key, KeyPool, origin_bucket, rate_limits
+from edgeproxy.ops.server import Proxy
+from edgeproxy.telemetry.accesslog import AccessLog
 from tests.conftest import RunningProxy, free_port, proxy_config
 from tests.fakes.origin import FakeOrigin
 from tests.test_cli import run_cli
@@ -423,7 +423,7 @@ async def test_a_revoked_key_is_never_sent_again_even_with_hedges(origin: FakeOr
 def test_absurd_rate_limit_headers_cost_nothing_and_sideline_no_key() -> None:
     """A reset of 16k digits is refused at once (no regex backtracking on the event loop); a
     reset centuries away keeps the key out for at most MAX_WAIT, not for ever."""
-    from edgeproxy.providers import MAX_WAIT
+    from edgeproxy.proto.providers import MAX_WAIT
 
     started = time.perf_counter()
     limits = rate_limits(

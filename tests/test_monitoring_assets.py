@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgeproxy.metrics import Counter, Gauge, Histogram, Metrics
+from edgeproxy.telemetry.metrics import Counter, Gauge, Histogram, Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "conf" / "monitoring" / "prometheus-rules.yaml"

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from edgeproxy.config import load_file
-from edgeproxy.server import Proxy
+from edgeproxy.ops.server import Proxy
 from tests.conftest import free_port
 from tests.fakes.linesim import LineSim
 from tests.fakes.origin import FakeOrigin

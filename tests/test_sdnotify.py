@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeproxy.sdnotify import Notifier, watchdog_loop
+from edgeproxy.ops.sdnotify import Notifier, watchdog_loop
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 
-from edgeproxy.estimator import Estimator
-from edgeproxy.health import Health
-from edgeproxy.select import Candidate, order
+from edgeproxy.routing.estimator import Estimator
+from edgeproxy.routing.health import Health
+from edgeproxy.routing.select import Candidate, order
 
 MS = 0.001
 

@@ -9,7 +9,7 @@ import anthropic
 import openai
 
 from edgeproxy.config import key_id
-from edgeproxy.usage import StreamTap, from_body, from_stream
+from edgeproxy.filters.usage import StreamTap, from_body, from_stream
 from tests.fakes.origin import FakeOrigin
 from tests.test_keys import KEYS, keyed, metrics
 

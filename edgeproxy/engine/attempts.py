@@ -15,18 +15,18 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from .client import Response
-from .edge import BASE_MISSING
-from .errors import KeysRefused, PathDown, ProxyError, RateLimited, UpstreamReset, ViaRefused
-from .keys import Key, rate_limits
-from .providers import retry_wait
+from ..filters.edge import BASE_MISSING
+from ..filters.keypool import Key, rate_limits
+from ..net.client import Response
+from ..proto.errors import KeysRefused, PathDown, ProxyError, RateLimited, UpstreamReset, ViaRefused
+from ..proto.providers import retry_wait
 
 if TYPE_CHECKING:
-    from .codec import Decoder
-    from .forward import Ctx
-    from .lines import Path
-    from .metrics import Metrics
-    from .state import Upstream
+    from ..proto.codec import Decoder
+    from ..routing.lines import Path
+    from ..routing.state import Upstream
+    from ..telemetry.metrics import Metrics
+    from .engine import Ctx
 
 __all__ = ["Failover", "may_move"]
 

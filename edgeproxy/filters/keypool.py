@@ -22,10 +22,10 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
-from .providers import MAX_WAIT, _duration, _until
+from ..proto.providers import MAX_WAIT, _duration, _until
 
 if TYPE_CHECKING:
-    from .config import KeyConfig
+    from ..config import KeyConfig
 
 __all__ = ["Bucket", "Key", "KeyPool", "rate_limits"]
 

@@ -15,7 +15,7 @@ import struct
 from typing import Final
 from urllib.parse import unquote, urlsplit
 
-from .errors import ConnectError
+from ..proto.errors import ConnectError
 
 __all__ = ["Handshake", "ProxySpec", "http_connect", "socks5_connect"]
 

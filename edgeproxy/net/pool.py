@@ -15,11 +15,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
+from ..proto.errors import ConnectError, ConnectTimeout, PoolExhausted
 from .client import Conn
-from .errors import ConnectError, ConnectTimeout, PoolExhausted
 
 if TYPE_CHECKING:
-    from .config import PoolConfig
+    from ..config import PoolConfig
 
 __all__ = ["Connector", "Pool"]
 

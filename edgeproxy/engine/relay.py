@@ -18,10 +18,10 @@ from typing import Final
 
 from aiohttp import web
 
-from .client import Response
-from .codec import Encoder
-from .errors import ProxyError
-from .sse import last_event_end
+from ..net.client import Response
+from ..proto.codec import Encoder
+from ..proto.errors import ProxyError
+from ..proto.sse import last_event_end
 
 __all__ = ["push_body"]
 

@@ -23,11 +23,11 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
-from .config import norm_host
+from ..config import norm_host
 
 if TYPE_CHECKING:
-    from .config import EndpointConfig
-    from .state import Upstream
+    from ..config import EndpointConfig
+    from ..routing.state import Upstream
 
 __all__ = [
     "BASE_HEADER",

@@ -18,20 +18,20 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import __version__
-from .accesslog import AccessLog
-from .config import Config, ConfigError, ListenerConfig, dump_redacted, load_file
-from .dns import Resolver
-from .edge import edge_bases
-from .errors import PathDown
-from .failover import may_move
-from .forward import Engine
-from .lines import Path
-from .metrics import Metrics
-from .probe import Prober
-from .providers import client_credential, token_matches
+from .. import __version__
+from ..config import Config, ConfigError, ListenerConfig, dump_redacted, load_file
+from ..engine.attempts import may_move
+from ..engine.engine import Engine
+from ..filters.edge import edge_bases
+from ..net.dns import Resolver
+from ..proto.errors import PathDown
+from ..proto.providers import client_credential, token_matches
+from ..routing.lines import Path
+from ..routing.probe import Prober
+from ..routing.state import State, describe_changes
+from ..telemetry.accesslog import AccessLog
+from ..telemetry.metrics import Metrics
 from .sdnotify import Notifier, watchdog_loop
-from .state import State, describe_changes
 
 __all__ = ["Proxy", "serve"]
 

@@ -11,15 +11,15 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..filters.keypool import Key, KeyPool
+from ..proto.providers import auth_header, auth_value
 from .budget import RetryBudget
-from .keys import Key, KeyPool
 from .lines import Line, Path, PathKey
-from .providers import auth_header, auth_value
 from .select import Candidate, order
 
 if TYPE_CHECKING:
-    from .config import Config, EndpointConfig, UpstreamConfig
-    from .dns import Resolver
+    from ..config import Config, EndpointConfig, UpstreamConfig
+    from ..net.dns import Resolver
 
 __all__ = ["State", "Upstream", "describe_changes"]
 

@@ -18,20 +18,20 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
-from . import codec
-from .client import Conn, Response
-from .dns import Address, Resolver
-from .edge import ENDPOINT_HEADER, PROBE_HEADER, Bases
-from .errors import ConnectError
+from ..filters.edge import ENDPOINT_HEADER, PROBE_HEADER, Bases
+from ..net.client import Conn, Response
+from ..net.dns import Address, Resolver
+from ..net.pool import Pool
+from ..net.tunnel import Handshake, ProxySpec, http_connect, socks5_connect
+from ..proto import codec
+from ..proto.errors import ConnectError
 from .estimator import Estimator
 from .health import Health
-from .pool import Pool
 from .probe import probe_target
-from .tunnel import Handshake, ProxySpec, http_connect, socks5_connect
 
 if TYPE_CHECKING:
-    from .config import EndpointConfig, LineConfig, PoolConfig, UpstreamConfig
-    from .forward import Ctx
+    from ..config import EndpointConfig, LineConfig, PoolConfig, UpstreamConfig
+    from ..engine.engine import Ctx
 
 __all__ = ["PROBE_HEADER_LINE", "Line", "Path", "PathKey", "Via", "tls_context"]
 

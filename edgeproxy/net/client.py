@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Final
 
 import httptools
 
-from .codec import DecodeError
-from .errors import FirstEventTimeout, UpstreamBadEncoding, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
-from .sse import last_event_end
+from ..proto.codec import DecodeError
+from ..proto.errors import FirstEventTimeout, UpstreamBadEncoding, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
+from ..proto.sse import last_event_end
 
 if TYPE_CHECKING:
-    from .codec import Decoder
+    from ..proto.codec import Decoder
     from .pool import Pool
 
 __all__ = ["Conn", "Response"]

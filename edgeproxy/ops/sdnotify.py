@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 __all__ = ["Notifier", "watchdog_loop"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("edgeproxy.sdnotify")  # the name operators filter on (kept from the flat layout)
 
 
 class Notifier:

@@ -15,14 +15,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
-from .edge import ORIGIN_RTT_HEADER
-from .errors import ProxyError
+from ..filters.edge import ORIGIN_RTT_HEADER
+from ..proto.errors import ProxyError
 
 if TYPE_CHECKING:
-    from .client import Response
-    from .config import ProbeConfig
+    from ..config import ProbeConfig
+    from ..net.client import Response
+    from ..telemetry.metrics import Metrics
     from .lines import Path, PathKey
-    from .metrics import Metrics
 
 __all__ = ["Prober", "probe_target"]
 

@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING, Final
 import orjson
 from aiohttp import web
 
-from . import codec, usage
-from .client import Response
-from .edge import (
+from ..filters import usage
+from ..filters.edge import (
     BASE_HEADER,
     ENDPOINT_HEADER,
     MIN_BASE,
@@ -32,7 +31,9 @@ from .edge import (
     probe_answer,
     split_target,
 )
-from .errors import (
+from ..net.client import Response
+from ..proto import codec
+from ..proto.errors import (
     BadEncoding,
     BodyTooLarge,
     ClientError,
@@ -42,17 +43,17 @@ from .errors import (
     ProxyError,
     Unauthorized,
 )
-from .failover import Failover
-from .providers import CREDENTIAL_HEADERS, client_credential, error_body, sse_error_event, token_matches
+from ..proto.providers import CREDENTIAL_HEADERS, client_credential, error_body, sse_error_event, token_matches
+from .attempts import Failover
 from .relay import push_body
 
 if TYPE_CHECKING:
-    from .accesslog import AccessLog
-    from .config import ListenerConfig
-    from .keys import Key
-    from .lines import Path
-    from .metrics import Metrics
-    from .state import State, Upstream
+    from ..config import ListenerConfig
+    from ..filters.keypool import Key
+    from ..routing.lines import Path
+    from ..routing.state import State, Upstream
+    from ..telemetry.accesslog import AccessLog
+    from ..telemetry.metrics import Metrics
 
 __all__ = ["Ctx", "Engine"]
 

@@ -18,7 +18,7 @@ import collections
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import httptools
 
@@ -28,9 +28,8 @@ from ..proto.sse import last_event_end
 
 if TYPE_CHECKING:
     from ..proto.codec import Decoder
-    from .pool import Pool
 
-__all__ = ["Conn", "Response"]
+__all__ = ["Conn", "ConnOwner", "Response"]
 
 # Stop reading from the origin when this much body is buffered and unread (a slow client):
 # the kernel's window then pushes back on the origin instead of our memory growing.
@@ -42,6 +41,17 @@ MAX_FIRST_EVENT: Final = 1024 * 1024
 _CODING_HEADERS: Final = frozenset({b"content-encoding", b"content-length"})
 # Request bodies above this are written as a second buffer instead of joined to the head.
 JOIN_LIMIT: Final = 64 * 1024
+
+
+class ConnOwner(Protocol):
+    """What a Conn needs from whoever hands it out (a Pool, structurally): a name for its repr,
+    the connection back when its response is done, and word when it is lost."""
+
+    label: str
+
+    def release(self, conn: Conn) -> None: ...
+
+    def on_conn_lost(self, conn: Conn) -> None: ...
 
 
 class Conn(asyncio.Protocol):
@@ -61,7 +71,7 @@ class Conn(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: ConnOwner) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.resp: Response | None = None

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Final, Protocol
 import httptools
 
 from ..proto.codec import DecodeError
-from ..proto.errors import FirstEventTimeout, UpstreamBadEncoding, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
-from ..proto.sse import last_event_end
+from ..proto.errors import UpstreamBadEncoding, UpstreamProtocolError, UpstreamReset
+from .waits import Waits
 
 if TYPE_CHECKING:
     from ..proto.codec import Decoder
@@ -35,8 +35,6 @@ __all__ = ["Conn", "ConnOwner", "Response"]
 # the kernel's window then pushes back on the origin instead of our memory growing.
 READ_HIGH_WATER: Final = 512 * 1024
 READ_LOW_WATER: Final = 64 * 1024
-# Waiting for an SSE stream's first event, we buffer up to this much of it.
-MAX_FIRST_EVENT: Final = 1024 * 1024
 # Response headers that describe a compressed body, dropped when we decode it.
 _CODING_HEADERS: Final = frozenset({b"content-encoding", b"content-length"})
 # Request bodies above this are written as a second buffer instead of joined to the head.
@@ -220,32 +218,24 @@ class Conn(asyncio.Protocol):
             self.pool.release(self)
 
 
-class Response:
-    """An upstream response as the parser sees it; the relay reads it chunk by chunk."""
+class Response(Waits):
+    """An upstream response as the parser sees it; the relay reads it chunk by chunk (the
+    awaits, ``wait_head``, ``read``, ``wait_pushed``..., are in waits.py)."""
 
-    __slots__ = (
-        "_buffered",
-        "_chunks",
-        "_exc",
+    __slots__ = (  # and those of Waits
         "_framed",
         "_on_end",
         "_reading_paused",
         "_released",
         "_sink",
-        "_sink_blocked",
-        "_waiter",
-        "last_data_at",
-        "sent_at",
-        "bytes_read",
-        "complete",
         "conn",
         "decide",
         "decoder",
-        "head_done",
         "headers",
         "keep_alive",
         "method",
         "parser",
+        "sent_at",
         "status",
     )
 
@@ -425,67 +415,6 @@ class Response:
             waiter.set_result(None)
 
     # -- for the relay ---------------------------------------------------------------------
-    async def wait_head(self, timeout: float) -> None:
-        """Wait for the status line and headers; raises UpstreamTimeout/UpstreamReset."""
-        if not self.head_done and self._exc is None:
-            loop = asyncio.get_running_loop()
-            self._waiter = waiter = loop.create_future()
-            timer = loop.call_later(timeout, self._on_timeout, waiter, timeout)
-            try:
-                while not self.head_done and self._exc is None:
-                    await waiter
-                    if not self.head_done and self._exc is None:
-                        self._waiter = waiter = loop.create_future()
-            finally:
-                timer.cancel()
-                self._waiter = None
-        if self._exc is not None and not self.head_done:
-            raise self._exc
-
-    async def wait_event(self, timeout: float) -> None:
-        """Wait until one whole SSE block (an event, or a comment) has arrived, or the body
-        ended. Raises FirstEventTimeout after ``timeout`` seconds, or the origin's failure.
-
-        Any complete block counts: an origin that sends keep-alive comments is alive.
-        """
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(timeout, self._on_event_timeout, timeout)
-        try:
-            while True:
-                if self._exc is not None:
-                    raise self._exc
-                if self.complete or self._has_block():
-                    return
-                if self._buffered > MAX_FIRST_EVENT:
-                    return  # a first "event" this big is not one we can frame: go on as bytes
-                self._resume_reading()  # a first event may be larger than READ_HIGH_WATER
-                self._waiter = loop.create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
-        finally:
-            timer.cancel()
-
-    def _has_block(self) -> bool:
-        chunks = self._chunks
-        if not chunks:
-            return False
-        if len(chunks) > 1:
-            joined = b"".join(chunks)
-            chunks.clear()
-            chunks.append(joined)
-        return last_event_end(chunks[0]) >= 0
-
-    def _on_event_timeout(self, timeout: float) -> None:
-        if not self.complete and not self._has_block():
-            self.fail(FirstEventTimeout(f"no SSE event from origin within {timeout:g}s of its headers"))
-
-    def _on_timeout(self, waiter: asyncio.Future[None], timeout: float) -> None:
-        if self.head_done:
-            return
-        self.fail(UpstreamTimeout(f"no response headers from origin within {timeout:g}s"))
-
     def buffered(self) -> bytes | None:
         """Everything that already arrived, if that is the whole body (the fast path)."""
         if self.complete and self._exc is None:
@@ -495,43 +424,6 @@ class Response:
             self._buffered = 0
             return data
         return None
-
-    async def read(self, idle_timeout: float | None = None) -> bytes:
-        """Next body chunk as it arrived; b"" at the end of the body.
-
-        Raises UpstreamReset if the origin cut the body short, UpstreamTimeout if no byte
-        came for ``idle_timeout`` seconds.
-        """
-        while True:
-            if self._chunks:
-                if len(self._chunks) == 1:
-                    data = self._chunks.popleft()
-                else:
-                    data = b"".join(self._chunks)
-                    self._chunks.clear()
-                self._buffered = 0
-                self.bytes_read += len(data)
-                self._resume_reading()
-                return data
-            if self._exc is not None:
-                raise self._exc
-            if self.complete:
-                return b""
-            loop = asyncio.get_running_loop()
-            self._waiter = waiter = loop.create_future()
-            timer = None
-            if idle_timeout is not None:
-                timer = loop.call_later(idle_timeout, self._on_idle, waiter, idle_timeout)
-            try:
-                await waiter
-            finally:
-                if timer is not None:
-                    timer.cancel()
-                self._waiter = None
-
-    def _on_idle(self, waiter: asyncio.Future[None], timeout: float) -> None:
-        if not waiter.done():
-            self.fail(UpstreamTimeout(f"origin sent nothing for {timeout:g}s mid-response"))
 
     # -- push mode (streams) ---------------------------------------------------------------
     def push_to(self, sink: Callable[[bytes], bool]) -> None:
@@ -547,40 +439,6 @@ class Response:
         self._buffered = 0
         if not self._sink_blocked:
             self._resume_reading()  # reading may have paused while it all piled up
-
-    async def wait_pushed(self, idle_timeout: float) -> bool:
-        """True when the whole body was pushed; False when the sink is blocked.
-
-        Raises UpstreamReset if the origin cut the body short, UpstreamTimeout if it sent
-        nothing for ``idle_timeout`` seconds. One timer per wait, not per chunk.
-        """
-        loop = asyncio.get_running_loop()
-        if not self.last_data_at:
-            self.last_data_at = time.monotonic()
-        while True:
-            if self._exc is not None:
-                raise self._exc
-            if self.complete:
-                return True
-            if self._sink_blocked:
-                self._sink_blocked = False
-                return False
-            self._waiter = waiter = loop.create_future()
-            timer = loop.call_later(idle_timeout, self._on_push_idle, waiter, idle_timeout)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
-
-    def _on_push_idle(self, waiter: asyncio.Future[None], timeout: float) -> None:
-        if waiter.done():
-            return
-        quiet = time.monotonic() - self.last_data_at
-        if quiet >= timeout:
-            self.fail(UpstreamTimeout(f"origin sent nothing for {timeout:g}s mid-response"))
-        else:  # data came meanwhile: look again when the silence could first reach the limit
-            asyncio.get_running_loop().call_later(timeout - quiet, self._on_push_idle, waiter, timeout)
 
     def resume_push(self) -> None:
         """The client drained: read from the origin again."""

@@ -327,7 +327,7 @@ def test_lines() -> None:
 
 
 def test_zstd_requires_the_module(monkeypatch: pytest.MonkeyPatch) -> None:
-    import edgeproxy.config as config
+    import edgeproxy.config.lines as config
 
     monkeypatch.setattr(config, "_zstd_available", lambda: False)
     (msg,) = errors({"lines": {"edge": {"via": "https://edge.example.com", "token": TOKEN, "compress": "zstd"}}})

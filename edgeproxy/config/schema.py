@@ -1,0 +1,182 @@
+"""The model: the frozen dataclasses a validated config is made of, and their small methods.
+
+Nothing here parses text; ``load`` builds these, and the rest of edgeproxy reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Final
+
+from .hosts import _is_loopback_host
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One inbound socket. ``address`` is normalized: '127.0.0.1:8787', '[::1]:8787', 'unix:/x'."""
+
+    address: str
+    host: str | None
+    port: int | None
+    unix: str | None
+    tokens: tuple[str, ...] = ()
+    tls: TLSConfig | None = None
+
+    def is_loopback(self) -> bool:
+        """True when only this host can connect: a unix socket, 127.0.0.0/8, ::1, localhost."""
+        if self.unix is not None:
+            return True
+        return self.host is not None and _is_loopback_host(self.host)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: ListenerConfig | None  # None: no admin listener
+
+
+@dataclass(frozen=True, slots=True)
+class LineConfig:
+    """An egress line. ``kind`` is 'direct' (optionally ``bind``), 'proxy' or 'via'."""
+
+    name: str
+    kind: str
+    bind: str | None = None
+    proxy: str | None = None
+    via: str | None = None
+    token: str | None = None
+    compress: str = "br"
+    ca: str | None = None
+
+
+def key_id(key: str) -> str:
+    """A short, stable name for a key that reveals nothing of it: ``k-`` + 6 hex of its SHA-256."""
+    return "k-" + hashlib.sha256(key.encode()).hexdigest()[:6]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyConfig:
+    """One key of an endpoint's pool, with its optional local limits (per minute)."""
+
+    key: str = field(repr=False)  # the secret: never in a repr, a log line or an error
+    id: str = ""  # what logs, metrics and /-/status call it
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointConfig:
+    """One origin of an upstream. ``url`` is scheme://host[:port]base_path, no trailing slash."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+    keys: tuple[str, ...] = field(default=(), repr=False)  # secrets: never in a repr
+    lines: tuple[str, ...] = ()
+    priority: int = 1
+    models: tuple[tuple[str, str], ...] = ()
+    # The pool behind ``keys`` (same order), with ids and local limits. Empty when the
+    # endpoint was built by hand from bare keys: ``key_configs()`` fills it in.
+    key_pool: tuple[KeyConfig, ...] = field(default=(), repr=False)
+
+    @property
+    def origin(self) -> str:
+        """'scheme://host:port' with the port always present: what the edge allow-list compares."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    def model_map(self) -> dict[str, str]:
+        return dict(self.models)
+
+    def key_configs(self) -> tuple[KeyConfig, ...]:
+        if self.key_pool or not self.keys:
+            return self.key_pool
+        return tuple(KeyConfig(k, key_id(k)) for k in self.keys)
+
+
+_RETRY_ON_DEFAULT: Final = frozenset({"connect", "reset", "timeout", "429", "500", "502", "503", "504"})
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverConfig:
+    retries: int = 2
+    retry_on: frozenset[str] = _RETRY_ON_DEFAULT
+    first_byte_timeout: float = 300.0
+    first_event_timeout: float = 30.0
+    stream_idle_timeout: float = 60.0
+    hedge: float | None = None
+    # Every key of the upstream rate-limited: how long a request may wait for one to free up
+    # before it gets a 429 with Retry-After.
+    queue_timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    name: str
+    prefix: str
+    provider: str
+    endpoints: tuple[EndpointConfig, ...]
+    failover: FailoverConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeConfig:
+    interval: float = 5.0
+    timeout: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    tolerance: float = 0.010
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    max_per_path: int = 256
+    keepalive: float = 60.0
+    warm: int = 1
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_body: int = 32 * 1024 * 1024
+    replay_body: int = 16 * 1024 * 1024
+    max_header: int = 16 * 1024
+    max_connections: int = 10000
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    access: str = "json"
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: tuple[ListenerConfig, ...]
+    admin: AdminConfig
+    lines: tuple[LineConfig, ...]
+    upstreams: tuple[UpstreamConfig, ...]
+    probe: ProbeConfig
+    route: RouteConfig
+    failover: FailoverConfig
+    pool: PoolConfig
+    limits: LimitsConfig
+    log: LogConfig
+    drain_timeout: float = 30.0
+    source: str | None = None
+
+    def line(self, name: str) -> LineConfig:
+        for line in self.lines:
+            if line.name == name:
+                return line
+        raise KeyError(f"no line named {name!r}")

@@ -105,6 +105,6 @@ def test_ctrl_c_stops_the_demo_and_closes_everything() -> None:
 
 def test_colour_on_request() -> None:
     screen_out = StringIO()
-    screen = demo._Screen(screen_out, color=True, live=False)
+    screen = demo.Screen(screen_out, color=True, live=False)
     screen.draw([[("up", "g"), (" plain", "")]])
     assert screen_out.getvalue() == "\x1b[32mup\x1b[0m plain\n\n"

@@ -1,0 +1,79 @@
+"""``edgeproxy demo``: route choice and failover, live, on this machine alone.
+
+No network, no API key, about 30 s. In one (uv)loop, in-process:
+
+* a tiny fake OpenAI origin (``FakeOrigin``) on 127.0.0.1;
+* two simulated lines (``Line``), TCP relays in front of the origin that add a one-way delay
+  to each direction, or turn into a black hole (accept, forward nothing);
+* edgeproxy itself (``Proxy``) with one ``openai`` upstream of two endpoints, one per line,
+  probing every second.
+
+A little traffic (10 completions a second, a stream now and then) goes through edgeproxy
+while a script degrades, restores and then kills line A; the terminal shows each line's RTT as
+edgeproxy measures it, which line carries the traffic, and what happened. Everything it
+started is closed at the end, on Ctrl-C too.
+
+One limit the script steps around rather than hides: a stream whose first event already
+reached the client cannot move to another line when its line dies (the client has part of the
+answer); edgeproxy ends it with an in-band error after ``failover.stream_idle_timeout``. The
+demo starts no stream in the moment before line A dies, so that every request in flight then
+is one that can still fail over.
+
+Run: ``edgeproxy demo`` or ``python -m edgeproxy.demo [--color auto|always|never]``.
+
+Modules: ``world`` (the fake origin, the lines, edgeproxy over them), ``scenario`` (the
+``Demo``: its client traffic, what it watches, the script), ``run`` (a Demo run with
+edgeproxy's log shown as events), ``screen`` (the terminal), ``results`` (what it saw and the
+summary). ``main`` here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import TextIO
+
+import uvloop
+
+from .results import Results, summary
+from .run import run
+from .screen import Screen
+
+__all__ = ["Screen", "main"]
+
+
+def main(
+    args: argparse.Namespace | None = None,
+    *,
+    duration_scale: float = 1.0,
+    out: TextIO = sys.stdout,
+    color: bool | None = None,
+) -> int:
+    """Run the demo. 0: edgeproxy did what the script expects; 1: it did not (the summary
+    says what); 130: interrupted. ``args`` may carry ``color`` (auto/always/never) and
+    ``duration_scale``; the keyword arguments win when given."""
+    if color is None and args is not None and getattr(args, "color", "auto") in ("always", "never"):
+        color = args.color == "always"
+    if duration_scale == 1.0 and args is not None and getattr(args, "duration_scale", None):
+        duration_scale = float(args.duration_scale)
+    is_tty = bool(getattr(out, "isatty", lambda: False)())
+    if color is None:
+        color = is_tty and os.environ.get("NO_COLOR", "") == "" and os.environ.get("TERM") != "dumb"
+    screen = Screen(out, color, live=is_tty)
+    results: Results | None = None
+    try:
+        results = uvloop.run(run(screen, duration_scale))
+    except KeyboardInterrupt:
+        results = None
+    except OSError as exc:  # cannot bind on 127.0.0.1, out of file descriptors...
+        out.write(f"\nedgeproxy demo: cannot run: {exc}\n")
+        return 1
+    finally:
+        screen.close()
+    if results is None:
+        out.write("\ninterrupted: everything the demo started is closed\n")
+        out.flush()
+        return 130
+    screen.print(summary(results))
+    return 0 if results.passed() else 1

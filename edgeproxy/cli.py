@@ -15,6 +15,7 @@ import orjson
 
 from . import __version__
 from .config import Config, ConfigError, default_config, load_file
+from .demo import add_demo_arguments  # the options only: the demo's server stack loads in demo.main
 
 __all__ = ["main"]
 
@@ -182,18 +183,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 1
 
 
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """The demo's options, for ``edgeproxy demo`` and ``python -m edgeproxy.demo``."""
-    parser.add_argument(
-        "--color", choices=("auto", "always", "never"), default="auto", help="ANSI colours (auto: on a terminal)"
-    )
-    parser.add_argument(
-        "--duration-scale", type=float, default=1.0, help="stretch or shrink the script (0.25: about 8 s)"
-    )
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo  # the server stack: only when asked (check must run on a bare python)
+    from . import demo  # its main loads the server stack: only when asked (check must run on a bare python)
 
     return demo.main(args)
 

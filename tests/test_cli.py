@@ -38,6 +38,19 @@ def test_check_accepts_examples() -> None:
         assert ": ok" in r.stdout
 
 
+def test_check_loads_no_server_stack() -> None:
+    """`check` runs on a bare python: the cli's parser (the demo's options included) imports
+    none of the server stack; only `run` and `demo` load it."""
+    code = (
+        "import sys; from edgeproxy.cli import main; rc = main(['check']);"
+        "print(sorted(m for m in ('uvloop', 'aiohttp', 'httptools', 'edgeproxy.ops.server',"
+        " 'edgeproxy.demo.run', 'edgeproxy.demo.world') if m in sys.modules)); sys.exit(rc)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_check_reports_every_error_with_key_path(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(

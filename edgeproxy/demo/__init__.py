@@ -24,7 +24,8 @@ Run: ``edgeproxy demo`` or ``python -m edgeproxy.demo [--color auto|always|never
 Modules: ``world`` (the fake origin, the lines, edgeproxy over them), ``scenario`` (the
 ``Demo``: its client traffic, what it watches, the script), ``run`` (a Demo run with
 edgeproxy's log shown as events), ``screen`` (the terminal), ``results`` (what it saw and the
-summary). ``main`` here.
+summary), ``options`` (its command-line options). ``main`` here; importing the package
+loads none of the server stack (``main`` does).
 """
 
 from __future__ import annotations
@@ -34,13 +35,11 @@ import os
 import sys
 from typing import TextIO
 
-import uvloop
-
+from .options import add_demo_arguments
 from .results import Results, summary
-from .run import run
 from .screen import Screen
 
-__all__ = ["Screen", "main"]
+__all__ = ["Screen", "add_demo_arguments", "main"]
 
 
 def main(
@@ -53,6 +52,12 @@ def main(
     """Run the demo. 0: edgeproxy did what the script expects; 1: it did not (the summary
     says what); 130: interrupted. ``args`` may carry ``color`` (auto/always/never) and
     ``duration_scale``; the keyword arguments win when given."""
+    # The server stack loads here, not when the package is imported: the cli imports it for
+    # the demo's options, and ``edgeproxy check`` must run on a bare python.
+    import uvloop
+
+    from .run import run
+
     if color is None and args is not None and getattr(args, "color", "auto") in ("always", "never"):
         color = args.color == "always"
     if duration_scale == 1.0 and args is not None and getattr(args, "duration_scale", None):

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import add_demo_arguments
 from . import __doc__ as demo_doc
-from . import main
+from . import add_demo_arguments, main
 
 if __name__ == "__main__":
     _parser = argparse.ArgumentParser(prog="python -m edgeproxy.demo", description=demo_doc.splitlines()[0])

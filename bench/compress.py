@@ -66,7 +66,7 @@ import uvloop
 
 sys.path.insert(0, str(c.ROOT))
 from edgeproxy.config import load_dict
-from edgeproxy.filters.edge import Bases
+from edgeproxy.filters.deltas import Bases
 from edgeproxy.ops.server import Proxy
 from edgeproxy.proto import codec
 from tests.fakes.linesim import LineSim

@@ -777,7 +777,7 @@ async def test_models_map_on_the_edge_applies_to_compressed_bodies(origin: FakeO
 def test_wrong_token_throttle_stays_bounded() -> None:
     """However long someone guesses, the delay stays capped (no overflow), and an IPv6 /64
     counts as one guesser; memory is bounded."""
-    from edgeproxy.filters.edge import AuthThrottle
+    from edgeproxy.engine.auth import AuthThrottle
 
     throttle = AuthThrottle()
     delays = [throttle.on_failure("203.0.113.9") for _ in range(5000)]

@@ -22,6 +22,7 @@ import pytest
 
 from edgeproxy.config import ConfigError, dump_redacted, key_id, load_dict, load_file
 from edgeproxy.filters.keypool import Key, KeyPool, origin_bucket, rate_limits
+from edgeproxy.filters.keys import KeyPools
 from edgeproxy.ops.server import Proxy
 from edgeproxy.telemetry.accesslog import AccessLog
 from tests.conftest import RunningProxy, free_port, proxy_config
@@ -30,6 +31,12 @@ from tests.test_cli import run_cli
 
 KEYS = ["sk-key-aaaaaaaaaaaaaaaaaaaa", "sk-key-bbbbbbbbbbbbbbbbbbbb", "sk-key-cccccccccccccccccccc"]
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def key_pool(proxy: Proxy, url: str) -> KeyPool:
+    """The running key pool of an endpoint of upstream openai (held by its KeyPools filter)."""
+    chain = proxy.pipeline.chains["openai"]
+    return next(f for f in chain.filters if isinstance(f, KeyPools)).pools[url]
 
 
 def keyed(origin: FakeOrigin, keys: list[Any], **failover: Any) -> dict[str, Any]:
@@ -248,14 +255,14 @@ async def test_a_reload_re_enables_disabled_keys_and_keeps_what_it_knew(origin: 
         url = f"http://{proxy.config.listen[0].host}:{proxy.config.listen[0].port}"
         origin.revoked_keys.add(KEYS[1])
         assert [(await post(url))[0] for _ in range(3)] == [200] * 3
-        pool = proxy.state.upstream("openai").pools[origin.url + "/v1"]  # type: ignore[union-attr]
+        pool = key_pool(proxy, origin.url + "/v1")
         assert [k.state(time.monotonic()) for k in pool.keys] == ["ready", "disabled"]
         left = pool.keys[0].origin_requests
         assert left is not None and int(left.level) == 7
         origin.revoked_keys.clear()  # someone fixed the key, then reloaded
         ok, _ = await proxy.reload()
         assert ok
-        pool = proxy.state.upstream("openai").pools[origin.url + "/v1"]  # type: ignore[union-attr]
+        pool = key_pool(proxy, origin.url + "/v1")
         assert [k.state(time.monotonic()) for k in pool.keys] == ["ready", "ready"]
         kept = pool.keys[0].origin_requests
         assert kept is not None and int(kept.level) == 7  # what the headers said survives the reload
@@ -287,7 +294,7 @@ async def test_a_403_from_two_keys_is_about_the_request(origin: FakeOrigin, make
     origin.fail_status, origin.fail_times = 403, 6
     assert [(await post(p.url))[0] for _ in range(3)] == [403] * 3
     assert [(await post(p.url))[0] for _ in range(4)] == [200] * 4
-    pool = p.proxy.state.upstream("openai").pools[origin.url + "/v1"]
+    pool = key_pool(p.proxy, origin.url + "/v1")
     assert [k.state(time.monotonic()) for k in pool.keys].count("disabled") == 0
 
 
@@ -295,7 +302,7 @@ async def test_a_403_for_one_key_only_disables_it(origin: FakeOrigin, make_proxy
     p = await make_proxy(keyed(origin, KEYS))
     origin.fail_status, origin.fail_times = 403, 1  # the first key tried is refused, once
     assert (await post(p.url))[0] == 200  # another key took it
-    pool = p.proxy.state.upstream("openai").pools[origin.url + "/v1"]
+    pool = key_pool(p.proxy, origin.url + "/v1")
     assert [k.state(time.monotonic()) for k in pool.keys].count("disabled") == 1
 
 

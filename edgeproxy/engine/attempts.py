@@ -1,10 +1,13 @@
-"""Failover: the attempt loop of the engine, and every decision to try again.
+"""The attempt loop: one request tried on the paths the selector orders, and every decision
+to try again.
 
-A request is tried on the paths the selector ordered, until one answers acceptably or an
-outcome says stop. Each attempt's outcome (connect, reset, timeout, a status) is checked
-against ``failover.retry_on``; the retry budget, the path health feedback, 429 cool-downs,
-hedging and the silent stale-connection retry live here too. ``Engine`` inherits this; what
-it needs from the engine (metrics, the request head and body for a path) is declared below.
+A request is tried on the paths the plan yields, until one answers acceptably or an outcome
+says stop. Each attempt's outcome (connect, reset, timeout, a status) is checked against
+``failover.retry_on``; the retry budget, the path health feedback, 429 cool-downs, hedging
+and the silent stale-connection retry live here too. Filters take part through the hooks
+``path_filter``, ``no_path_filter``, ``upstream_request_filter``,
+``upstream_response_filter``, ``on_answer`` and ``on_abandoned`` (see filter.py); the retry
+decision itself travels on the outcome, as in Pingora.
 """
 
 from __future__ import annotations
@@ -15,18 +18,19 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from ..filters.edge import BASE_MISSING
-from ..filters.keypool import Key, rate_limits
-from ..net.client import Response
-from ..proto.errors import KeysRefused, PathDown, ProxyError, RateLimited, UpstreamReset, ViaRefused
+from ..proto.errors import PathDown, ProxyError, UpstreamReset
 from ..proto.providers import retry_wait
+from .ctx import Attempt
+from .filter import AGAIN, SendAgain
+from .head import request_head
 
 if TYPE_CHECKING:
-    from ..proto.codec import Decoder
+    from ..net.client import Response
     from ..routing.lines import Path
     from ..routing.state import Upstream
     from ..telemetry.metrics import Metrics
-    from .engine import Ctx
+    from .ctx import Ctx
+    from .filter import Chain
 
 __all__ = ["Failover", "may_move"]
 
@@ -37,9 +41,6 @@ DEFAULT_COOL_DOWN: Final = 1.0
 # A 429 asking for at most this long, with no other path to go to, is waited out (once).
 SHORT_WAIT: Final = 2.0
 MIN_WAIT: Final = 0.05
-# Answers that are about the key we injected, not about the line or the origin's health:
-# 429 cools that key down, 401/403 disable it (until a reload); either way another key goes.
-KEY_STATUSES: Final = frozenset({401, 403, 429})
 
 
 class Failover:
@@ -50,19 +51,7 @@ class Failover:
     metrics: Metrics
     on_slow_path: Callable[[Path], None]
 
-    def _body_for(self, ctx: Ctx, path: Path) -> bytes | None:
-        raise NotImplementedError
-
-    def _request_head(self, ctx: Ctx, upstream: Upstream, path: Path, body: bytes | None) -> bytes:
-        raise NotImplementedError
-
-    async def _hop_body(self, ctx: Ctx, path: Path, body: bytes | None) -> bytes | None:
-        raise NotImplementedError
-
-    def _decider(self, ctx: Ctx, path: Path) -> Callable[[list[tuple[bytes, bytes]]], Decoder | None]:
-        raise NotImplementedError
-
-    async def _attempts(self, ctx: Ctx, upstream: Upstream) -> Response:
+    async def _attempts(self, ctx: Ctx, upstream: Upstream, chain: Chain) -> Response:
         """Try paths in plan order until one answers, or an outcome says stop.
 
         A failed attempt is retried on another path only if `failover.retry_on` names its
@@ -73,59 +62,61 @@ class Failover:
         """
         upstream.budget.on_request(time.monotonic())
         hedge = upstream.config.failover.hedge
-        retry = False
         while True:
+            retry = ctx.retrying
             path = upstream.plan(ctx.tried, retry, only=ctx.pin)
-            if path is None or (upstream.pools and not self._take_key(ctx, upstream, path)):
-                await self._wait_for_key(ctx, upstream)  # every key busy: queue, or a 429
+            if path is None or not _taken(ctx, chain, path):
+                await _wait_for_path(ctx, chain)  # something is short (keys): wait, or raise
                 continue
             ctx.tried.append(path)
             ctx.path = path
             started = time.monotonic()
             try:
                 if hedge is not None and not retry and ctx.body_stream is None:
-                    resp = await self._hedged(ctx, upstream, path, hedge, started)
+                    attempt = await self._hedged(ctx, upstream, chain, path, hedge, started)
                 else:
-                    resp = await self._attempt(ctx, upstream, path)
+                    attempt = await self._attempt(ctx, upstream, chain, Attempt(path, started))
             except ProxyError as exc:
                 path = ctx.path
                 if exc.source != "upstream":
                     raise  # the client's fault (a body over the limit...): not the path's
-                self._note_attempt(ctx, upstream, path, exc.kind, started)
+                self._note_attempt(ctx, upstream, path, exc.kind, started, ctx.attempt)
                 path.on_failure(exc)
                 ctx.error = exc.kind
                 if exc.outcome and exc.blames_line:
                     self._health(upstream, path, "local", started)
                 if not self._may_retry(ctx, upstream, exc.outcome, exc.kind):
                     raise
-                retry = True
+                ctx.retrying = True
                 continue
-            path = ctx.path
+            path = attempt.path
+            resp = attempt.resp
+            assert resp is not None
             status = resp.status
-            key = ctx.keys.get(path) if ctx.keys is not None else None
-            if key is not None:
-                self._key_answer(ctx, key, resp)
-                if status in KEY_STATUSES:
-                    self._note_attempt(ctx, upstream, path, str(status), started)
-                    if self._on_key_refused(ctx, upstream, path, key, resp, retry):
-                        resp.release()
-                        continue  # at once, with another key: not the line's fault
-                    if status == 401 and upstream.pools:
-                        # Our last key was refused. The origin's answer would show the client a
-                        # masked form of it (OpenAI does): ours says the same without it.
-                        resp.release()
-                        raise KeysRefused(
-                            f"the origin refused the API key(s) of upstream {upstream.name} (401);"
-                            " refused keys stay disabled until the next reload"
-                        )
-                    return resp
+            for on_answer in chain.answer:
+                verdict = on_answer(ctx, attempt, resp)
+                if verdict is None:
+                    continue
+                self._note_attempt(ctx, upstream, path, str(status), started, attempt)
+                if verdict is AGAIN:
+                    resp.release()
+                    ctx.tried.remove(path)  # the path may serve again: it was not the line
+                    break
+                if isinstance(verdict, Exception):
+                    resp.release()
+                    raise verdict
+                return resp  # ACCEPT
+            else:
+                verdict = None
+            if verdict is AGAIN:
+                continue
             if status != 429 and status < 500:
                 self._health(upstream, path, "ok")
-                self._note_attempt(ctx, upstream, path, "ok", started)
+                self._note_attempt(ctx, upstream, path, "ok", started, attempt)
                 ctx.error = None  # what failed before is in attempt_log; this request did not
                 return resp
             # 429 and 5xx: the origin answered, but maybe another path or endpoint can do better.
-            self._note_attempt(ctx, upstream, path, str(status), started)
+            self._note_attempt(ctx, upstream, path, str(status), started, attempt)
             wait = None
             if status == 429:
                 wait = retry_wait(resp.headers)
@@ -135,7 +126,7 @@ class Failover:
             if self._may_retry(ctx, upstream, str(status), f"status_{status}"):
                 resp.release()
                 ctx.error = f"status_{status}"
-                retry = True
+                ctx.retrying = True
                 continue
             if status == 429 and wait is not None and wait <= SHORT_WAIT and self._may_wait(ctx, upstream):
                 # Nowhere else to go, and the origin asks for only a short pause: wait it out
@@ -149,108 +140,6 @@ class Failover:
                 continue
             return resp
 
-    def _on_key_refused(self, ctx: Ctx, upstream: Upstream, path: Path, key: Key, resp: Response, retry: bool) -> bool:
-        """The origin refused the key we injected: a 429 cools that key down for as long as the
-        origin says, a 401/403 disables it until the next reload. True if the request should
-        go again at once with another key (the loop queues it if none is ready yet)."""
-        status = resp.status
-        if status == 429:
-            self._cool_key(upstream, path, key, resp)
-            allowed = "429" in upstream.config.failover.retry_on
-        else:
-            first = ctx.disabled_key
-            if status == 403 and first is not None and first is not key:
-                # A second key refused for the same request: it is about the request (a model,
-                # a feature, a region this account may not use), not two dead keys. The first
-                # comes back; the client gets the origin's answer.
-                if first.disabled == "403":
-                    first.disabled = None
-                    log.warning(
-                        "key %s of %s enabled again: the 403 was about the request", first.id, path.endpoint.url
-                    )
-                return False
-            if ctx.disabled_key is None:
-                ctx.disabled_key = key
-            if key.disabled is None:
-                key.disabled = str(status)
-                log.warning(
-                    "key %s of %s disabled until the next reload: the origin answered %d",
-                    key.id,
-                    path.endpoint.url,
-                    status,
-                )
-            allowed = True  # a key the origin refuses is our problem, never the client's
-        if not allowed or ctx.body_stream is not None or ctx.key_retries >= upstream.max_key_retries:
-            return False
-        ctx.tried.remove(path)  # the path may serve again: it was the key, not the line
-        only = ctx.pin
-        if (
-            upstream.plan(ctx.tried, retry, take=False, only=only) is None
-            and upstream.key_wait(ctx.tried, only) is None
-        ):
-            ctx.tried.append(path)
-            return False  # no key left anywhere: the client gets the origin's answer as it is
-        ctx.key_retries += 1
-        self.metrics.key_retries.inc((upstream.name, str(status)))
-        return True
-
-    def _take_key(self, ctx: Ctx, upstream: Upstream, path: Path) -> bool:
-        """Take the key for an attempt on ``path`` now, as it is planned (so concurrent
-        requests, and hedges that start later, see it taken); False if its endpoint has keys
-        and none is ready."""
-        if path.endpoint.url not in upstream.pools:
-            return True
-        key = upstream.pick_key(path.endpoint)
-        if key is None:
-            return False
-        if ctx.keys is None:
-            ctx.keys = {}
-        ctx.keys[path] = key
-        self.metrics.key_requests.inc((upstream.name, path.endpoint.url, key.id))
-        return True
-
-    def _key_answer(self, ctx: Ctx, key: Key, resp: Response) -> None:
-        """What an answer says about its key's limits: the origin's view replaces ours."""
-        limits = rate_limits(resp.headers)
-        if limits is not None:
-            key.on_rate_limits(limits, time.monotonic())
-            ctx.counted = "tokens" in limits  # this answer's tokens are off the origin's count already
-
-    def _cool_key(self, upstream: Upstream, path: Path, key: Key, resp: Response) -> None:
-        """A 429 on ``key``: it cools down for as long as the origin says."""
-        wait = retry_wait(resp.headers)
-        now = time.monotonic()
-        if wait is not None and wait.is_integer():
-            # Retry-After is whole seconds; the same answer's rate-limit headers may say to
-            # the millisecond when the key frees up: trust them within that second.
-            exact = key.bucket_wait(now, origin_only=True)
-            if wait - 1 < exact <= wait:
-                wait = exact
-        key.limited += 1
-        key.cooldown_until = max(key.cooldown_until, now + (DEFAULT_COOL_DOWN if wait is None else wait))
-        self.metrics.key_limited.inc((upstream.name, path.endpoint.url, key.id))
-
-    async def _wait_for_key(self, ctx: Ctx, upstream: Upstream) -> None:
-        """Nothing to plan: if keys are only busy (rate-limited, out of local headroom), wait
-        for the first to free up within `failover.queue_timeout` of the request's arrival;
-        else raise RateLimited, whose Retry-After says how long until one is free."""
-        wait = upstream.key_wait(ctx.tried, ctx.pin)
-        if wait is None:
-            if upstream.pools:
-                raise KeysRefused(
-                    f"the origin refused every API key of upstream {upstream.name} (401/403);"
-                    " they stay disabled until the next reload"
-                )
-            raise ProxyError("no path to try")  # an upstream without paths
-        now = time.monotonic()
-        if now + wait > ctx.started + upstream.config.failover.queue_timeout:
-            self.metrics.keys_exhausted.inc((upstream.name,))
-            raise RateLimited(f"every API key of upstream {upstream.name} is rate-limited; retry in {wait:.2f}s", wait)
-        if not ctx.queued:
-            ctx.queued = True
-            self.metrics.queued.inc((upstream.name,))
-        await asyncio.sleep(max(wait, MIN_WAIT))
-
     def _health(self, upstream: Upstream, path: Path, outcome: str, started: float | None = None) -> None:
         if upstream.on_attempt(path, outcome, started):
             self.metrics.ejections.inc((upstream.name, path.line.name))
@@ -261,52 +150,56 @@ class Failover:
                 path.health.ejected_until - time.monotonic(),
             )
 
-    async def _hedged(self, ctx: Ctx, upstream: Upstream, path: Path, delay: float, started: float) -> Response:
+    async def _hedged(
+        self, ctx: Ctx, upstream: Upstream, chain: Chain, path: Path, delay: float, started: float
+    ) -> Attempt:
         """`failover.hedge`: if ``path`` has not answered after ``delay``, start the same
         request on the next path too (a retry from the budget); the first good answer wins
         and the other is cancelled (its connection closed, so that origin stops). An answer
         `retry_on` would retry (a 5xx, a 429) does not win while the other attempt runs.
         Off by default: both may be billed."""
         retry_on = upstream.config.failover.retry_on
-        first: asyncio.Future[Response] = asyncio.ensure_future(self._attempt(ctx, upstream, path))
-        owner: dict[asyncio.Future[Response], Path] = {first: path}
-        pending: set[asyncio.Future[Response]] = {first}
-        winner: asyncio.Future[Response] | None = None
+        first_attempt = Attempt(path, started)
+        first: asyncio.Future[Attempt] = asyncio.ensure_future(self._attempt(ctx, upstream, chain, first_attempt))
+        owner: dict[asyncio.Future[Attempt], Attempt] = {first: first_attempt}
+        pending: set[asyncio.Future[Attempt]] = {first}
+        winner: asyncio.Future[Attempt] | None = None
         try:
             done, pending = await asyncio.wait(pending, timeout=delay)
             second_path = None if done else upstream.plan(ctx.tried, retry=True, only=ctx.pin)
-            if second_path is not None and upstream.pools and not self._take_key(ctx, upstream, second_path):
-                second_path = None  # no ready key for it: no hedge
+            if second_path is not None and not _taken(ctx, chain, second_path):
+                second_path = None  # what it needs (a key) is not ready: no hedge
             if second_path is not None and upstream.budget.try_retry(time.monotonic()):
                 ctx.tried.append(second_path)
                 self.metrics.hedges.inc((upstream.name,))
-                second = asyncio.ensure_future(self._attempt(ctx, upstream, second_path))
-                owner[second] = second_path
+                second_attempt = Attempt(second_path, started)
+                second = asyncio.ensure_future(self._attempt(ctx, upstream, chain, second_attempt))
+                owner[second] = second_attempt
                 pending.add(second)
             while True:
                 if not done:
                     done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     exc = task.exception()
-                    good = exc is None and str(task.result().status) not in retry_on
+                    good = exc is None and str(task.result().resp.status) not in retry_on  # type: ignore[union-attr]
                     if good or not pending:
                         winner = task
-                        ctx.path = owner[task]
+                        ctx.path = owner[task].path
+                        ctx.attempt = owner[task]
                         return task.result()
                     # Failed, or an answer worth retrying, while the other still runs: note
                     # it, let it go, and wait for the other.
+                    lost = owner[task]
                     if exc is None:
-                        lost = task.result()
-                        outcome = str(lost.status)
-                        key = ctx.keys.get(owner[task]) if ctx.keys is not None else None
-                        if key is not None:
-                            self._key_answer(ctx, key, lost)
-                            if lost.status == 429:
-                                self._cool_key(upstream, owner[task], key, lost)
-                        lost.release()
+                        resp = lost.resp
+                        assert resp is not None
+                        outcome = str(resp.status)
+                        for on_abandoned in chain.at(lost.path).abandoned:
+                            on_abandoned(ctx, lost, resp)
+                        resp.release()
                     else:
                         outcome = exc.kind if isinstance(exc, ProxyError) else "internal"
-                    self._note_attempt(ctx, upstream, owner[task], outcome, started)
+                    self._note_attempt(ctx, upstream, lost.path, outcome, started, lost)
                 done = set()
         finally:
             for task in owner:
@@ -315,7 +208,9 @@ class Failover:
                 if not task.done():
                     task.cancel()  # the loser: its connection closes, the origin stops
                 elif not task.cancelled() and task.exception() is None:
-                    task.result().release()  # finished in the same instant as the winner
+                    resp = task.result().resp
+                    if resp is not None:
+                        resp.release()  # finished in the same instant as the winner
 
     def _may_retry(self, ctx: Ctx, upstream: Upstream, outcome: str, reason: str) -> bool:
         failover = upstream.config.failover
@@ -347,7 +242,9 @@ class Failover:
             and upstream.budget.try_retry(time.monotonic())
         )
 
-    def _note_attempt(self, ctx: Ctx, upstream: Upstream, path: Path, outcome: str, started: float) -> None:
+    def _note_attempt(
+        self, ctx: Ctx, upstream: Upstream, path: Path, outcome: str, started: float, attempt: Attempt | None
+    ) -> None:
         self.metrics.attempts.inc((upstream.name, path.line.name, outcome))
         ms = round((time.monotonic() - started) * 1000, 3)
         entry: dict[str, object] = {
@@ -356,22 +253,25 @@ class Failover:
             "outcome": outcome,
             "ms": ms,
         }
-        key = ctx.keys.get(path) if ctx.keys is not None else None
-        if key is not None:
-            entry["key"] = key.id
+        if attempt is not None and attempt.path is path and attempt.credential is not None:
+            entry["key"] = attempt.credential
         ctx.attempt_log.append(entry)
 
-    async def _attempt(self, ctx: Ctx, upstream: Upstream, path: Path) -> Response:
+    async def _attempt(self, ctx: Ctx, upstream: Upstream, chain: Chain, attempt: Attempt) -> Attempt:
         """One try on one path: send, then wait for headers (and for SSE, the first event)."""
         failover = upstream.config.failover
+        path = attempt.path
+        hooks = chain.at(path)
+        ctx.attempt = attempt
         fresh = False
         head = None
         while True:
             if head is None:
-                body = self._body_for(ctx, path)
-                if path.hop is not None:
-                    body = await self._hop_body(ctx, path, body)
-                head = self._request_head(ctx, upstream, path, body)
+                attempt._reset(ctx.body, ctx.target if ctx.target is not None else _target(ctx, upstream, path))
+                for upstream_request in hooks.upstream_request:
+                    await upstream_request(ctx, attempt)
+                head = request_head(ctx, attempt, path.host_header)
+            body = attempt.body
             # Counted in flight from the moment it is planned on this path, so concurrent
             # requests see the pool filling up and spill before they wait for a connection.
             path.inflight += 1
@@ -383,14 +283,14 @@ class Failover:
             path.requests += 1
             reused = conn.requests > 0
             resp = conn.send(ctx.method, head, body, path.on_response_end)
-            if path.hop is not None:
-                resp.decide = self._decider(ctx, path)
+            attempt.resp = resp
+            resp.decide = attempt.decide
             path.waiting[resp] = ctx  # the prober may fail it over if the line dies meanwhile
             suspect = asyncio.get_running_loop().call_later(path.suspect_after(), self.on_slow_path, path)
             try:
                 if ctx.body_stream is not None:
                     try:
-                        await conn.send_stream(ctx.body_stream, chunked=ctx.stream_length() is None)
+                        await conn.send_stream(ctx.body_stream, chunked=ctx.body_length is None)
                     except UpstreamReset:
                         if not resp.head_done:
                             raise
@@ -398,16 +298,14 @@ class Failover:
                         # (a 413, a 401) is what the client should see.
                 await resp.wait_head(failover.first_byte_timeout)
                 suspect.cancel()
-                if path.hop is not None:
-                    _check_hop(path, resp)
+                for upstream_response in hooks.upstream_response:
+                    upstream_response(ctx, attempt, resp)
                 if resp.status == 200 and _is_sse(resp) and resp.header(b"content-encoding") is None:
                     # (a compressed stream's events cannot be seen: its first byte commits it)
                     await resp.wait_event(failover.first_event_timeout)
-                return resp
-            except HopBaseMissing:
-                # The edge no longer has the body our delta named: send it whole, same path.
+                return attempt
+            except SendAgain:
                 resp.release()
-                ctx.whole = True
                 head = None
                 continue
             except UpstreamReset as exc:
@@ -424,28 +322,29 @@ class Failover:
                 path.waiting.pop(resp, None)
 
 
-def _check_hop(path: Path, resp: Response) -> None:
-    """A `via` response: the edge's own refusal (our token, or an origin it does not serve)
-    says the line cannot carry this request, not that the origin said no; and a body that
-    already failed to decode is the path's failure, retried like a reset."""
-    status = resp.status
-    if status in (401, 403, 409) and (kind := resp.header(b"x-edgeproxy-error")) in HOP_REFUSALS:
-        assert kind is not None
-        if kind == BASE_MISSING_BYTES:
-            raise HopBaseMissing("the edge no longer has the base of our delta")
-        resp.release()
-        raise ViaRefused(f"edge {path.line.name} refused the hop: {status} {kind.decode('latin-1')}")
-    resp.check()
+def _target(ctx: Ctx, upstream: Upstream, path: Path) -> str:
+    """The origin-form target on ``path``: the endpoint's base path, then what follows the
+    upstream's prefix in the client's target (query kept)."""
+    base = path.endpoint.base_path
+    rest = ctx.raw_path[len(upstream.prefix) :]
+    target = base + rest if rest[:1] != "?" else base + "/" + rest
+    return target if target[:1] == "/" else "/" + target
 
 
-class HopBaseMissing(Exception):
-    """409 hop_base_unknown from the edge: resend the body whole (never leaves _attempt)."""
+def _taken(ctx: Ctx, chain: Chain, path: Path) -> bool:
+    """Did every filter take what an attempt on ``path`` needs (``path_filter``)?"""
+    for path_filter in chain.path:
+        if not path_filter(ctx, path):
+            return False
+    return True
 
 
-BASE_MISSING_BYTES: Final = BASE_MISSING.encode()
-# The edge's own refusals of the hop itself (our token, a target it does not serve, a delta
-# base it lacks); its other errors (keys_refused, rate_limited...) are answers to pass on.
-HOP_REFUSALS: Final = frozenset({b"unauthorized", b"forbidden", BASE_MISSING_BYTES})
+async def _wait_for_path(ctx: Ctx, chain: Chain) -> None:
+    """Nothing to plan: a filter waits for what is short (and we plan again), or raises."""
+    for no_path in chain.no_path:
+        if await no_path(ctx):
+            return
+    raise ProxyError("no path to try")  # an upstream without paths
 
 
 def _is_sse(resp: Response) -> bool:

@@ -19,9 +19,9 @@ from typing import Final
 from aiohttp import web
 
 from ..net.client import Response
-from ..proto.codec import Encoder
 from ..proto.errors import ProxyError
 from ..proto.sse import last_event_end
+from .ctx import Transform
 
 __all__ = ["push_body"]
 
@@ -37,7 +37,7 @@ async def push_body(
     resp: Response,
     idle_timeout: float,
     sse: bool,
-    encoder: Encoder | None = None,
+    transform: Transform | None = None,
     tap: Callable[[bytes], None] | None = None,
 ) -> None:
     """Stream ``resp``'s body to the client; return at its end.
@@ -46,11 +46,12 @@ async def push_body(
     arrives (no delay: a client cannot use half an event), so that if the origin breaks off,
     the in-band error that follows starts on an event boundary instead of gluing itself to
     half a JSON line. At a clean end, whatever is held goes out as it is. ``tap``, if given,
-    sees every run of whole events that goes out (usage metering keeps the last few).
+    sees every run of whole events that goes out (filters' SSE taps: usage metering...).
 
-    With an ``encoder`` (an edge compressing for the hop) the body goes out compressed and
-    flushed after every write, so each event is decodable as soon as it arrives; the
-    compressor's window still spans events, which is what makes a stream shrink.
+    With a ``transform`` (an edge compressing for the hop) every write goes through it, and
+    it says what is decodable at once (a compressor flushes per write: each event is usable
+    as soon as it arrives; its window still spans events, which is what makes a stream
+    shrink); at the end its last bytes go out.
 
     Raises ProxyError if the origin fails or falls silent for ``idle_timeout`` (the caller
     reports it in-band), ConnectionResetError if the client is gone.
@@ -76,7 +77,7 @@ async def push_body(
             write(data)
             return buffered() <= CLIENT_HIGH_WATER
 
-    send = emit if encoder is None else _compressing(emit, encoder)
+    send = emit if transform is None else _transforming(emit, transform)
 
     held = last = b""
 
@@ -105,7 +106,7 @@ async def push_body(
             if sse and _ends_stream(last):
                 # The stream's own end marker already went out; a cut or stall after it
                 # loses nothing: finish cleanly instead of appending an error after the end.
-                await _end(out, write, encoder, writer.chunked)  # type: ignore[attr-defined]
+                await _end(out, write, transform, writer.chunked)  # type: ignore[attr-defined]
                 return
             raise
         try:
@@ -120,21 +121,23 @@ async def push_body(
         resp.resume_push()
     if held:
         send(held)  # a last event without its blank line: passed on as the origin sent it
-    await _end(out, write, encoder, writer.chunked)  # type: ignore[attr-defined]
+    await _end(out, write, transform, writer.chunked)  # type: ignore[attr-defined]
 
 
-def _compressing(emit: Callable[[bytes], bool], encoder: Encoder) -> Callable[[bytes], bool]:
-    # Flushed after every write: an SSE event (or an NDJSON line, a chunk of a long JSON
-    # answer) is decodable at the other end as soon as it arrives; the window spans them all.
-    def compressed(data: bytes) -> bool:
-        return emit(encoder.process(data) + encoder.flush())
+def _transforming(emit: Callable[[bytes], bool], transform: Transform) -> Callable[[bytes], bool]:
+    # Each write goes out transformed at once (a hop's compression flushes per write): an SSE
+    # event is decodable at the other end as soon as it arrives.
+    def transformed(data: bytes) -> bool:
+        return emit(transform.process(data))
 
-    return compressed
+    return transformed
 
 
-async def _end(out: web.StreamResponse, write: Callable[[bytes], None], encoder: Encoder | None, chunked: bool) -> None:
-    if encoder is not None:
-        tail = encoder.finish()
+async def _end(
+    out: web.StreamResponse, write: Callable[[bytes], None], transform: Transform | None, chunked: bool
+) -> None:
+    if transform is not None:
+        tail = transform.finish()
         if tail:
             write(b"%x\r\n%b\r\n" % (len(tail), tail) if chunked else tail)
     await out.write_eof()

@@ -1,1 +1,63 @@
-"""filters"""
+"""The built-in filters, one capability each, and ``assemble``: the chains of one State.
+
+| filter | module | on |
+|---|---|---|
+| ``EdgeRole`` | edge.py | route filter of every listener; first on the chains of hop requests |
+| ``KeyPools`` | keys.py | upstreams with an endpoint that has ``keys`` |
+| ``UsageMeter`` | metering.py | every upstream |
+| ``Renames`` | renames.py | paths of endpoints with a ``models`` map |
+| ``ViaHop`` | hop.py | paths on a `via` line |
+
+A reload assembles a new pipeline for the new State; what must outlive it (key pools, the
+bodies a `via` line sent lately, the edge's bases) is taken over from the old one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..engine import Chain, Filter, Pipeline
+from .deltas import Bases
+from .edge import EdgeRole
+from .hop import ViaHop, sidecar_bases
+from .keys import KeyPools
+from .metering import UsageMeter
+from .renames import Renames
+
+if TYPE_CHECKING:
+    from ..routing.lines import Line, Path
+    from ..routing.state import State
+    from ..telemetry.metrics import Metrics
+
+__all__ = ["EdgeRole", "KeyPools", "Renames", "UsageMeter", "ViaHop", "assemble"]
+
+
+def assemble(state: State, metrics: Metrics, edge_bases: Bases, old: Pipeline | None = None) -> Pipeline:
+    """The pipeline of ``state``: a chain per upstream, and the edge role as route filter."""
+    previous = [f for chain in old.chains.values() for f in chain.all_filters()] if old is not None else []
+    old_keys = {f.name: f for f in previous if isinstance(f, KeyPools)}
+    old_hops = {f.via_line: f for f in previous if isinstance(f, ViaHop)}
+    edge = EdgeRole(metrics, edge_bases)
+    hops: dict[Line, ViaHop] = {}
+    chains: dict[str, Chain] = {}
+    for upstream in state.upstreams:
+        filters: list[Filter] = []
+        if any(ep.keys for ep in upstream.config.endpoints):
+            filters.append(KeyPools(upstream, metrics, old_keys.get(upstream.name)))
+        filters.append(UsageMeter(upstream.name, metrics))
+        per_path: dict[Path, list[Filter]] = {}
+        for path in upstream.paths:
+            extra: list[Filter] = []
+            if path.endpoint.models:
+                extra.append(Renames(path.endpoint))
+            if path.hop is not None:
+                hop = hops.get(path.line)
+                if hop is None:
+                    kept = old_hops.get(path.line)  # a kept path keeps its Line, and the bodies it sent
+                    bases = kept.bases if kept is not None else sidecar_bases()
+                    hop = hops[path.line] = ViaHop(path.line, metrics, bases)
+                extra.append(hop)
+            per_path[path] = extra
+        chains[upstream.name] = Chain(filters, per_path)
+        edge.chains[upstream.name] = Chain([edge, *filters], per_path)
+    return Pipeline(state, chains, (edge,))

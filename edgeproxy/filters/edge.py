@@ -9,45 +9,52 @@ goes through the usual attempt loop, restricted to that endpoint's paths. Anythi
 
 Probes from sidecars (``x-edgeproxy-probe``) are answered here, without touching the origin,
 with the edge's own best RTT to it, so the sidecar scores the whole path.
+
+``EdgeRole`` is a route filter of every listener (the engine offers it every request whose
+target is not in origin form) and the first filter of the chains it routes hop requests to:
+it decodes the sidecar's compressed body (bounded), rebuilds conversation deltas (deltas.py),
+asks the origin for identity and compresses the answer for the hop, flushing per write.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import ipaddress
 import time
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
 from ..config import norm_host
+from ..engine import Filter, Transform
+from ..proto import codec
+from ..proto.errors import BadEncoding, BodyTooLarge, Forbidden, HopBaseUnknown, Unauthorized
+from ..proto.hop import BASE_HEADER, ENDPOINT_HEADER, ORIGIN_RTT_HEADER, PROBE_HEADER, TOKEN_HEADER
+from .deltas import MIN_BASE, Bases
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from ..config import EndpointConfig
+    from ..engine import Attempt, Chain, Ctx, Reply
     from ..routing.state import Upstream
+    from ..telemetry.metrics import Metrics
 
-__all__ = [
-    "BASE_HEADER",
-    "ENDPOINT_HEADER",
-    "ORIGIN_RTT_HEADER",
-    "PROBE_HEADER",
-    "AuthThrottle",
-    "Bases",
-    "body_hash",
-    "edge_bases",
-    "probe_answer",
-    "split_target",
-]
+__all__ = ["HOP_SKIP", "EdgeRole", "probe_answer", "split_target"]
 
-PROBE_HEADER: Final = "x-edgeproxy-probe"
-# The sidecar's endpoint URL, so an edge with two endpoints at one origin knows which is meant.
-ENDPOINT_HEADER: Final = "x-edgeproxy-endpoint"
-# The edge's smoothed RTT to the origin (seconds) on its best healthy path, in a probe answer.
-ORIGIN_RTT_HEADER: Final = "x-edgeproxy-origin-rtt"
 PROBE_POLL: Final = 0.01
+# Client headers not passed on to the origin from a hop request: the hop's own (we set
+# Accept-Encoding ourselves: identity towards the origin), and Content-Encoding when we
+# decoded the body.
+HOP_SKIP: Final = frozenset(
+    {b"accept-encoding", b"x-edgeproxy-token"} | {h.encode() for h in (PROBE_HEADER, ENDPOINT_HEADER, BASE_HEADER)}
+)
+HOP_SKIP_CODED: Final = HOP_SKIP | {b"content-encoding"}
+IDENTITY: Final = b"Accept-Encoding: identity\r\n"
+# Bodies smaller than this cross the hop as they are: compressing them gains nothing.
+MIN_COMPRESS: Final = 256
+# Whole bodies from this size on are decompressed in a thread, not on the event loop.
+THREAD_MIN: Final = codec.THREAD_MIN
 
 
 def split_target(raw: str) -> tuple[str, str, int, str] | None:
@@ -91,163 +98,173 @@ async def probe_answer(upstream: Upstream, endpoint: EndpointConfig, wait: float
     return web.Response(status=200, body=b'{"edge":"ok"}', content_type="application/json", headers=headers)
 
 
-def _peer_key(peer: str | None) -> str:
-    """Who is guessing: an IPv4 address, or an IPv6 /64 (one host usually has a whole /64)."""
-    if not peer:
-        return "local"
-    try:
-        ip = ipaddress.ip_address(peer)
-    except ValueError:
-        return peer
-    if ip.version == 6 and ip.ipv4_mapped is None:
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip)
+class _Hop:
+    """What the edge knows about one hop request."""
+
+    __slots__ = ("accept", "compressor", "decoded")
+
+    def __init__(self, accept: list[str]) -> None:
+        self.accept = accept  # the codings the sidecar takes answers in, its order
+        self.decoded = False  # its body came compressed and the origin gets it plain
+        self.compressor: _Compressor | None = None
 
 
-class AuthThrottle:
-    """Slows down guessing: after FREE wrong tokens from one address within WINDOW seconds,
-    each further refusal is delayed (doubling, up to MAX_DELAY) and its connection closed.
-    Right tokens are never delayed. Memory is bounded (oldest addresses forgotten first)."""
+class _Compressor(Transform):
+    """The hop's compression of a streamed answer, flushed per write (an event is decodable
+    at the sidecar as soon as it arrives)."""
 
-    FREE: Final = 5
-    WINDOW: Final = 60.0
-    FIRST_DELAY: Final = 0.1
-    MAX_DELAY: Final = 5.0
-    MAX_PEERS: Final = 10_000
-    MAX_COUNT: Final = 64  # far past MAX_DELAY; keeps the arithmetic small
+    __slots__ = ("encoder",)
 
-    __slots__ = ("_fails",)
+    def __init__(self, coding: str) -> None:
+        self.encoder = codec.encoder(coding)
 
-    def __init__(self) -> None:
-        self._fails: dict[str, tuple[int, float]] = {}
+    def process(self, data: bytes) -> bytes:
+        return self.encoder.process(data) + self.encoder.flush()
 
-    def on_failure(self, peer: str | None) -> float:
-        """Record a wrong token from ``peer``; the delay its answer should wait (seconds)."""
-        key = _peer_key(peer)
-        now = time.monotonic()
-        count, last = self._fails.pop(key, (0, now))
-        if now - last > self.WINDOW:
-            count = 0
-        count = min(count + 1, self.MAX_COUNT)
-        self._fails[key] = (count, now)  # re-inserted: the dict stays in last-seen order
-        if len(self._fails) > self.MAX_PEERS:
-            del self._fails[next(iter(self._fails))]
-        if count <= self.FREE:
-            return 0.0
-        return float(min(self.MAX_DELAY, self.FIRST_DELAY * 2 ** (count - self.FREE - 1)))
+    def finish(self) -> bytes:
+        return self.encoder.finish()
 
 
-# -- conversation deltas -------------------------------------------------------------------
-#
-# A chat request re-sends the whole conversation every turn: turn N's body is turn N-1's with
-# a few messages more. So a sidecar that sent body B over a `via` line may send the next one as
-# "the first n bytes of B (named by its hash), then this compressed suffix", and the edge, which
-# kept B, puts it back together. If the edge no longer has B it answers 409 `hop_base_unknown`
-# and the sidecar sends the whole body at once, on the same path: nothing for the client to see.
+class EdgeRole(Filter):
+    """The edge role (see the module docstring). One per pipeline; ``chains`` maps each
+    upstream to the chain its hop requests run through (this filter first)."""
 
-BASE_HEADER: Final = "x-edgeproxy-base"  # "<hash>:<prefix length>:<suffix length>"
-BASE_MISSING: Final = "hop_base_unknown"
-MIN_BASE: Final = 4096  # bodies smaller than this are not kept (nor worth a delta)
-MIN_PREFIX: Final = 2048  # a shared prefix shorter than this is not worth naming
-# Bodies an edge keeps as bases, for all sidecars: at most this many, this many bytes in all.
-EDGE_BASES: Final = 256
-EDGE_BASE_BYTES: Final = 64 << 20
+    __slots__ = ("bases", "chains", "metrics")
 
+    def __init__(self, metrics: Metrics, bases: Bases) -> None:
+        self.metrics = metrics
+        self.bases = bases  # recent hop bodies: the bases of sidecars' deltas (kept across reloads)
+        self.chains: dict[str, Chain] = {}
 
-def body_hash(body: bytes) -> str:
-    return hashlib.blake2b(body, digest_size=16).hexdigest()
-
-
-def edge_bases() -> Bases:
-    """The store an edge keeps its bases in (one per process, shared by its listeners)."""
-    return Bases(EDGE_BASES, EDGE_BASE_BYTES, EDGE_BASE_BYTES // 4)
-
-
-class Bases:
-    """Recent bodies by hash, least recently used dropped first, bounded in count and bytes.
-    The sidecar keeps one per `via` line (what it sent that edge); the edge one for all."""
-
-    __slots__ = ("_bodies", "_bytes", "max_body", "max_bytes", "max_count")
-
-    def __init__(self, max_count: int, max_bytes: int, max_body: int) -> None:
-        self.max_count = max_count
-        self.max_bytes = max_bytes
-        self.max_body = max_body
-        self._bodies: OrderedDict[str, bytes] = OrderedDict()
-        self._bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._bodies)
-
-    def add(self, body: bytes, digest: str | None = None) -> str | None:
-        """Keep ``body`` (if its size is worth it); its hash, or None if not kept."""
-        if not MIN_BASE <= len(body) <= self.max_body:
-            return None
-        digest = digest or body_hash(body)
-        old = self._bodies.pop(digest, None)
-        if old is not None:
-            self._bytes -= len(old)
-        self._bodies[digest] = body
-        self._bytes += len(body)
-        while len(self._bodies) > self.max_count or self._bytes > self.max_bytes:
-            _, dropped = self._bodies.popitem(last=False)
-            self._bytes -= len(dropped)
-        return digest
-
-    def get(self, digest: str) -> bytes | None:
-        body = self._bodies.get(digest)
-        if body is not None:
-            self._bodies.move_to_end(digest)
-        return body
-
-    def best(self, body: bytes) -> tuple[str, int, int] | None:
-        """The kept body sharing the longest prefix with ``body`` (at least MIN_PREFIX bytes):
-        its hash, the prefix length, and the length of the suffix they also share after it
-        (the tools and settings a request carries after its messages). Most recent first; a
-        cheap first-bytes check skips the rest, so this costs a few memcmp calls a candidate."""
-        if len(body) < MIN_BASE:
-            return None
-        head = body[:64]
-        found: tuple[str, int] | None = None
-        for digest in reversed(self._bodies):
-            base = self._bodies[digest]
-            if base[:64] != head:
-                continue
-            n = _common_prefix(base, body)
-            if n >= MIN_PREFIX and (found is None or n > found[1]):
-                found = (digest, n)
+    # -- route -----------------------------------------------------------------------------
+    def route_filter(self, ctx: Ctx) -> Chain | None:
+        """Check the sidecar's token, then that the target is one of our own endpoints
+        (exact origin, under its base path). Never an origin the caller chose."""
+        headers = ctx.request.headers
+        auth = ctx.auth
+        if not auth.required:
+            raise Forbidden("hop requests (absolute-form targets) need a listener with tokens (the edge role)")
+        if not auth.accepts(headers.get(TOKEN_HEADER)):
+            raise Unauthorized("missing or wrong x-edgeproxy-token")
+        split = split_target(ctx.raw_path)
+        found = ctx.state.hop_route(*split, headers.get(ENDPOINT_HEADER)) if split is not None else None
         if found is None:
-            return None
-        digest, n = found
-        return digest, n, _common_suffix(self._bodies[digest], body, n)
+            shown = ctx.raw_path.split("?", 1)[0][:200]
+            raise Forbidden(f"this edge does not serve {shown!r} (not one of its endpoints)")
+        upstream, endpoint = found
+        assert split is not None
+        ctx.upstream = upstream
+        ctx.pin = endpoint.url
+        ctx.target = split[3]
+        ctx.keep(self, _Hop(codec.accepted(headers.get("accept-encoding"))))
+        return self.chains[upstream.name]
+
+    async def request_filter(self, ctx: Ctx) -> web.StreamResponse | None:
+        if PROBE_HEADER in ctx.request.headers:
+            assert ctx.upstream is not None and ctx.pin is not None
+            return await probe_answer(ctx.upstream, ctx.upstream.endpoint(ctx.pin), ctx.state.config.probe.timeout)
+        return None
+
+    # -- request body ----------------------------------------------------------------------
+    async def request_body_filter(self, ctx: Ctx) -> None:
+        """The body as the origin gets it: decoded, put back together from a delta, and kept
+        as a base for the next turn of the same conversation."""
+        hop: _Hop = ctx.local(self)
+        coding = ctx.body_coding
+        limit = ctx.state.config.limits.max_body
+        if coding is not None:
+            coding = coding.strip().lower()
+            if coding in codec.DECODABLE:
+                hop.decoded = True  # the sidecar compressed it for the hop: the origin gets it plain
+                ctx.body_coding = None
+        if ctx.body_stream is not None:
+            if hop.decoded:
+                assert coding is not None
+                ctx.body_stream = _decoded_stream(ctx.body_stream, codec.decoder(coding, limit))
+                ctx.body_length = None
+            return
+        body = ctx.body
+        if body is None:
+            return
+        if hop.decoded:
+            assert coding is not None
+            body = await self._decode(coding, body, limit)
+        delta = ctx.request.headers.get(BASE_HEADER)
+        if delta is not None:
+            digest, _, spans = delta.partition(":")
+            head, _, tail = spans.partition(":")
+            base = self.bases.get(digest)
+            tail = tail or "0"
+            if base is None or not (head.isdigit() and tail.isdigit()) or int(head) + int(tail) > len(base):
+                raise HopBaseUnknown("this edge does not keep that base body (any more): send it whole")
+            n, m = int(head), int(tail)
+            if n + len(body) + m > limit:
+                raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
+            body = b"".join((base[:n], body, base[len(base) - m :] if m else b""))
+        if len(body) >= MIN_BASE:
+            self.bases.add(body)
+        ctx.body = body
+
+    async def _decode(self, coding: str, body: bytes, limit: int) -> bytes:
+        decoder = codec.decoder(coding, limit)
+        try:
+            if len(body) < THREAD_MIN // 8:
+                plain = decoder.feed(body)
+            else:  # a big body: decoded off the event loop (the codecs release the GIL)
+                plain = await asyncio.to_thread(decoder.feed, body)
+            decoder.finish()
+        except codec.TooLarge as exc:
+            raise BodyTooLarge(f"request body {exc}") from None
+        except codec.DecodeError as exc:
+            raise BadEncoding(f"request body: {exc}") from None
+        self.metrics.count_hop("edge", "", "up", len(plain), len(body))
+        return plain
+
+    # -- towards the origin ----------------------------------------------------------------
+    async def upstream_request_filter(self, ctx: Ctx, attempt: Attempt) -> None:
+        hop: _Hop = ctx.local(self)
+        attempt.drop(HOP_SKIP_CODED if hop.decoded else HOP_SKIP)
+        if attempt.path.hop is None:  # (on to a further edge, that hop's filter says what we take)
+            attempt.lines.append(IDENTITY)  # we compress for the hop ourselves
+
+    # -- back to the sidecar ---------------------------------------------------------------
+    async def response_filter(self, ctx: Ctx, reply: Reply) -> None:
+        """Compress the answer for the hop, as the sidecar asked (its first coding)."""
+        hop: _Hop = ctx.local(self)
+        if not hop.accept or ctx.method == "HEAD" or reply.status in (204, 304) or reply.encoded:
+            return
+        coding = hop.accept[0]
+        body = reply.body
+        if body is None:
+            hop.compressor = _Compressor(coding)
+            reply.transforms.append(hop.compressor)
+            reply.headers.append(("Content-Encoding", coding))
+            reply.length = None
+            return
+        if len(body) < MIN_COMPRESS:
+            return
+        wire = await codec.encode_whole(coding, body)
+        if len(body) <= len(wire) * codec.safe_ratio(coding):  # (else the sidecar's guard would refuse it)
+            self.metrics.count_hop("edge", "", "down", len(body), len(wire))
+            reply.body = wire
+            reply.headers.append(("Content-Encoding", coding))
+
+    def on_end(self, ctx: Ctx, reply: Reply | None) -> None:
+        hop: _Hop | None = ctx.local(self)
+        if hop is not None and hop.compressor is not None:
+            enc = hop.compressor.encoder
+            self.metrics.count_hop("edge", "", "down", enc.raw, enc.wire)
 
 
-def _common_suffix(a: bytes, b: bytes, skip: int) -> int:
-    """How many bytes ``a`` and ``b`` share at their ends, not counting their first ``skip``."""
-    end = min(len(a), len(b)) - skip
-    if end <= 0:
-        return 0
-    ma, mb = memoryview(a)[::-1], memoryview(b)[::-1]
-    return _common_prefix_views(ma[:end], mb[:end])
-
-
-def _common_prefix(a: bytes, b: bytes) -> int:
-    return _common_prefix_views(memoryview(a), memoryview(b))
-
-
-def _common_prefix_views(ma: memoryview, mb: memoryview) -> int:
-    end = min(len(ma), len(mb))
-    block = 4096
-    i = 0
-    while i < end and ma[i : i + block] == mb[i : i + block]:
-        i += block
-    if i >= end:
-        return end
-    lo, hi = i, min(i + block, end)  # the first difference is in [lo, hi)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if ma[lo:mid] == mb[lo:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+async def _decoded_stream(chunks: AsyncIterator[bytes], decoder: codec.Decoder) -> AsyncIterator[bytes]:
+    """A streamed hop body, decompressed on the way (bounded like any other)."""
+    try:
+        async for chunk in chunks:
+            plain = decoder.feed(chunk)
+            if plain:
+                yield plain
+        decoder.finish()
+    except codec.TooLarge as exc:
+        raise BodyTooLarge(f"request body {exc}") from None
+    except codec.DecodeError as exc:
+        raise BadEncoding(f"request body: {exc}") from None

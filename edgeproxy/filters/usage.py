@@ -16,6 +16,8 @@ from typing import Final
 
 import orjson
 
+from ..engine.ctx import Usage
+
 __all__ = ["StreamTap", "Usage", "from_body", "from_stream"]
 
 # Where to look in a JSON body: usage sits at the end, the model near the start (a long
@@ -28,16 +30,6 @@ TAIL_EVENTS: Final = 3
 
 _MODEL = re.compile(rb'"model(?:Version)?"\s*:\s*"([^"\\]{1,200})"')
 _KEYS: Final = (b'"usage"', b'"usageMetadata"')
-
-
-class Usage:
-    __slots__ = ("input", "model", "output")
-
-    def __init__(self, model: str | None, input: int, output: int) -> None:
-        self.model, self.input, self.output = model, input, output
-
-    def __repr__(self) -> str:
-        return f"<Usage {self.model} in={self.input} out={self.output}>"
 
 
 # A usage object nests at most a couple of objects (token details): braces to match, bounded.

@@ -22,13 +22,14 @@ from .. import __version__
 from ..config import Config, ConfigError, ListenerConfig, dump_redacted, load_file
 from ..engine.attempts import may_move
 from ..engine.engine import Engine
-from ..filters.edge import edge_bases
+from ..filters import assemble
+from ..filters.deltas import edge_bases
 from ..net.dns import Resolver
 from ..proto.errors import PathDown
 from ..proto.providers import client_credential, token_matches
 from ..routing.lines import Path
 from ..routing.probe import Prober
-from ..routing.state import State, describe_changes
+from ..routing.state import State, Upstream, describe_changes
 from ..telemetry.accesslog import AccessLog
 from ..telemetry.metrics import Metrics
 from .sdnotify import Notifier, watchdog_loop
@@ -74,6 +75,7 @@ class Proxy:
         self.state = State.build(config, self.resolver)
         self.prober = Prober(config.probe, self.metrics, self._on_probe)
         self.bases = edge_bases()  # edge role: the bases of sidecars' deltas
+        self.pipeline = assemble(self.state, self.metrics, self.bases)
         self.metrics.on_scrape = self._path_gauges
         self.listeners: list[Listener] = []
         self.admin_runner: web.AppRunner | None = None
@@ -102,7 +104,7 @@ class Proxy:
     async def _open_listener(self, lc: ListenerConfig) -> Listener:
         loop = asyncio.get_running_loop()
         limits = self.config.limits
-        engine = Engine(self.state, lc, self.metrics, self.access, self.bases, self.prober.urgent)
+        engine = Engine(self.pipeline, lc, self.metrics, self.access, self.prober.urgent)
         ws = web.Server(
             engine.handle,
             handler_cancellation=True,  # client gone -> cancel -> upstream closed
@@ -177,6 +179,7 @@ class Proxy:
     async def _apply(self, new: Config) -> str:
         old, old_state = self.config, self.state
         state = State.build(new, self.resolver, old_state)
+        pipeline = assemble(state, self.metrics, self.bases, self.pipeline)
         kept_addrs = {lst.config.address: lst for lst in self.listeners}
         new_addrs = {lc.address for lc in new.listen}
         # 1. Everything that can fail first: bind the new listeners (rolled back on error).
@@ -198,7 +201,7 @@ class Proxy:
         for upstream in state.upstreams:
             upstream.reselect()
         # 3. Swap: one reference per engine; requests in flight keep the state they began with.
-        self.config, self.state = new, state
+        self.config, self.state, self.pipeline = new, state, pipeline
         self.access.mode = new.log.access
         logging.getLogger("edgeproxy").setLevel(new.log.level.upper())
         removed_listeners = [lst for lst in self.listeners if lst.config.address not in new_addrs]
@@ -206,9 +209,9 @@ class Proxy:
         for listener in self.listeners:
             if listener.config.address in by_addr:
                 listener.config = by_addr[listener.config.address]
-                listener.engine.reconfigure(state, listener.config)
+                listener.engine.reconfigure(pipeline, listener.config)
         for listener in opened:
-            listener.engine.reconfigure(state, listener.config)
+            listener.engine.reconfigure(pipeline, listener.config)
         self.listeners = [lst for lst in self.listeners if lst not in removed_listeners] + opened
         # 4. What left: drain in the background, then close.
         removed_paths = [p for k, p in old_state.paths.items() if state.paths.get(k) is not p]
@@ -278,17 +281,11 @@ class Proxy:
             if path.estimator.srtt is not None:
                 rtt[labels] = path.estimator.srtt
             up[labels] = 1.0 if path.is_usable(now) else 0.0
-        disabled, left = self.metrics.key_disabled.values, self.metrics.key_headroom.values
-        disabled.clear()
-        left.clear()
-        for upstream in self.state.upstreams:
-            for url, pool in upstream.pools.items():
-                for key in pool.keys:
-                    labels = (upstream.name, url, key.id)
-                    disabled[labels] = 0.0 if key.disabled is None else 1.0
-                    for limit, bucket in (("requests", key.origin_requests), ("tokens", key.origin_tokens)):
-                        if bucket is not None:
-                            left[(*labels, limit)] = max(0.0, float(int(bucket.level_at(now))))
+        self.metrics.key_disabled.values.clear()
+        self.metrics.key_headroom.values.clear()
+        for chain in self.pipeline.chains.values():
+            for f in chain.all_filters():
+                f.on_scrape(self.metrics, now)
 
     # -- admin -----------------------------------------------------------------------------
     async def _start_admin(self, lc: ListenerConfig) -> None:
@@ -331,6 +328,7 @@ class Proxy:
 
     def status(self) -> dict[str, Any]:
         """What /-/status answers; built only from redacted config and counters."""
+        now = time.monotonic()
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -347,21 +345,24 @@ class Proxy:
                 }
                 for lst in self.listeners
             ],
-            "upstreams": [
-                {
-                    "name": u.name,
-                    "prefix": u.prefix or "/",
-                    "provider": u.provider,
-                    "preferred": u.order[0].line.name if u.order else None,
-                    "switches": u.switches,
-                    "retry_budget_exhausted": u.budget.exhausted,
-                    "paths": [p.status() for p in u.order],  # in try order: the first takes traffic
-                    "keys": {url: pool.status(time.monotonic()) for url, pool in u.pools.items()},  # by id only
-                }
-                for u in self.state.upstreams
-            ],
+            "upstreams": [self._upstream_status(u, now) for u in self.state.upstreams],
             "config": dump_redacted(self.config),
         }
+
+    def _upstream_status(self, u: Upstream, now: float) -> dict[str, Any]:
+        status: dict[str, Any] = {
+            "name": u.name,
+            "prefix": u.prefix or "/",
+            "provider": u.provider,
+            "preferred": u.order[0].line.name if u.order else None,
+            "switches": u.switches,
+            "retry_budget_exhausted": u.budget.exhausted,
+            "paths": [p.status() for p in u.order],  # in try order: the first takes traffic
+            "keys": {},
+        }
+        for f in self.pipeline.chain(u).all_filters():
+            status.update(f.status(now))  # (key pools: "keys", by id only)
+        return status
 
 
 # Health checks reveal nothing and orchestrators rarely send headers: always open.

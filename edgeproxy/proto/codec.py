@@ -14,6 +14,7 @@ zstd input fed in slices whose worst-case expansion is bounded), so memory stays
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from typing import Final
 
@@ -166,6 +167,17 @@ def encode(name: str, data: bytes) -> bytes:
     """Compress a whole body."""
     enc = _ENCODERS[name]()
     return enc.process(data) + enc.finish()
+
+
+# Whole bodies from this size on are compressed in a thread, not on the event loop.
+THREAD_MIN: Final = 1 << 20
+
+
+async def encode_whole(name: str, data: bytes) -> bytes:
+    """Compress a whole body; a big one off the event loop (the codecs release the GIL)."""
+    if len(data) < THREAD_MIN:
+        return encode(name, data)
+    return await asyncio.to_thread(encode, name, data)
 
 
 def accepts(header: str | None, name: str) -> bool:

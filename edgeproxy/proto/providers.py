@@ -24,6 +24,7 @@ __all__ = [
     "auth_value",
     "client_credential",
     "error_body",
+    "probe_target",
     "retry_wait",
     "sse_error_event",
     "token_matches",
@@ -183,3 +184,15 @@ def _retry_wait(headers: list[tuple[bytes, bytes]], now: float | None = None) ->
         return None
     exhausted = [v for k, v in resets.items() if remaining.get(k) == "0"]
     return max(0.0, max(exhausted or resets.values()))
+
+
+# Where each provider lists its models (relative to the endpoint's base path for OpenAI-style
+# APIs, whose base path already ends in the version).
+_PROBE_PATHS = {"openai": "/models", "anthropic": "/v1/models", "gemini": "/v1beta/models"}
+
+
+def probe_target(provider: str, base_path: str) -> str:
+    """The unbilled request target a probe sends: where the provider lists its models."""
+    if provider == "openai":
+        return (base_path or "") + "/models"
+    return _PROBE_PATHS.get(provider, "/")

@@ -15,23 +15,22 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
-from ..filters.edge import ENDPOINT_HEADER, PROBE_HEADER, Bases
 from ..net.client import Conn, Response
 from ..net.dns import Address, Resolver
 from ..net.pool import Pool
 from ..net.tunnel import Handshake, ProxySpec, http_connect, socks5_connect
 from ..proto import codec
 from ..proto.errors import ConnectError
+from ..proto.hop import ENDPOINT_HEADER, PROBE_HEADER
+from ..proto.providers import probe_target
 from .estimator import Estimator
 from .health import Health
-from .probe import probe_target
 
 if TYPE_CHECKING:
     from ..config import EndpointConfig, LineConfig, PoolConfig, UpstreamConfig
-    from ..engine.engine import Ctx
 
 __all__ = ["PROBE_HEADER_LINE", "Line", "Path", "PathKey", "Via", "tls_context"]
 
@@ -44,9 +43,6 @@ log = logging.getLogger("edgeproxy")
 CONNECT_FLOOR: Final = 0.5
 SUSPECT_FLOOR: Final = 0.2
 SUSPECT_CEILING: Final = 1.0
-# Recent bodies a `via` line keeps for deltas: at most this many, this many bytes in all.
-SIDECAR_BASES: Final = 16
-SIDECAR_BASE_BYTES: Final = 16 << 20
 # Marks a probe sent over a `via` line: the edge answers it itself, with its own RTT.
 PROBE_HEADER_LINE: Final = f"{PROBE_HEADER}: 1\r\n".encode()
 
@@ -151,7 +147,7 @@ class Line:
 class Via:
     """Where a `via` line goes and how it presents itself to the edge."""
 
-    __slots__ = ("bases", "compress", "headers", "host", "port", "prefs", "tls", "url")
+    __slots__ = ("compress", "headers", "host", "port", "prefs", "tls", "url")
 
     def __init__(self, config: LineConfig) -> None:
         assert config.via is not None and config.token is not None
@@ -173,8 +169,6 @@ class Via:
         self.prefs: tuple[str, ...] = {"br": ("br", "gzip"), "gzip": ("gzip",), "zstd": ("zstd", "br", "gzip")}.get(
             config.compress, ()
         )
-        # What we sent this edge lately, for deltas (edge.py "conversation deltas").
-        self.bases = Bases(SIDECAR_BASES, SIDECAR_BASE_BYTES, SIDECAR_BASE_BYTES // 4)
         # Sent on every hop request (and probe): our token.
         self.headers = f"x-edgeproxy-token: {config.token}\r\n".encode("latin-1")
 
@@ -282,7 +276,7 @@ class Path:
         self.connect_rtt: float | None = None
         self.cooldown_until = 0.0  # monotonic; the endpoint asked us to wait (429) until then
         # Attempts sent on this path and not yet committed: failed over if the line dies.
-        self.waiting: dict[Response, Ctx] = {}
+        self.waiting: dict[Response, Any] = {}  # -> the engine's Ctx
 
     def __repr__(self) -> str:
         return f"<Path {self.label} {self.health.state} {self.estimator!r} {self.pool!r}>"

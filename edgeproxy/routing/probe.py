@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
-from ..filters.edge import ORIGIN_RTT_HEADER
 from ..proto.errors import ProxyError
+from ..proto.hop import ORIGIN_RTT_HEADER
 
 if TYPE_CHECKING:
     from ..config import ProbeConfig
@@ -24,23 +24,12 @@ if TYPE_CHECKING:
     from ..telemetry.metrics import Metrics
     from .lines import Path, PathKey
 
-__all__ = ["Prober", "probe_target"]
+__all__ = ["Prober"]
 
 log = logging.getLogger("edgeproxy.probe")
 
 # At most one urgent probe per path this often (seconds), however many attempts wait.
 URGENT_SPACING: Final = 0.25
-
-# Where each provider lists its models (relative to the endpoint's base path for OpenAI-style
-# APIs, whose base path already ends in the version).
-_PROBE_PATHS = {"openai": "/models", "anthropic": "/v1/models", "gemini": "/v1beta/models"}
-
-
-def probe_target(provider: str, base_path: str) -> str:
-    if provider == "openai":
-        return (base_path or "") + "/models"
-    return _PROBE_PATHS.get(provider, "/")
-
 
 def _edge_answer(resp: Response) -> float:
     """A `via` probe's answer: the edge's own RTT to the origin, added to the hop's so the

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..filters.keypool import Key, KeyPool
-from ..proto.providers import auth_header, auth_value
 from .budget import RetryBudget
 from .lines import Line, Path, PathKey
 from .select import Candidate, order
@@ -38,10 +37,8 @@ class Upstream:
         "switches",
         "tolerance",
         "injects_keys",
-        "auth_header",
         "budget",
-        "pools",
-        "max_key_retries",
+        "gate",
     )
 
     def __init__(self, config: UpstreamConfig, paths: list[Path], tolerance: float) -> None:
@@ -59,20 +56,9 @@ class Upstream:
         # Only when every endpoint brings its own keys may a client's credential header carry
         # our token instead (otherwise it must pass through to the origin untouched).
         self.injects_keys = all(ep.keys for ep in config.endpoints)
-        self.auth_header = auth_header(config.provider)
-        now = time.monotonic()
-        # endpoint url -> its key pool, for endpoints that have keys (the others pass through)
-        self.pools: dict[str, KeyPool] = {
-            ep.url: KeyPool(
-                ep.url,
-                [Key(kc, auth_value(config.provider, kc.key), i, now) for i, kc in enumerate(ep.key_configs())],
-            )
-            for ep in config.endpoints
-            if ep.keys
-        }
-        # A request switches keys at most this often (an origin answering 429 with no wait
-        # on every key must not spin us).
-        self.max_key_retries = 2 * sum(len(p.keys) for p in self.pools.values()) + 2
+        # Set by a filter that can tell a path cannot take a request now whatever its health
+        # (every key of its endpoint busy): plan() passes such paths over.
+        self.gate: Callable[[Path, float], bool] | None = None
         self.reselect()
 
     def __repr__(self) -> str:
@@ -93,7 +79,7 @@ class Upstream:
         """
         spill = fallback = None
         now = time.monotonic()
-        pools = self.pools
+        gate = self.gate
         for path in self.order:
             if (
                 path in tried
@@ -101,10 +87,8 @@ class Upstream:
                 or (only is not None and path.endpoint.url != only)
             ):
                 continue
-            if pools:
-                pool = pools.get(path.endpoint.url)
-                if pool is not None and not pool.is_ready(now):
-                    continue  # every key disabled or rate-limited: see key_wait()
+            if gate is not None and not gate(path, now):
+                continue  # what it needs is short (every key busy): the gate's filter waits
             if path.inflight >= path.pool.max_size:
                 spill = spill or path
                 continue
@@ -163,32 +147,6 @@ class Upstream:
                 return ep
         raise KeyError(url)
 
-    def key_wait(self, tried: list[Path], only: str | None = None) -> float | None:
-        """When plan() found nothing: seconds until a key of an untried endpoint is ready
-        (0: now), or None if no untried endpoint has a pool that will ever be (all disabled).
-        ``only``: as for plan()."""
-        now = time.monotonic()
-        wait = None
-        for path in self.paths:
-            pool = self.pools.get(path.endpoint.url)
-            if pool is None or path in tried or (only is not None and path.endpoint.url != only):
-                continue
-            w = max(pool.available_in(now), path.cooldown_until - now)
-            wait = w if wait is None else min(wait, w)
-        return None if wait is None or wait == float("inf") else wait
-
-    def pick_key(self, endpoint: EndpointConfig) -> Key | None:
-        """Take the best ready key of ``endpoint``'s pool for an attempt now; None if none is
-        ready (or the endpoint has no keys: see ``pools``)."""
-        pool = self.pools.get(endpoint.url)
-        if pool is None:
-            return None
-        now = time.monotonic()
-        key = pool.pick(now)
-        if key is not None:
-            key.on_pick(now)
-        return key
-
 
 class State:
     """Everything a request needs, built from one Config."""
@@ -238,9 +196,6 @@ class State:
                     previous.switches,
                     previous.budget,
                 )
-                for url, pool in upstream.pools.items():
-                    if url in previous.pools:  # what we know of each kept key (not a disable)
-                        pool.take_over(previous.pools[url])
                 upstream.reselect()
             upstreams.append(upstream)
         return cls(config, upstreams, paths, lines)

@@ -1,0 +1,230 @@
+"""Per-request state: ``Ctx`` (one client request), ``Attempt`` (one try of it on one path)
+and ``Reply`` (the answer as it goes to the client).
+
+These hold only what the engine itself needs and what every filter may read; a filter keeps
+its own per-request state with ``ctx.keep(self, obj)`` / ``ctx.local(self)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from ..net.client import Response
+    from ..proto.codec import Decoder
+    from ..routing.lines import Path
+    from ..routing.state import State, Upstream
+    from .auth import ListenerAuth
+
+__all__ = ["Attempt", "Ctx", "Reply", "Transform", "Usage"]
+
+# RFC 9110 7.6.1 hop-by-hop fields, plus what we always set ourselves (host, framing) and our
+# own token, which must never reach an origin.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+REQUEST_SKIP: Final = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-edgeproxy-token"}
+
+
+@functools.lru_cache(maxsize=64)
+def _union(a: frozenset[bytes], b: frozenset[bytes]) -> frozenset[bytes]:
+    return a | b  # a few distinct sets per config: computed once each
+
+
+class Usage:
+    """The tokens one answer used (a filter reads them from the answer; others may use them)."""
+
+    __slots__ = ("input", "model", "output")
+
+    def __init__(self, model: str | None, input: int, output: int) -> None:
+        self.model, self.input, self.output = model, input, output
+
+    def __repr__(self) -> str:
+        return f"<Usage {self.model} in={self.input} out={self.output}>"
+
+
+class Ctx:
+    """Everything about one request in flight, and what the access log records."""
+
+    __slots__ = (
+        "_local",
+        "attempt",
+        "attempt_log",
+        "auth",
+        "body",
+        "body_coding",
+        "body_length",
+        "body_stream",
+        "bytes_in",
+        "bytes_out",
+        "committed",
+        "error",
+        "method",
+        "path",
+        "pin",
+        "raw_path",
+        "reply",
+        "request",
+        "request_id",
+        "retrying",
+        "started",
+        "state",
+        "status",
+        "streamed",
+        "target",
+        "tried",
+        "ttfb",
+        "upstream",
+        "usage",
+        "waited",
+    )
+
+    def __init__(self, request: web.BaseRequest, state: State, auth: ListenerAuth) -> None:
+        self.request = request
+        self.state = state
+        self.auth = auth  # the listener's tokens (route filters check them too)
+        self.upstream: Upstream | None = None
+        self.started = time.monotonic()
+        self.request_id = ""
+        self.method = request.method
+        self.raw_path = request.raw_path
+        # Set by a route filter: the origin-form target to send (else from the prefix), and
+        # the one endpoint URL this request may go to (else any).
+        self.target: str | None = None
+        self.pin: str | None = None
+        self.body: bytes | None = None
+        self.body_stream: AsyncIterator[bytes] | None = None
+        # The body's Content-Encoding as we hold it (None: plain bytes a filter may parse),
+        # and a streamed body's length as sent (None: chunked).
+        self.body_coding: str | None = None
+        self.body_length: int | None = None
+        self.tried: list[Path] = []
+        self.path: Path | None = None
+        self.attempt: Attempt | None = None
+        self.retrying = False
+        self.reply: Reply | None = None
+        self.status = 0
+        self.ttfb: float | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.streamed = False
+        self.committed = False
+        self.error: str | None = None
+        self.attempt_log: list[dict[str, object]] = []
+        self.waited = False  # a 429's short Retry-After was waited out already
+        self.usage: Usage | None = None  # tokens the answer used, once a filter read them
+        self._local: dict[int, Any] | None = None
+
+    def local(self, owner: object) -> Any:
+        """What ``owner`` (a filter) kept for this request, or None."""
+        local = self._local
+        return None if local is None else local.get(id(owner))
+
+    def keep(self, owner: object, value: Any) -> Any:
+        """Keep ``value`` for ``owner`` (a filter) for the rest of this request."""
+        if self._local is None:
+            self._local = {}
+        self._local[id(owner)] = value
+        return value
+
+
+class Attempt:
+    """One try of a request on one path, and the head and body as sent there."""
+
+    __slots__ = (
+        "body",
+        "credential",
+        "decide",
+        "lines",
+        "origin",
+        "path",
+        "resp",
+        "skip",
+        "started",
+        "target",
+    )
+
+    def __init__(self, path: Path, started: float) -> None:
+        self.path = path
+        self.started = started
+        self.resp: Response | None = None
+        self.credential: str | None = None  # the id of a credential a filter put on it (logged as "key")
+        self._reset(None, "")
+
+    def _reset(self, body: bytes | None, target: str) -> None:
+        """The head and body from scratch, before the filters run (again)."""
+        self.body = body
+        self.target = target  # origin-form
+        self.origin = ""  # put before the target: absolute form (a `via` hop names the origin)
+        self.skip: frozenset[bytes] = REQUEST_SKIP  # client headers not passed on
+        self.lines: list[bytes] = []  # header lines added after the client's, each ending CRLF
+        self.decide: Callable[[list[tuple[bytes, bytes]]], Decoder | None] | None = None
+
+    def drop(self, names: frozenset[bytes]) -> None:
+        """Do not pass on the client's headers named ``names`` (lower case) on this attempt."""
+        self.skip = _union(self.skip, names)
+
+
+class Transform:
+    """A stream transform a filter adds to ``Reply.transforms`` (e.g. the hop's compression)."""
+
+    __slots__ = ()
+
+    def process(self, data: bytes) -> bytes:
+        """``data`` transformed; everything decodable so far must come out now (flush)."""
+        raise NotImplementedError
+
+    def finish(self) -> bytes:
+        """The last bytes, at the end of the stream (clean or broken)."""
+        raise NotImplementedError
+
+
+class Reply:
+    """The answer as it goes to the client, before commit: filters may change it."""
+
+    __slots__ = (
+        "body",
+        "clean",
+        "ctype",
+        "encoded",
+        "framed",
+        "headers",
+        "length",
+        "resp",
+        "sse",
+        "status",
+        "taps",
+        "transforms",
+    )
+
+    def __init__(self, resp: Response, headers: list[tuple[str, str]], length: int | None, ctype: bytes) -> None:
+        self.resp = resp
+        self.status = resp.status
+        self.headers = headers  # as sent to the client
+        self.length = length  # Content-Length to send with a streamed body (None: chunked)
+        self.ctype = ctype  # the origin's Content-Type, as bytes (b"" if none)
+        self.sse = ctype[:17].lower() == b"text/event-stream"
+        self.encoded = resp.header(b"content-encoding") is not None  # the body passes on content-coded
+        self.framed = self.sse and not self.encoded  # SSE events are seen whole (taps, in-band errors)
+        self.body: bytes | None = None  # the whole body when it came whole; None: it streams
+        self.transforms: list[Transform] = []
+        self.taps: list[Callable[[bytes], None]] = []  # framed streams: called with whole events
+        self.clean = False  # set at the end: the response went out whole
+
+    def is_json(self) -> bool:
+        return self.ctype[:16].lower() == b"application/json"

@@ -14,6 +14,7 @@ bodies a `via` line sent lately, the edge's bases) is taken over from the old on
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..engine import Chain, Filter, Pipeline
@@ -26,14 +27,27 @@ from .renames import Renames
 
 if TYPE_CHECKING:
     from ..routing.lines import Line, Path
-    from ..routing.state import State
+    from ..routing.state import State, Upstream
     from ..telemetry.metrics import Metrics
 
-__all__ = ["EdgeRole", "KeyPools", "Renames", "UsageMeter", "ViaHop", "assemble"]
+__all__ = ["EdgeRole", "FilterFactory", "KeyPools", "Renames", "UsageMeter", "ViaHop", "assemble"]
 
 
-def assemble(state: State, metrics: Metrics, edge_bases: Bases, old: Pipeline | None = None) -> Pipeline:
-    """The pipeline of ``state``: a chain per upstream, and the edge role as route filter."""
+# Builds an extra filter for an upstream (None: not on that one); called at every load and
+# reload, so a filter sees the config it was built for.
+FilterFactory = Callable[["Upstream"], Filter | None]
+
+
+def assemble(
+    state: State,
+    metrics: Metrics,
+    edge_bases: Bases,
+    old: Pipeline | None = None,
+    extra: Sequence[FilterFactory] = (),
+) -> Pipeline:
+    """The pipeline of ``state``: a chain per upstream, and the edge role as route filter.
+    ``extra``: factories of filters added after the built-in ones on each upstream's chain
+    (request side: last; response side: first, before compression for the hop)."""
     previous = [f for chain in old.chains.values() for f in chain.all_filters()] if old is not None else []
     old_keys = {f.name: f for f in previous if isinstance(f, KeyPools)}
     old_hops = {f.via_line: f for f in previous if isinstance(f, ViaHop)}
@@ -45,19 +59,20 @@ def assemble(state: State, metrics: Metrics, edge_bases: Bases, old: Pipeline | 
         if any(ep.keys for ep in upstream.config.endpoints):
             filters.append(KeyPools(upstream, metrics, old_keys.get(upstream.name)))
         filters.append(UsageMeter(upstream.name, metrics))
+        filters.extend(f for f in (factory(upstream) for factory in extra) if f is not None)
         per_path: dict[Path, list[Filter]] = {}
         for path in upstream.paths:
-            extra: list[Filter] = []
+            own: list[Filter] = []
             if path.endpoint.models:
-                extra.append(Renames(path.endpoint))
+                own.append(Renames(path.endpoint))
             if path.hop is not None:
                 hop = hops.get(path.line)
                 if hop is None:
                     kept = old_hops.get(path.line)  # a kept path keeps its Line, and the bodies it sent
                     bases = kept.bases if kept is not None else sidecar_bases()
                     hop = hops[path.line] = ViaHop(path.line, metrics, bases)
-                extra.append(hop)
-            per_path[path] = extra
+                own.append(hop)
+            per_path[path] = own
         chains[upstream.name] = Chain(filters, per_path)
         edge.chains[upstream.name] = Chain([edge, *filters], per_path)
     return Pipeline(state, chains, (edge,))

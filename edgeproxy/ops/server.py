@@ -12,7 +12,7 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import orjson
@@ -22,7 +22,7 @@ from .. import __version__
 from ..config import Config, ConfigError, ListenerConfig, dump_redacted, load_file
 from ..engine.attempts import may_move
 from ..engine.engine import Engine
-from ..filters import assemble
+from ..filters import FilterFactory, assemble
 from ..filters.deltas import edge_bases
 from ..net.dns import Resolver
 from ..proto.errors import PathDown
@@ -67,15 +67,16 @@ class Listener:
 class Proxy:
     """The whole running edgeproxy: state, listeners, admin, metrics."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, filters: Sequence[FilterFactory] = ()) -> None:
         self.config = config
+        self.filters = tuple(filters)  # extra filters (embedding, tests): built again at each reload
         self.metrics = Metrics()
         self.access = AccessLog(config.log.access)
         self.resolver = Resolver()
         self.state = State.build(config, self.resolver)
         self.prober = Prober(config.probe, self.metrics, self._on_probe)
         self.bases = edge_bases()  # edge role: the bases of sidecars' deltas
-        self.pipeline = assemble(self.state, self.metrics, self.bases)
+        self.pipeline = assemble(self.state, self.metrics, self.bases, extra=self.filters)
         self.metrics.on_scrape = self._path_gauges
         self.listeners: list[Listener] = []
         self.admin_runner: web.AppRunner | None = None
@@ -179,7 +180,7 @@ class Proxy:
     async def _apply(self, new: Config) -> str:
         old, old_state = self.config, self.state
         state = State.build(new, self.resolver, old_state)
-        pipeline = assemble(state, self.metrics, self.bases, self.pipeline)
+        pipeline = assemble(state, self.metrics, self.bases, self.pipeline, self.filters)
         kept_addrs = {lst.config.address: lst for lst in self.listeners}
         new_addrs = {lc.address for lc in new.listen}
         # 1. Everything that can fail first: bind the new listeners (rolled back on error).

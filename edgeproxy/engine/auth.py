@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from ..proto.hop import TOKEN_HEADER
@@ -29,7 +30,7 @@ class ListenerAuth:
 
     __slots__ = ("throttle", "tokens")
 
-    def __init__(self, tokens: list[str], throttle: AuthThrottle | None = None) -> None:
+    def __init__(self, tokens: Sequence[str], throttle: AuthThrottle | None = None) -> None:
         self.tokens = [t.encode() for t in tokens]
         self.throttle = throttle or AuthThrottle()
 

@@ -28,7 +28,7 @@ from ..proto.providers import error_body, sse_error_event
 from .attempts import Failover
 from .auth import AuthThrottle, ListenerAuth
 from .body import read_body
-from .ctx import HOP_BY_HOP, Ctx, Reply
+from .ctx import HOP_BY_HOP, Ctx, Reply, Transform
 from .relay import push_body
 
 if TYPE_CHECKING:
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from ..routing.state import Upstream
     from ..telemetry.accesslog import AccessLog
     from ..telemetry.metrics import Metrics
-    from .ctx import Transform
     from .filter import Chain, Pipeline
 
 __all__ = ["Engine"]
@@ -355,7 +354,7 @@ def _one_transform(transforms: list[Transform]) -> Transform | None:
     return _Transforms(transforms)
 
 
-class _Transforms:
+class _Transforms(Transform):
     """Several stream transforms, applied in the order they were added."""
 
     __slots__ = ("_all",)

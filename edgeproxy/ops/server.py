@@ -110,7 +110,7 @@ class Proxy:
             engine.handle,
             handler_cancellation=True,  # client gone -> cancel -> upstream closed
             # Request bodies stay as the client coded them: passed on as they are, or (hop
-            # requests at an edge) decoded by us, bounded (codec.py); aiohttp's own decoding
+            # requests at an edge) decoded by us, bounded (proto/codec.py); aiohttp's own decoding
             # would change what the origin gets and has no ratio guard.
             auto_decompress=False,
             access_log=None,

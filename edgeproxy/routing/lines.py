@@ -253,7 +253,7 @@ class Path:
         self.host_header = bracketed if port == default_port else f"{bracketed}:{port}"
         target = probe_target(upstream.provider, endpoint.base_path)
         # A `via` path sends the endpoint's URL as the request target (absolute form), so the
-        # edge knows which of its origins is meant; it answers probes itself (see edge.py).
+        # edge knows which of its origins is meant; it answers probes itself (see filters/edge.py).
         # The endpoint's URL goes along too: an origin serving two APIs (a relay) may be two
         # endpoints on the edge, told apart by it.
         self.hop = line.via

@@ -67,6 +67,7 @@ import uvloop
 sys.path.insert(0, str(c.ROOT))
 from edgeproxy.config import load_dict
 from edgeproxy.filters.deltas import Bases
+from edgeproxy.filters.hop import ViaHop
 from edgeproxy.ops.server import Proxy
 from edgeproxy.proto import codec
 from tests.fakes.linesim import LineSim
@@ -657,11 +658,11 @@ def metric(p: Proxy, *labels: str) -> float:
 def forget_bases(side: Proxy) -> None:
     """Empty the sidecar's memory of what it sent over its `via` lines (the bases of deltas):
     the next request is then the first of a conversation on that line, whatever ran before."""
-    for path in side.state.paths.values():
-        hop = path.hop
-        if hop is not None:
-            b = hop.bases
-            hop.bases = Bases(b.max_count, b.max_bytes, b.max_body)
+    for chain in side.pipeline.chains.values():
+        for hop in chain.all_filters():
+            if isinstance(hop, ViaHop):
+                b = hop.bases
+                hop.bases = Bases(b.max_count, b.max_bytes, b.max_body)
 
 
 class EdgeBaseLookups:

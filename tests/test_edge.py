@@ -876,3 +876,19 @@ async def test_edges_own_keys_refused_reach_the_app_as_an_answer(origin: FakeOri
                 assert r.headers["x-edgeproxy-error"] == "keys_refused"
     path = side.proxy.state.paths[("openai", origin.url + "/v1", "edge0")]
     assert path.health.state == "up"
+
+
+async def test_the_edge_meters_json_answers_before_compressing_them(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    """Both sides count the tokens of a JSON answer the edge compresses for the hop (the edge
+    reads the usage before its compression; before the engine had filters it read the
+    compressed bytes and counted nothing)."""
+    side, edge = await hop_pair(origin, make_proxy)
+    body = {"model": "gpt-4o-mini", "messages": [*HISTORY, {"role": "user", "content": "hi"}]}
+    plain = {"Accept-Encoding": "identity"}  # (an answer in a coding the app takes passes, unread)
+    async with aiohttp.ClientSession() as s, s.post(side.url + "/v1/chat/completions", json=body, headers=plain) as r:
+        assert r.status == 200
+        await r.read()
+    down = {k: v for k, v in edge.proxy.metrics.hop_bytes.values.items() if k[0] == "edge" and k[2] == "down"}
+    assert down, "the edge compressed the answer"
+    side_tokens = dict(side.proxy.metrics.tokens.values)
+    assert side_tokens and dict(edge.proxy.metrics.tokens.values) == side_tokens

@@ -8,6 +8,7 @@ the official SDKs and plain aiohttp, over real sockets. Timing targets live in b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -453,3 +454,35 @@ def test_absurd_rate_limit_headers_cost_nothing_and_sideline_no_key() -> None:
     assert parsed is not None
     key.on_rate_limits(parsed, 0.0)
     assert 0 < key.available_in(0.0) <= MAX_WAIT
+
+
+async def test_a_hedged_request_the_client_abandons_still_logs_its_key(
+    origin: FakeOrigin, make_proxy: Any, tmp_path: Path
+) -> None:
+    """Two slow endpoints, a hedge started on the second: the client gives up first. The
+    access log still names the key of the attempt the request was on (by id)."""
+    from tests.test_failover import two_endpoints
+
+    other = FakeOrigin()
+    await other.start()
+    try:
+        cfg = two_endpoints(origin.url, other.url, failover={"hedge": "100ms"})
+        for ep in cfg["upstreams"]["openai"]["endpoints"]:
+            ep["keys"] = [KEYS[0]] if ep["url"].startswith(origin.url) else [KEYS[1]]
+        p = await make_proxy(cfg)
+        origin.latency = other.latency = 3.0
+        log_path = tmp_path / "access.log"
+        with log_path.open("wb") as f:
+            p.proxy.listeners[0].engine.access = AccessLog("json", f.fileno())
+            body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as s:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    async with s.post(p.url + "/v1/chat/completions", json=body) as r:
+                        await r.read()
+            await asyncio.sleep(0.3)
+        record = orjson.loads(log_path.read_bytes().splitlines()[-1])
+        assert record["status"] == 499
+        assert record["key"] == key_id(KEYS[0])  # the first attempt's: the request never moved off it
+        assert KEYS[0] not in log_path.read_text() and KEYS[1] not in log_path.read_text()
+    finally:
+        await other.stop()

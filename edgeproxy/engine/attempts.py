@@ -65,7 +65,7 @@ class Failover:
         while True:
             retry = ctx.retrying
             path = upstream.plan(ctx.tried, retry, only=ctx.pin)
-            if path is None or not _taken(ctx, chain, path):
+            if path is None or (chain.path and not _taken(ctx, chain, path)):
                 await _wait_for_path(ctx, chain)  # something is short (keys): wait, or raise
                 continue
             ctx.tried.append(path)
@@ -75,7 +75,8 @@ class Failover:
                 if hedge is not None and not retry and ctx.body_stream is None:
                     attempt = await self._hedged(ctx, upstream, chain, path, hedge, started)
                 else:
-                    attempt = await self._attempt(ctx, upstream, chain, Attempt(path, started))
+                    attempt = ctx.attempt = Attempt(path, started)
+                    await self._attempt(ctx, upstream, chain, attempt)
             except ProxyError as exc:
                 path = ctx.path
                 if exc.source != "upstream":
@@ -159,7 +160,7 @@ class Failover:
         `retry_on` would retry (a 5xx, a 429) does not win while the other attempt runs.
         Off by default: both may be billed."""
         retry_on = upstream.config.failover.retry_on
-        first_attempt = Attempt(path, started)
+        first_attempt = ctx.attempt = Attempt(path, started)
         first: asyncio.Future[Attempt] = asyncio.ensure_future(self._attempt(ctx, upstream, chain, first_attempt))
         owner: dict[asyncio.Future[Attempt], Attempt] = {first: first_attempt}
         pending: set[asyncio.Future[Attempt]] = {first}
@@ -262,7 +263,6 @@ class Failover:
         failover = upstream.config.failover
         path = attempt.path
         hooks = chain.at(path)
-        ctx.attempt = attempt
         fresh = False
         head = None
         while True:

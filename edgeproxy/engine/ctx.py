@@ -164,7 +164,12 @@ class Attempt:
         self.started = started
         self.resp: Response | None = None
         self.credential: str | None = None  # the id of a credential a filter put on it (logged as "key")
-        self._reset(None, "")
+        # The head and body: set by _reset() before each send (the filters then change them).
+        self.body: bytes | None = None
+        self.target = self.origin = ""
+        self.skip = REQUEST_SKIP
+        self.lines: list[bytes] = []
+        self.decide: Callable[[list[tuple[bytes, bytes]]], Decoder | None] | None = None
 
     def _reset(self, body: bytes | None, target: str) -> None:
         """The head and body from scratch, before the filters run (again)."""
@@ -212,14 +217,16 @@ class Reply:
         "transforms",
     )
 
-    def __init__(self, resp: Response, headers: list[tuple[str, str]], length: int | None, ctype: bytes) -> None:
+    def __init__(
+        self, resp: Response, headers: list[tuple[str, str]], length: int | None, ctype: bytes, encoded: bool
+    ) -> None:
         self.resp = resp
         self.status = resp.status
         self.headers = headers  # as sent to the client
         self.length = length  # Content-Length to send with a streamed body (None: chunked)
         self.ctype = ctype  # the origin's Content-Type, as bytes (b"" if none)
         self.sse = ctype[:17].lower() == b"text/event-stream"
-        self.encoded = resp.header(b"content-encoding") is not None  # the body passes on content-coded
+        self.encoded = encoded  # the body passes on content-coded (as the origin or an edge sent it)
         self.framed = self.sse and not self.encoded  # SSE events are seen whole (taps, in-band errors)
         self.body: bytes | None = None  # the whole body when it came whole; None: it streams
         self.transforms: list[Transform] = []

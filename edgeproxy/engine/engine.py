@@ -119,7 +119,7 @@ class Engine(Failover):
             return response
         finally:
             chain = self._inflight.pop(ctx, None)
-            if chain is not None:
+            if chain is not None and chain.at(ctx.path).end:
                 self._end(ctx, chain)
             self._log(ctx, chain)
 
@@ -192,7 +192,7 @@ class Engine(Failover):
         connection_listed: tuple[bytes, ...] = ()
         length: int | None = None
         ctype = b""
-        has_rid = False
+        has_rid = encoded = False
         for name, value in resp.headers:
             lname = name.lower()
             if lname in RESPONSE_SKIP:
@@ -203,6 +203,8 @@ class Engine(Failover):
                 continue
             if lname == b"content-type":
                 ctype = value
+            elif lname == b"content-encoding":
+                encoded = True
             elif lname == b"x-request-id":
                 has_rid = True
             headers.append((name.decode("latin-1"), value.decode("latin-1")))
@@ -210,7 +212,7 @@ class Engine(Failover):
             headers = [h for h in headers if h[0].lower().encode("latin-1") not in connection_listed]
         if not has_rid:
             headers.append(("x-request-id", ctx.request_id))
-        return Reply(resp, headers, length, ctype)
+        return Reply(resp, headers, length, ctype, encoded)
 
     async def _stream(self, ctx: Ctx, upstream: Upstream, reply: Reply) -> web.StreamResponse:
         resp = reply.resp

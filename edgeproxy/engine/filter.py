@@ -110,8 +110,9 @@ class Filter:
         """Before an attempt is sent on ``attempt.path``: change what goes on this path only
         (``attempt.body``, the head: ``attempt.drop()``, ``attempt.lines``, ``attempt.target``,
         ``attempt.origin``), set ``attempt.decide`` (how the answer's body is decoded) and
-        ``attempt.credential`` (the id of a credential put on it). Runs again if the attempt
-        is sent again (a stale connection, ``SendAgain``)."""
+        ``attempt.credential`` (the id of a credential put on it). Runs again, from a fresh
+        head, when ``SendAgain`` resends the attempt; not when a stale keep-alive connection
+        makes the engine resend the same bytes on a new connection."""
 
     def upstream_response_filter(self, ctx: Ctx, attempt: Attempt, resp: Response) -> None:
         """The attempt's response headers are in (every attempt, hedges included), before the

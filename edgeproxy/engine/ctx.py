@@ -167,7 +167,7 @@ class Attempt:
         # The head and body: set by _reset() before each send (the filters then change them).
         self.body: bytes | None = None
         self.target = self.origin = ""
-        self.skip = REQUEST_SKIP
+        self.skip: frozenset[bytes] = REQUEST_SKIP
         self.lines: list[bytes] = []
         self.decide: Callable[[list[tuple[bytes, bytes]]], Decoder | None] | None = None
 
@@ -176,9 +176,9 @@ class Attempt:
         self.body = body
         self.target = target  # origin-form
         self.origin = ""  # put before the target: absolute form (a `via` hop names the origin)
-        self.skip: frozenset[bytes] = REQUEST_SKIP  # client headers not passed on
-        self.lines: list[bytes] = []  # header lines added after the client's, each ending CRLF
-        self.decide: Callable[[list[tuple[bytes, bytes]]], Decoder | None] | None = None
+        self.skip = REQUEST_SKIP  # client headers not passed on
+        self.lines = []  # header lines added after the client's, each ending CRLF
+        self.decide = None  # how the answer's body is decoded (a `via` hop's coding)
 
     def drop(self, names: frozenset[bytes]) -> None:
         """Do not pass on the client's headers named ``names`` (lower case) on this attempt."""

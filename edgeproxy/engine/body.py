@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from aiohttp import HttpVersion11
+
 from ..proto.errors import BodyTooLarge, ClientError, ProxyError
 from .head import BODY_METHODS
 
@@ -24,7 +26,7 @@ async def read_body(ctx: Ctx) -> None:
     length = request.content_length
     if length is not None and length > limits.max_body:
         raise BodyTooLarge(f"request body of {length} bytes is over the limit of {limits.max_body} bytes")
-    if request.headers.get("expect", "").lower() == "100-continue":
+    if request.version == HttpVersion11 and request.headers.get("expect", "").lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     ctx.body_coding = request.headers.get("content-encoding")
     ctx.body_length = length

@@ -74,6 +74,7 @@ class Ctx:
         "bytes_out",
         "committed",
         "error",
+        "metered",
         "method",
         "path",
         "pin",
@@ -128,6 +129,9 @@ class Ctx:
         self.attempt_log: list[dict[str, object]] = []
         self.waited = False  # a 429's short Retry-After was waited out already
         self.usage: Usage | None = None  # tokens the answer used, once a filter read them
+        # Counted in the request metrics; a filter answering for edgeproxy itself (a probe
+        # from a sidecar) says no: such answers are not the traffic operators alert on.
+        self.metered = True
         self._local: dict[int, Any] | None = None
 
     def local(self, owner: object) -> Any:

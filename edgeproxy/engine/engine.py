@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
-from ..proto.errors import NoRoute, ProxyError, Unauthorized
+from ..proto.errors import NoRoute, ProxyError, Unauthorized, UnsafePath, VersionNotSupported
 from ..proto.providers import error_body, sse_error_event
+from ..proto.target import has_unsafe_segment
 from .attempts import Failover
 from .auth import AuthThrottle, ListenerAuth
 from .body import read_body
@@ -126,12 +127,17 @@ class Engine(Failover):
     # -- phases ----------------------------------------------------------------------------
     async def _run(self, ctx: Ctx, pipeline: Pipeline) -> web.StreamResponse:
         _set_request_id(ctx)
+        if ctx.request.version.major != 1:
+            raise VersionNotSupported(f"HTTP/{ctx.request.version.major} requests are not served here: use HTTP/1.1")
+        if has_unsafe_segment(ctx.raw_path):
+            raise UnsafePath("the request path has dot segments or encoded separators")
         chain = self._route(ctx, pipeline)
         upstream = ctx.upstream
         assert upstream is not None
         for request_filter in chain.request:
             early = await request_filter(ctx)
             if early is not None:
+                ctx.status = early.status  # (answered by a filter: an edge's probe answer)
                 return early
         await read_body(ctx)
         for request_body_filter in chain.request_body:
@@ -152,7 +158,9 @@ class Engine(Failover):
         upstream = ctx.state.route(ctx.raw_path)
         auth = ctx.auth
         if upstream is None:
-            if auth.required and not auth.accepts(ctx.request.headers.get("x-edgeproxy-token")):
+            # Whoever shows one of our tokens, in any header a client could put it in, learns
+            # that the path is unknown; anyone else only that they must authenticate.
+            if auth.required and not auth.accepts_request(ctx.request, credential_replaced=True):
                 raise Unauthorized("missing or wrong x-edgeproxy-token")
             raise NoRoute(f"no upstream serves {ctx.raw_path.split('?', 1)[0]}")
         ctx.upstream = upstream
@@ -308,16 +316,17 @@ class Engine(Failover):
         now = time.monotonic()
         duration = now - ctx.started
         name = ctx.upstream.name if ctx.upstream is not None else "-"
-        m = self.metrics
-        labels = (name,)
-        m.requests.inc((name, str(ctx.status)))
-        m.duration.observe(labels, duration)
-        if ctx.ttfb is not None:
-            m.ttfb.observe(labels, ctx.ttfb)
-        if ctx.bytes_in:
-            m.bytes.inc((name, "in"), ctx.bytes_in)
-        if ctx.bytes_out:
-            m.bytes.inc((name, "out"), ctx.bytes_out)
+        if ctx.metered:
+            m = self.metrics
+            labels = (name,)
+            m.requests.inc((name, str(ctx.status)))
+            m.duration.observe(labels, duration)
+            if ctx.ttfb is not None:
+                m.ttfb.observe(labels, ctx.ttfb)
+            if ctx.bytes_in:
+                m.bytes.inc((name, "in"), ctx.bytes_in)
+            if ctx.bytes_out:
+                m.bytes.inc((name, "out"), ctx.bytes_out)
         if self.access.mode == "off":
             return
         path = ctx.path

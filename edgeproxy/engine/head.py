@@ -21,7 +21,7 @@ def request_head(ctx: Ctx, attempt: Attempt, host: str) -> bytes:
     connection_listed: set[bytes] = set()
     for name, value in ctx.request.raw_headers:
         lname = name.lower()
-        if lname in skip:
+        if lname in skip or lname[:12] == b"x-edgeproxy-":  # (ours: never an origin's business)
             if lname == b"connection":
                 connection_listed.update(v.strip().lower() for v in value.split(b","))
             continue

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import TYPE_CHECKING, Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -30,6 +30,7 @@ from ..engine import Filter, Transform
 from ..proto import codec
 from ..proto.errors import BadEncoding, BodyTooLarge, Forbidden, HopBaseUnknown, Unauthorized
 from ..proto.hop import BASE_HEADER, ENDPOINT_HEADER, ORIGIN_RTT_HEADER, PROBE_HEADER, TOKEN_HEADER
+from ..proto.target import has_unsafe_segment
 from .deltas import MIN_BASE, Bases
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ def split_target(raw: str) -> tuple[str, str, int, str] | None:
     except ValueError:
         return None
     target = parts.path or "/"
-    if any(unquote(segment) in (".", "..") for segment in target.split("/")):
+    if has_unsafe_segment(target):
         return None  # dot segments could climb out of the endpoint's base path at the origin
     if parts.query:
         target += "?" + parts.query
@@ -162,6 +163,7 @@ class EdgeRole(Filter):
     async def request_filter(self, ctx: Ctx) -> web.StreamResponse | None:
         if PROBE_HEADER in ctx.request.headers:
             assert ctx.upstream is not None and ctx.pin is not None
+            ctx.metered = False  # a sidecar's probe: logged, not counted as traffic
             return await probe_answer(ctx.upstream, ctx.upstream.endpoint(ctx.pin), ctx.state.config.probe.timeout)
         return None
 

@@ -13,10 +13,10 @@ import signal
 import ssl
 import time
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import Any, Final
 
 import orjson
-from aiohttp import web
+from aiohttp import web, web_response
 
 from .. import __version__
 from ..config import Config, ConfigError, ListenerConfig, dump_redacted, load_file
@@ -37,6 +37,8 @@ from .sdnotify import Notifier, watchdog_loop
 __all__ = ["Proxy", "serve"]
 
 log = logging.getLogger("edgeproxy")
+# What our own answers say in their Server header (no versions: see Proxy.__init__).
+SERVER_NAME: Final = "edgeproxy"
 
 # Refusal sent to a client over the listener's connection limit, then the socket closes.
 _BUSY_BODY = b'{"error":{"message":"edgeproxy: too many connections","type":"api_error","code":"overloaded"}}'
@@ -68,6 +70,9 @@ class Proxy:
     """The whole running edgeproxy: state, listeners, admin, metrics."""
 
     def __init__(self, config: Config, filters: Sequence[FilterFactory] = ()) -> None:
+        # aiohttp names itself and Python's version in every answer without a Server header
+        # (our own errors, the admin's pages): a free fingerprint for an attacker. We say less.
+        web_response.SERVER_SOFTWARE = SERVER_NAME
         self.config = config
         self.filters = tuple(filters)  # extra filters (embedding, tests): built again at each reload
         self.metrics = Metrics()

@@ -28,10 +28,12 @@ __all__ = [
     "ProxyError",
     "RateLimited",
     "Unauthorized",
+    "UnsafePath",
     "UpstreamBadEncoding",
     "UpstreamProtocolError",
     "UpstreamReset",
     "UpstreamTimeout",
+    "VersionNotSupported",
     "ViaRefused",
 ]
 
@@ -193,6 +195,18 @@ class HopBaseUnknown(ClientError):
     kind = "hop_base_unknown"
 
 
+class UnsafePath(ClientError):
+    """A request path with dot segments or encoded separators: never sent on with a key."""
+
+    kind = "unsafe_path"
+
+
+class VersionNotSupported(ClientError):
+    """Not an HTTP/1.x request (an HTTP/2 request line over HTTP/1 framing)."""
+
+    kind = "http_version"
+
+
 class BadEncoding(ClientError):
     """The request body's Content-Encoding does not decode (broken or cut-short data)."""
 
@@ -206,6 +220,8 @@ ERRORS: Final[dict[str, tuple[int, str, str]]] = {
     "unauthorized": (401, "authentication_error", "invalid_edgeproxy_token"),
     "forbidden": (403, "permission_error", "hop_target_not_served"),
     "bad_encoding": (400, "invalid_request_error", "bad_content_encoding"),
+    "unsafe_path": (400, "invalid_request_error", "unsafe_path"),
+    "http_version": (505, "invalid_request_error", "http_version_not_supported"),
     "hop_base_unknown": (409, "invalid_request_error", "hop_base_unknown"),
     "no_route": (404, "not_found_error", "no_route"),
     "too_large": (413, "request_too_large", "body_too_large"),

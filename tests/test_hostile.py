@@ -139,3 +139,133 @@ async def test_sidecar_probes_are_not_counted_as_edge_traffic(origin: FakeOrigin
         async with s.post(side.url + "/v1/chat/completions", data=CHAT, headers={"Authorization": "Bearer k"}) as r:
             assert r.status == 200
     assert counted.get(("openai", "200")) == 1  # the one real request
+
+
+# -- client timeouts, per-address caps, the body memory budget --------------------------------
+
+
+def limited(origin: FakeOrigin, **limits: object) -> dict[str, object]:
+    return proxy_config(origin.url, limits=limits)
+
+
+async def open_from(url: str, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return await asyncio.open_connection(host, int(port), local_addr=(source, 0))
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """Does the server close this connection (EOF, or a reset) within ``seconds``?"""
+    try:
+        while True:
+            if not await asyncio.wait_for(reader.read(65536), seconds):
+                return True
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+async def test_slow_heads_are_closed_and_others_are_served(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    p = await make_proxy(limited(origin, header_timeout="1s"))
+    slow = [await open_from(p.url, "127.0.0.2") for _ in range(100)]
+    for _, w in slow:
+        w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+    started = asyncio.get_running_loop().time()
+    async with aiohttp.ClientSession() as s:  # another address, meanwhile: served as usual
+        async with s.post(p.url + "/v1/chat/completions", data=CHAT, headers={"Authorization": "Bearer k"}) as r:
+            assert r.status == 200
+    for _, w in slow:  # a byte now and then does not buy more time
+        w.write(b"a")
+    results = await asyncio.gather(*(closed_within(r, 6.0) for r, _ in slow))
+    assert all(results), f"{results.count(False)} slow heads still open"
+    assert asyncio.get_running_loop().time() - started < 8
+    assert p.proxy.metrics.client_limits.values[("header_timeout",)] == 100
+    for _, w in slow:
+        w.close()
+
+
+async def test_a_whole_head_on_time_is_not_cut_by_the_header_timeout(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    """Keep-alive requests one after the other, each slower in total than header_timeout."""
+    p = await make_proxy(limited(origin, header_timeout="1s"))
+    reader, writer = await open_from(p.url, "127.0.0.1")
+    try:
+        for _ in range(3):
+            writer.write(post("/v1/chat/completions"))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            await asyncio.sleep(0.6)  # idle between requests: keepalive_timeout's business, not the head's
+    finally:
+        writer.close()
+
+
+async def test_connections_per_address_are_capped(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    p = await make_proxy(limited(origin, max_connections_per_address=20))
+    held = [await open_from(p.url, "127.0.0.3") for _ in range(20)]
+    extra = [await open_from(p.url, "127.0.0.3") for _ in range(5)]
+    assert all(await asyncio.gather(*(closed_within(r, 2.0) for r, _ in extra)))  # refused as they open
+    assert not any(await asyncio.gather(*(closed_within(r, 0.3) for r, _ in held)))  # the first 20 stay
+    async with aiohttp.ClientSession() as s:  # another address is not affected
+        async with s.post(p.url + "/v1/chat/completions", data=CHAT, headers={"Authorization": "Bearer k"}) as r:
+            assert r.status == 200
+    for _, w in held[:5]:
+        w.close()
+    await asyncio.sleep(0.2)
+    again = [await open_from(p.url, "127.0.0.3") for _ in range(5)]  # room again once some left
+    assert not any(await asyncio.gather(*(closed_within(r, 0.3) for r, _ in again)))
+    assert p.proxy.metrics.client_limits.values[("max_connections_per_address",)] == 5
+    for _, w in held[5:] + extra + again:
+        w.close()
+
+
+async def test_an_idle_connection_is_closed_after_keepalive_timeout(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    p = await make_proxy(limited(origin, keepalive_timeout="1s"))
+    never, _ = await open_from(p.url, "127.0.0.1")  # never sends a request
+    after, writer = await open_from(p.url, "127.0.0.1")  # idle after one
+    writer.write(post("/v1/chat/completions"))
+    assert (await asyncio.wait_for(after.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+    assert all(await asyncio.gather(closed_within(never, 5.0), closed_within(after, 5.0)))
+
+
+async def test_a_stalled_body_gets_408_and_reaches_no_origin(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    p = await make_proxy(limited(origin, body_timeout="1s"))
+    reader, writer = await open_from(p.url, "127.0.0.1")
+    request = post("/v1/chat/completions", body=CHAT)
+    writer.write(request[: len(request) - 20])  # all but the body's last 20 bytes
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 408") and b"x-edgeproxy-error: body_timeout" in head.lower()
+    assert await closed_within(reader, 3.0)
+    assert not origin.requests
+    assert p.proxy.metrics.client_limits.values[("body_timeout",)] == 1
+
+
+async def test_held_bodies_are_bounded_by_buffer_memory(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    """Three 600 KiB uploads that stall, against 1 MiB of buffer memory: the second is refused
+    at once (503, Retry-After) instead of the process holding it; when the first is cut by the
+    body timeout the budget is back and a new upload is served."""
+    p = await make_proxy(limited(origin, buffer_memory="1MiB", replay_body="900KiB", body_timeout="2s"))
+    body = b'{"model":"m","messages":[{"role":"user","content":"' + b"x" * (600 << 10) + b'"}]}'
+    stalled = []
+    for _ in range(2):
+        r, w = await open_from(p.url, "127.0.0.1")
+        w.write(post("/v1/chat/completions", body=body)[:1000])  # the head and a little body
+        stalled.append((r, w))
+    await asyncio.sleep(0.3)
+    second = await asyncio.wait_for(stalled[1][0].readuntil(b"\r\n\r\n"), 5)
+    assert second.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in second.lower()
+    assert p.proxy.bodies.held >= 600 << 10  # (the first, held)
+    first = await asyncio.wait_for(stalled[0][0].readuntil(b"\r\n\r\n"), 6)
+    assert first.startswith(b"HTTP/1.1 408")
+    assert p.proxy.bodies.held == 0
+    async with aiohttp.ClientSession() as s:
+        async with s.post(p.url + "/v1/chat/completions", data=body, headers={"Authorization": "Bearer k"}) as r:
+            assert r.status == 200
+            await r.read()
+    for _ in range(50):  # (given back as the handler ends, a moment after the last byte went)
+        if not p.proxy.bodies.held:
+            break
+        await asyncio.sleep(0.02)
+    assert p.proxy.bodies.held == 0
+    for _, w in stalled:
+        w.close()

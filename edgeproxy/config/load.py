@@ -113,12 +113,31 @@ def load_dict(data: object, *, source: str | None = None, env: Mapping[str, str]
     )
     if pool.warm > pool.max_per_path:
         ctx.err("pool.warm", f"{pool.warm} is more than pool.max_per_path ({pool.max_per_path})")
-    m = ctx.section(top.get("limits"), "limits", ("max_body", "replay_body", "max_header", "max_connections"))
+    m = ctx.section(
+        top.get("limits"),
+        "limits",
+        (
+            "max_body",
+            "replay_body",
+            "max_header",
+            "max_connections",
+            "max_connections_per_address",
+            "header_timeout",
+            "body_timeout",
+            "keepalive_timeout",
+            "buffer_memory",
+        ),
+    )
     limits = LimitsConfig(
         max_body=ctx.size(m, "max_body", "limits", 32 << 20, 1),
         replay_body=ctx.size(m, "replay_body", "limits", 16 << 20, 0),
         max_header=ctx.size(m, "max_header", "limits", 16 << 10, 1024),
         max_connections=ctx.int_(m, "max_connections", "limits", 10000, 1),
+        max_connections_per_address=ctx.int_(m, "max_connections_per_address", "limits", 1024, 1),
+        header_timeout=ctx.duration(m, "header_timeout", "limits", 10.0),
+        body_timeout=ctx.duration(m, "body_timeout", "limits", 30.0),
+        keepalive_timeout=ctx.duration(m, "keepalive_timeout", "limits", 75.0),
+        buffer_memory=ctx.size(m, "buffer_memory", "limits", 256 << 20, 1 << 20),
     )
     if limits.replay_body > limits.max_body:
         ctx.err(

@@ -152,6 +152,16 @@ class LimitsConfig:
     replay_body: int = 16 * 1024 * 1024
     max_header: int = 16 * 1024
     max_connections: int = 10000
+    # Per client address (an IPv6 /64 counts as one): nginx's limit_conn.
+    max_connections_per_address: int = 1024
+    # A request's head must arrive whole within this of its first byte (client_header_timeout).
+    header_timeout: float = 10.0
+    # A request body that sends nothing for this long is cut (client_body_timeout).
+    body_timeout: float = 30.0
+    # An idle keep-alive connection (or one that never sends a request) is closed after this.
+    keepalive_timeout: float = 75.0
+    # Request bodies held in memory (for a replay), all connections together.
+    buffer_memory: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from ..proto.providers import client_credential, token_matches
 if TYPE_CHECKING:
     from aiohttp import web
 
-__all__ = ["AuthThrottle", "ListenerAuth"]
+__all__ = ["AuthThrottle", "ListenerAuth", "peer_key"]
 
 # SDKs differ in which header carries the key (the Anthropic SDK sends Authorization: Bearer as
 # well as x-api-key): any of them may carry our token where it will be replaced by a key.
@@ -55,7 +55,7 @@ class ListenerAuth:
         return token_matches(token, self.tokens)
 
 
-def _peer_key(peer: str | None) -> str:
+def peer_key(peer: str | None) -> str:
     """Who is guessing: an IPv4 address, or an IPv6 /64 (one host usually has a whole /64)."""
     if not peer:
         return "local"
@@ -87,7 +87,7 @@ class AuthThrottle:
 
     def on_failure(self, peer: str | None) -> float:
         """Record a wrong token from ``peer``; the delay its answer should wait (seconds)."""
-        key = _peer_key(peer)
+        key = peer_key(peer)
         now = time.monotonic()
         count, last = self._fails.pop(key, (0, now))
         if now - last > self.WINDOW:

@@ -74,6 +74,7 @@ class Ctx:
         "bytes_out",
         "committed",
         "error",
+        "held",
         "metered",
         "method",
         "path",
@@ -123,6 +124,7 @@ class Ctx:
         self.ttfb: float | None = None
         self.bytes_in = 0
         self.bytes_out = 0
+        self.held = 0  # bytes of its body held against limits.buffer_memory
         self.streamed = False
         self.committed = False
         self.error: str | None = None

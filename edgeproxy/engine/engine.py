@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
-from ..proto.errors import NoRoute, ProxyError, Unauthorized, UnsafePath, VersionNotSupported
+from ..proto.errors import BodyTimeout, Busy, NoRoute, ProxyError, Unauthorized, UnsafePath, VersionNotSupported
 from ..proto.providers import error_body, sse_error_event
 from ..proto.target import has_unsafe_segment
 from .attempts import Failover
 from .auth import AuthThrottle, ListenerAuth
-from .body import read_body
+from .body import BodyBudget, read_body
 from .ctx import HOP_BY_HOP, Ctx, Reply, Transform
 from .relay import push_body
 
@@ -61,7 +61,7 @@ def _set_request_id(ctx: Ctx) -> None:
 class Engine(Failover):
     """Runs requests through the phases. One per listener; the pipeline is swapped on reload."""
 
-    __slots__ = ("_inflight", "access", "auth", "listener", "metrics", "on_slow_path", "pipeline")
+    __slots__ = ("_inflight", "access", "auth", "bodies", "listener", "metrics", "on_slow_path", "pipeline")
 
     def __init__(
         self,
@@ -70,8 +70,11 @@ class Engine(Failover):
         metrics: Metrics,
         access: AccessLog,
         on_slow_path: Callable[[Path], None] = lambda path: None,
+        bodies: BodyBudget | None = None,
     ) -> None:
         self.pipeline = pipeline
+        # The bodies all listeners hold (limits.buffer_memory): one budget per process.
+        self.bodies = bodies or BodyBudget(pipeline.state.config.limits.buffer_memory, metrics)
         # Called when an attempt waits for headers longer than its path's RTT suggests: the
         # prober checks the line at once instead of at its next interval.
         self.on_slow_path = on_slow_path
@@ -103,7 +106,11 @@ class Engine(Failover):
             return response
         except ProxyError as exc:
             response = self._error_response(ctx, exc.kind, exc.message, exc.retry_after)
-            if isinstance(exc, Unauthorized):
+            if isinstance(exc, BodyTimeout | Busy):
+                response.force_close()  # (a body we did not read, or a client that stalled)
+                if isinstance(exc, BodyTimeout):
+                    self.metrics.client_limits.inc(("body_timeout",))
+            elif isinstance(exc, Unauthorized):
                 delay = ctx.auth.throttle.on_failure(request.remote)
                 if delay:  # someone keeps guessing: make each guess slow, and reconnect
                     response.force_close()
@@ -119,6 +126,8 @@ class Engine(Failover):
             response = self._error_response(ctx, "internal", "edgeproxy internal error")
             return response
         finally:
+            if ctx.held:
+                self.bodies.give_back(ctx)
             chain = self._inflight.pop(ctx, None)
             if chain is not None and chain.at(ctx.path).end:
                 self._end(ctx, chain)
@@ -139,7 +148,7 @@ class Engine(Failover):
             if early is not None:
                 ctx.status = early.status  # (answered by a filter: an edge's probe answer)
                 return early
-        await read_body(ctx)
+        await read_body(ctx, self.bodies)
         for request_body_filter in chain.request_body:
             await request_body_filter(ctx)
         resp = await self._attempts(ctx, upstream, chain)

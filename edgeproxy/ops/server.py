@@ -21,6 +21,7 @@ from aiohttp import web, web_response
 from .. import __version__
 from ..config import Config, ConfigError, ListenerConfig, dump_redacted, load_file
 from ..engine.attempts import may_move
+from ..engine.body import BodyBudget
 from ..engine.engine import Engine
 from ..filters import FilterFactory, assemble
 from ..filters.deltas import edge_bases
@@ -32,6 +33,7 @@ from ..routing.probe import Prober
 from ..routing.state import State, Upstream, describe_changes
 from ..telemetry.accesslog import AccessLog
 from ..telemetry.metrics import Metrics
+from .conn import ConnectionGuard, GuardedServer
 from .sdnotify import Notifier, watchdog_loop
 
 __all__ = ["Proxy", "serve"]
@@ -39,6 +41,7 @@ __all__ = ["Proxy", "serve"]
 log = logging.getLogger("edgeproxy")
 # What our own answers say in their Server header (no versions: see Proxy.__init__).
 SERVER_NAME: Final = "edgeproxy"
+LINGER: Final = 2.0
 
 # Refusal sent to a client over the listener's connection limit, then the socket closes.
 _BUSY_BODY = b'{"error":{"message":"edgeproxy: too many connections","type":"api_error","code":"overloaded"}}'
@@ -59,7 +62,7 @@ class Listener:
 
     __slots__ = ("config", "engine", "server", "web_server")
 
-    def __init__(self, config: ListenerConfig, engine: Engine, web_server: web.Server) -> None:
+    def __init__(self, config: ListenerConfig, engine: Engine, web_server: GuardedServer) -> None:
         self.config = config
         self.engine = engine
         self.web_server = web_server
@@ -82,6 +85,7 @@ class Proxy:
         self.prober = Prober(config.probe, self.metrics, self._on_probe)
         self.bases = edge_bases()  # edge role: the bases of sidecars' deltas
         self.pipeline = assemble(self.state, self.metrics, self.bases, extra=self.filters)
+        self.bodies = BodyBudget(config.limits.buffer_memory, self.metrics)  # all listeners' held bodies
         self.metrics.on_scrape = self._path_gauges
         self.listeners: list[Listener] = []
         self.admin_runner: web.AppRunner | None = None
@@ -110,9 +114,11 @@ class Proxy:
     async def _open_listener(self, lc: ListenerConfig) -> Listener:
         loop = asyncio.get_running_loop()
         limits = self.config.limits
-        engine = Engine(self.pipeline, lc, self.metrics, self.access, self.prober.urgent)
-        ws = web.Server(
+        engine = Engine(self.pipeline, lc, self.metrics, self.access, self.prober.urgent, self.bodies)
+        guard = ConnectionGuard(limits, self.metrics)
+        ws = GuardedServer(
             engine.handle,
+            guard,
             handler_cancellation=True,  # client gone -> cancel -> upstream closed
             # Request bodies stay as the client coded them: passed on as they are, or (hop
             # requests at an edge) decoded by us, bounded (proto/codec.py); aiohttp's own decoding
@@ -121,6 +127,10 @@ class Proxy:
             access_log=None,
             max_line_size=limits.max_header,
             max_field_size=limits.max_header,
+            # After an answer sent before the body was read (413, 408, 503), aiohttp reads and
+            # drops what is left of it for this long so the client sees the answer, not a
+            # reset: short, or a stalled client would hold the connection on.
+            lingering_time=LINGER,
         )
         listener = Listener(lc, engine, ws)
 
@@ -208,6 +218,7 @@ class Proxy:
             upstream.reselect()
         # 3. Swap: one reference per engine; requests in flight keep the state they began with.
         self.config, self.state, self.pipeline = new, state, pipeline
+        self.bodies.limit = new.limits.buffer_memory
         self.access.mode = new.log.access
         logging.getLogger("edgeproxy").setLevel(new.log.level.upper())
         removed_listeners = [lst for lst in self.listeners if lst.config.address not in new_addrs]
@@ -216,6 +227,7 @@ class Proxy:
             if listener.config.address in by_addr:
                 listener.config = by_addr[listener.config.address]
                 listener.engine.reconfigure(pipeline, listener.config)
+                listener.web_server.guard.limits = new.limits
         for listener in opened:
             listener.engine.reconfigure(pipeline, listener.config)
         self.listeners = [lst for lst in self.listeners if lst not in removed_listeners] + opened

@@ -14,7 +14,9 @@ from typing import Final
 __all__ = [
     "ERRORS",
     "BadEncoding",
+    "BodyTimeout",
     "BodyTooLarge",
+    "Busy",
     "ClientError",
     "ConnectError",
     "ConnectTimeout",
@@ -195,6 +197,22 @@ class HopBaseUnknown(ClientError):
     kind = "hop_base_unknown"
 
 
+class BodyTimeout(ClientError):
+    """The client stopped sending its request body (``limits.body_timeout``)."""
+
+    kind = "body_timeout"
+
+
+class Busy(ProxyError):
+    """We hold as many request bodies as ``limits.buffer_memory`` allows: come back shortly."""
+
+    kind = "busy"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class UnsafePath(ClientError):
     """A request path with dot segments or encoded separators: never sent on with a key."""
 
@@ -221,6 +239,8 @@ ERRORS: Final[dict[str, tuple[int, str, str]]] = {
     "forbidden": (403, "permission_error", "hop_target_not_served"),
     "bad_encoding": (400, "invalid_request_error", "bad_content_encoding"),
     "unsafe_path": (400, "invalid_request_error", "unsafe_path"),
+    "body_timeout": (408, "invalid_request_error", "request_body_timeout"),
+    "busy": (503, "api_error", "buffer_memory_full"),
     "http_version": (505, "invalid_request_error", "http_version_not_supported"),
     "hop_base_unknown": (409, "invalid_request_error", "hop_base_unknown"),
     "no_route": (404, "not_found_error", "no_route"),

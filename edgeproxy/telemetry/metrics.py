@@ -156,6 +156,12 @@ class Metrics(Collector):
         self.tokens = Counter(
             "edgeproxy_tokens", "Tokens used, from the responses' usage", ("upstream", "model", "key", "type")
         )
+        self.client_limits = Counter(
+            "edgeproxy_client_limits",
+            "Client connections or requests stopped by a limit (header_timeout, body_timeout,"
+            " max_connections_per_address, buffer_memory)",
+            ("limit",),
+        )
         self.switches = Counter("edgeproxy_route_switches", "Times an upstream's preferred path changed", ("upstream",))
         self.reloads = Counter("edgeproxy_reloads", "Config reloads by result (ok, failed)", ("result",))
         self.reloads.values.update({("ok",): 0.0, ("failed",): 0.0})  # present from the start, for increase()

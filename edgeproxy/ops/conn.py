@@ -1,0 +1,120 @@
+"""Client connections: per-address caps and the header timeout, under aiohttp's server.
+
+aiohttp's low-level server bounds an idle connection (``keepalive_timeout``) but not one that
+sends a request head a byte at a time (slowloris), and it cannot count connections per client
+address. ``GuardedServer`` hands out ``GuardedHandler``s, aiohttp's own request handler with
+both: a connection past ``limits.max_connections_per_address`` (an IPv6 /64 counts as one
+address) is closed as it opens, and a head that is not whole ``limits.header_timeout`` after
+its first byte closes the connection. The request body's own timeout is the engine's
+(engine/body.py): it reads the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, cast
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from ..engine.auth import peer_key
+
+if TYPE_CHECKING:
+    from ..config import LimitsConfig
+    from ..telemetry.metrics import Metrics
+
+__all__ = ["ConnectionGuard", "GuardedServer"]
+
+
+class ConnectionGuard:
+    """One listener's connections per client address, and the limits they are held to
+    (swapped on reload: connections already open keep counting against the new caps)."""
+
+    __slots__ = ("by_address", "limits", "metrics")
+
+    def __init__(self, limits: LimitsConfig, metrics: Metrics) -> None:
+        self.limits = limits
+        self.metrics = metrics
+        self.by_address: dict[str, int] = {}
+
+    def admit(self, peer: str | None) -> str | None:
+        """Count a new connection from ``peer``; its address key, or None if over the cap."""
+        key = peer_key(peer)
+        n = self.by_address.get(key, 0)
+        if n >= self.limits.max_connections_per_address:
+            self.metrics.client_limits.inc(("max_connections_per_address",))
+            return None
+        self.by_address[key] = n + 1
+        return key
+
+    def release(self, key: str) -> None:
+        n = self.by_address.get(key, 0) - 1
+        if n > 0:
+            self.by_address[key] = n
+        else:
+            self.by_address.pop(key, None)
+
+
+class GuardedHandler(RequestHandler):  # type: ignore[misc]
+    """aiohttp's request handler, held to the per-address cap and the header timeout."""
+
+    __slots__ = ("_address", "_guard", "_head_timer")
+
+    def __init__(self, manager: GuardedServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._guard = manager.guard
+        self._address: str | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        address = self._guard.admit(peer[0] if isinstance(peer, tuple) and peer else None)
+        if address is None:
+            cast(asyncio.Transport, transport).abort()  # over the cap: nothing read, nothing answered
+            return
+        self._address = address
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._address is None:
+            return  # refused in connection_made: aiohttp never saw it
+        self._guard.release(self._address)
+        self._address = None
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._address is None:
+            return
+        super().data_received(data)
+        # A head is being read when no whole request is queued and none is being served:
+        # from its first byte it has header_timeout to be complete.
+        if self._messages or self._request_in_progress:
+            if self._head_timer is not None:
+                self._stop_head_timer()
+        elif self._head_timer is None and not self._force_close:
+            self._head_timer = self._loop.call_later(self._guard.limits.header_timeout, self._head_too_slow)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if not (self._messages or self._request_in_progress):
+            self._guard.metrics.client_limits.inc(("header_timeout",))
+            self.force_close()
+
+
+class GuardedServer(web.Server):  # type: ignore[misc]
+    """aiohttp's low-level server whose connections are ``GuardedHandler``s."""
+
+    def __init__(self, handler: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.guard = guard
+
+    def __call__(self) -> RequestHandler:
+        # (the idle timeout as the config says now: a reload applies to new connections)
+        kwargs = {**self._kwargs, "keepalive_timeout": self.guard.limits.keepalive_timeout}
+        return GuardedHandler(self, loop=self._loop, **kwargs)

@@ -269,3 +269,19 @@ async def test_held_bodies_are_bounded_by_buffer_memory(origin: FakeOrigin, make
     assert p.proxy.bodies.held == 0
     for _, w in stalled:
         w.close()
+
+
+async def test_a_stream_cut_by_the_end_of_a_drain_says_so_in_band(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    p = await make_proxy(proxy_config(origin.url))
+    origin.events, origin.event_interval = 100, 0.05  # a five-second stream
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(p.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"}) as r:
+            assert (await r.content.readline()).startswith(b"data: ")
+            stopping = asyncio.create_task(p.proxy.stop(0.3))  # drain_timeout far shorter than the stream
+            rest = await asyncio.wait_for(r.read(), 10)
+            await stopping
+    events = [e for e in rest.split(b"\n\n") if e.strip()]
+    assert b"[DONE]" not in rest  # never a fake end
+    assert events[-1].startswith(b"data: {") and b'"error"' in events[-1] and b"shutting_down" in events[-1]
+    assert p.proxy.metrics.stream_errors.values[("openai", "shutting_down")] == 1

@@ -23,7 +23,16 @@ from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
-from ..proto.errors import BodyTimeout, Busy, NoRoute, ProxyError, Unauthorized, UnsafePath, VersionNotSupported
+from ..proto.errors import (
+    BodyTimeout,
+    Busy,
+    NoRoute,
+    ProxyError,
+    ShuttingDown,
+    Unauthorized,
+    UnsafePath,
+    VersionNotSupported,
+)
 from ..proto.providers import error_body, sse_error_event
 from ..proto.target import has_unsafe_segment
 from .attempts import Failover
@@ -94,6 +103,17 @@ class Engine(Failover):
     @property
     def inflight(self) -> int:
         return len(self._inflight)
+
+    def end_streams(self) -> int:
+        """The drain is over: every answer still being relayed ends now, a stream with an
+        in-band error in its protocol, any other body cut short. How many there were."""
+        ended = 0
+        for ctx in self._inflight:
+            reply = ctx.reply
+            if reply is not None and ctx.committed and not reply.resp.complete:
+                reply.resp.fail(ShuttingDown("edgeproxy is shutting down (drain_timeout ended)"))
+                ended += 1
+        return ended
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """aiohttp's handler: never raises but CancelledError (the client went away)."""
@@ -279,7 +299,7 @@ class Engine(Failover):
         """The origin failed after commit: tell the client honestly, never fake an end."""
         ctx.error = f"{exc.kind}_after_commit"
         self.metrics.stream_errors.inc((upstream.name, exc.kind))
-        if ctx.path is not None:
+        if ctx.path is not None and exc.blames_line:
             ctx.path.on_failure(exc)
         if is_sse:
             event = sse_error_event(upstream.provider, exc.kind, f"upstream stream broke: {exc.message}")

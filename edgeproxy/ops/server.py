@@ -42,6 +42,8 @@ log = logging.getLogger("edgeproxy")
 # What our own answers say in their Server header (no versions: see Proxy.__init__).
 SERVER_NAME: Final = "edgeproxy"
 LINGER: Final = 2.0
+# At the end of a drain, how long streams have to write their in-band error and end.
+STREAM_END_GRACE: Final = 1.0
 
 # Refusal sent to a client over the listener's connection limit, then the socket closes.
 _BUSY_BODY = b'{"error":{"message":"edgeproxy: too many connections","type":"api_error","code":"overloaded"}}'
@@ -157,6 +159,12 @@ class Proxy:
         deadline = time.monotonic() + drain_timeout
         while listener.engine.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if listener.engine.end_streams():
+            # Streams still running get an in-band error in their protocol (never a silent
+            # cut a client would take for a network fault): a moment to write it.
+            deadline = time.monotonic() + STREAM_END_GRACE
+            while listener.engine.inflight and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
         await listener.web_server.shutdown(0.1)
         if listener.config.unix is not None:
             _remove_stale_socket(listener.config.unix)

@@ -29,6 +29,7 @@ __all__ = [
     "PoolExhausted",
     "ProxyError",
     "RateLimited",
+    "ShuttingDown",
     "Unauthorized",
     "UnsafePath",
     "UpstreamBadEncoding",
@@ -213,6 +214,13 @@ class Busy(ProxyError):
         self.retry_after = retry_after
 
 
+class ShuttingDown(ProxyError):
+    """The drain ended with this answer still being relayed (``drain_timeout``)."""
+
+    kind = "shutting_down"
+    blames_line = False  # says nothing about the path
+
+
 class UnsafePath(ClientError):
     """A request path with dot segments or encoded separators: never sent on with a key."""
 
@@ -241,6 +249,7 @@ ERRORS: Final[dict[str, tuple[int, str, str]]] = {
     "unsafe_path": (400, "invalid_request_error", "unsafe_path"),
     "body_timeout": (408, "invalid_request_error", "request_body_timeout"),
     "busy": (503, "api_error", "buffer_memory_full"),
+    "shutting_down": (503, "api_error", "edgeproxy_shutting_down"),
     "http_version": (505, "invalid_request_error", "http_version_not_supported"),
     "hop_base_unknown": (409, "invalid_request_error", "hop_base_unknown"),
     "no_route": (404, "not_found_error", "no_route"),

@@ -7,11 +7,15 @@ asserts what a user would notice: the answer, and what the origin did or did not
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
 
+from edgeproxy.config import ConfigError, load_dict
+from edgeproxy.ops.server import Proxy
 from tests.conftest import RunningProxy, free_port, proxy_config
 from tests.fakes.origin import FakeOrigin
 from tests.test_edge import TOKEN, edge_config, hop, hop_pair, raw_request
@@ -285,3 +289,41 @@ async def test_a_stream_cut_by_the_end_of_a_drain_says_so_in_band(origin: FakeOr
     assert b"[DONE]" not in rest  # never a fake end
     assert events[-1].startswith(b"data: {") and b'"error"' in events[-1] and b"shutting_down" in events[-1]
     assert p.proxy.metrics.stream_errors.values[("openai", "shutting_down")] == 1
+
+
+# -- startup: what check verifies, and errors that name what they are about ------------------
+
+
+async def test_a_unix_socket_in_a_missing_directory_is_made_and_served(origin: FakeOrigin, tmp_path: Path) -> None:
+    sock = tmp_path / "run" / "edgeproxy" / "edgeproxy.sock"
+    cfg = proxy_config(origin.url, listen=f"unix:{sock}")
+    config = load_dict(cfg, env={})  # check passes: the directory can be made
+    proxy = Proxy(config)
+    await proxy.start()
+    try:
+        conn = aiohttp.UnixConnector(path=str(sock))
+        async with aiohttp.ClientSession(connector=conn) as s:
+            async with s.post("http://x/v1/chat/completions", data=CHAT, headers={"Authorization": "Bearer k"}) as r:
+                assert r.status == 200
+    finally:
+        await proxy.stop(0)
+
+
+def test_check_refuses_a_socket_it_could_not_make(origin: FakeOrigin, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cfg = proxy_config(origin.url, listen=f"unix:{blocker}/sub/edgeproxy.sock")
+    with pytest.raises(ConfigError) as err:
+        load_dict(cfg, env={})
+    assert "listen" in str(err.value) and str(blocker) in str(err.value)
+
+
+async def test_a_port_in_use_is_named_at_startup(origin: FakeOrigin) -> None:
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        proxy = Proxy(load_dict(proxy_config(origin.url, listen=f"127.0.0.1:{port}"), env={}))
+        with pytest.raises(OSError) as err:
+            await proxy.start()
+    assert f"127.0.0.1:{port}" in str(err.value)

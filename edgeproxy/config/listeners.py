@@ -88,6 +88,10 @@ def _listener(ctx: _Ctx, raw: object, path: str) -> ListenerConfig | None:
     except ValueError as e:
         ctx.err(addr_path, str(e))
         return None
+    if lc.unix is not None:
+        problem = _socket_dir_problem(lc.unix)
+        if problem is not None:
+            ctx.err(addr_path, problem)
     tokens = []
     for i, item in _str_list(m.get("tokens") or []):
         tok = _token(ctx, item, f"{path}.tokens" + ("" if i is None else f"[{i}]"))
@@ -109,6 +113,27 @@ def _listener(ctx: _Ctx, raw: object, path: str) -> ListenerConfig | None:
             " or listen on 127.0.0.1",
         )
     return replace(lc, tokens=tuple(tokens), tls=tls)
+
+
+def _socket_dir_problem(path: str) -> str | None:
+    """What keeps us from binding a unix socket at ``path``, or None. Its directory must be
+    writable, or creatable (run makes it, as systemd's RuntimeDirectory would)."""
+    directory = os.path.dirname(os.path.abspath(path)) or "/"
+    if os.path.isdir(directory):
+        if os.access(directory, os.W_OK | os.X_OK):
+            return None
+        return f"cannot create the socket {path}: its directory {directory} is not writable by this user"
+    parent = directory
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot create the socket {path}: {parent} is a file, not a directory"
+    if os.access(parent, os.W_OK | os.X_OK):
+        return None  # run creates the missing directories
+    return (
+        f"cannot create the socket {path}: its directory {directory} does not exist and {parent} is not"
+        " writable by this user (create it, or under systemd set RuntimeDirectory=edgeproxy)"
+    )
 
 
 def _conflicts(a: ListenerConfig, b: ListenerConfig) -> bool:

@@ -142,13 +142,16 @@ class Proxy:
             return ws()
 
         tls = _server_tls(lc)
-        if lc.unix is not None:
-            _remove_stale_socket(lc.unix)
-            listener.server = await loop.create_unix_server(factory, lc.unix, ssl=tls, backlog=1024)
-        else:
-            listener.server = await loop.create_server(
-                factory, lc.host, lc.port or 0, ssl=tls, backlog=1024, reuse_address=True
-            )
+        try:
+            if lc.unix is not None:
+                _prepare_socket_path(lc.unix)
+                listener.server = await loop.create_unix_server(factory, lc.unix, ssl=tls, backlog=1024)
+            else:
+                listener.server = await loop.create_server(
+                    factory, lc.host, lc.port or 0, ssl=tls, backlog=1024, reuse_address=True
+                )
+        except OSError as exc:
+            raise _naming(exc, lc.address) from None
         log.info("listening on %s%s", lc.address, " (tls)" if tls else "")
         return listener
 
@@ -326,11 +329,15 @@ class Proxy:
         self.admin_runner = runner
         site: web.BaseSite
         if lc.unix is not None:
-            _remove_stale_socket(lc.unix)
+            _prepare_socket_path(lc.unix)
             site = web.UnixSite(runner, lc.unix, ssl_context=_server_tls(lc))
         else:
             site = web.TCPSite(runner, lc.host, lc.port, ssl_context=_server_tls(lc), reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise _naming(exc, f"admin {lc.address}") from None
         log.info("admin on %s", lc.address)
 
     async def _healthy(self, request: web.Request) -> web.Response:
@@ -421,6 +428,22 @@ def _server_tls(lc: ListenerConfig) -> ssl.SSLContext | None:
     ctx.load_cert_chain(lc.tls.cert, lc.tls.key)
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
+
+
+def _naming(exc: OSError, where: str) -> OSError:
+    """The same error, saying which address it is about (a bare "No such file or directory"
+    or "Address already in use" names nothing)."""
+    return OSError(exc.errno, f"{where}: {exc.strerror or exc}")
+
+
+def _prepare_socket_path(path: str) -> None:
+    """A unix socket's directory made if missing (as systemd's RuntimeDirectory would), and a
+    socket file left by a previous run removed."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o755, exist_ok=True)
+    except OSError as exc:
+        raise _naming(exc, f"unix:{path}") from None
+    _remove_stale_socket(path)
 
 
 def _remove_stale_socket(path: str) -> None:

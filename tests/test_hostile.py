@@ -7,17 +7,23 @@ asserts what a user would notice: the answer, and what the origin did or did not
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
+import zstandard
 
 from edgeproxy.config import ConfigError, load_dict
 from edgeproxy.ops.server import Proxy
 from tests.conftest import RunningProxy, free_port, proxy_config
 from tests.fakes.origin import FakeOrigin
+from tests.test_cli import ROOT
 from tests.test_edge import TOKEN, edge_config, hop, hop_pair, raw_request
 
 MakeProxy = Callable[..., Awaitable[RunningProxy]]
@@ -327,3 +333,70 @@ async def test_a_port_in_use_is_named_at_startup(origin: FakeOrigin) -> None:
         with pytest.raises(OSError) as err:
             await proxy.start()
     assert f"127.0.0.1:{port}" in str(err.value)
+
+
+# -- smaller: codings at the edge ---------------------------------------------------------------
+
+
+async def test_a_multi_member_gzip_hop_body_is_accepted(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    edge = await make_proxy(edge_config(origin))
+    half = len(CHAT) // 2
+    body = gzip.compress(CHAT[:half]) + gzip.compress(CHAT[half:])  # RFC 1952: members in a row
+    status, _, _ = await raw_request(
+        edge.url, hop(f"{origin.url}/v1/chat/completions", extra="Content-Encoding: gzip\r\n", body=body)
+    )
+    assert status == 200
+    assert origin.requests[-1].body == CHAT
+
+
+async def test_an_edge_without_zstandard_refuses_a_zstd_hop_body(origin: FakeOrigin, tmp_path: Path) -> None:
+    port = free_port()
+    cfg = edge_config(origin, listen={"address": f"127.0.0.1:{port}", "tokens": [TOKEN]})
+    conf = tmp_path / "edge.yaml"
+    conf.write_bytes(orjson.dumps(cfg))
+    no_zstd = "import sys; sys.modules['zstandard'] = None; from edgeproxy.cli import main; sys.exit(main())"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", no_zstd, "run", "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        body = zstandard.ZstdCompressor().compress(CHAT)
+        request = hop(f"{origin.url}/v1/chat/completions", extra="Content-Encoding: zstd\r\n", body=body)
+        for _ in range(100):
+            try:
+                status, headers, _ = await raw_request(url, request)
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        assert status == 415 and headers["x-edgeproxy-error"] == "unsupported_encoding"
+        assert not [r for r in origin.requests if r.method == "POST"]  # never forwarded compressed
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_warming_a_path_through_a_broken_proxy_backs_off(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    """A proxy that takes connections and closes them at once: the pool's warming tries again
+    less and less often (it used to be once a second, for ever)."""
+    accepted = 0
+
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    server = await asyncio.start_server(broken, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        cfg = proxy_config(origin.url, lines={"corp": {"proxy": f"http://127.0.0.1:{port}"}}, probe={"interval": "30s"})
+        cfg["upstreams"] = {"openai": cfg["upstreams"]["openai"]}  # one path
+        p = await make_proxy(cfg)
+        await asyncio.sleep(8)
+        probes = sum(v for k, v in p.proxy.metrics.probes.values.items())
+        # Once a second would be 8 warming tries; doubling from 1 s (ticks at 0, 1, 2, 4): 4.
+        assert 1 <= accepted - probes <= 5, (accepted, probes)
+    finally:
+        server.close()

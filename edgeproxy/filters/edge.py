@@ -28,7 +28,7 @@ from aiohttp import web
 from ..config import norm_host
 from ..engine import Filter, Transform
 from ..proto import codec
-from ..proto.errors import BadEncoding, BodyTooLarge, Forbidden, HopBaseUnknown, Unauthorized
+from ..proto.errors import BadEncoding, BodyTooLarge, Forbidden, HopBaseUnknown, Unauthorized, UnsupportedEncoding
 from ..proto.hop import BASE_HEADER, ENDPOINT_HEADER, ORIGIN_RTT_HEADER, PROBE_HEADER, TOKEN_HEADER
 from ..proto.target import has_unsafe_segment
 from .deltas import MIN_BASE, Bases
@@ -179,6 +179,11 @@ class EdgeRole(Filter):
             if coding in codec.DECODABLE:
                 hop.decoded = True  # the sidecar compressed it for the hop: the origin gets it plain
                 ctx.body_coding = None
+            elif coding == "zstd":  # a hop coding this edge cannot undo: never forwarded as it is
+                raise UnsupportedEncoding(
+                    "this edge cannot decode zstd request bodies (pip install 'edgeproxy[zstd]' on the edge,"
+                    " or compress: br on the sidecar's line)"
+                )
         if ctx.body_stream is not None:
             if hop.decoded:
                 assert coding is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,9 @@ Connector = Callable[[Callable[[], Conn], float], Awaitable[tuple[Conn, float]]]
 
 # How often idle connections are checked for expiry and the warm set topped up.
 MAINTAIN_INTERVAL: Final = 1.0
+# Warming a path whose connections fail (a broken proxy, a dead origin) backs off, doubling
+# from MAINTAIN_INTERVAL up to this, with jitter; any connection that opens resets it.
+WARM_BACKOFF_MAX: Final = 30.0
 
 
 class Pool:
@@ -37,6 +41,8 @@ class Pool:
     __slots__ = (
         "_active",
         "_closed",
+        "_warm_backoff",
+        "_warm_next",
         "_connecting",
         "_connector",
         "_idle",
@@ -77,6 +83,8 @@ class Pool:
         self._closed = False
         self._maintainer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._warm_backoff = 0.0  # seconds; 0 while warming works
+        self._warm_next = 0.0  # monotonic: no warming attempt before this
         # Hooks for the estimator and health (set by the owner): set-up time, and failures.
         self.on_connect: Callable[[float], None] | None = None
         self.on_connect_error: Callable[[BaseException], None] | None = None
@@ -174,6 +182,7 @@ class Pool:
         finally:
             self._connecting -= 1
         self.connects += 1
+        self._warm_backoff = self._warm_next = 0.0  # the path works again: warm it as usual
         if self.on_connect is not None:
             self.on_connect(reach)
         return conn
@@ -245,15 +254,21 @@ class Pool:
 
     async def _maintain(self) -> None:
         while not self._closed:
-            for _ in range(self._wanted_warm()):
-                self._spawn(self._warm_one())
+            wanted = self._wanted_warm()
+            if wanted and time.monotonic() >= self._warm_next:
+                for _ in range(wanted):
+                    self._spawn(self._warm_one())
             await asyncio.sleep(MAINTAIN_INTERVAL)
 
     async def _warm_one(self) -> None:
         try:
             conn = await self._open()
         except Exception:
-            return  # counted in _open; the next round tries again
+            # Counted in _open. Try again later, later each time: a broken proxy or origin is
+            # not hammered once a second, and many paths do not retry in step.
+            self._warm_backoff = min(max(MAINTAIN_INTERVAL, 2 * self._warm_backoff), WARM_BACKOFF_MAX)
+            self._warm_next = time.monotonic() + self._warm_backoff * (0.5 + random.random())
+            return
         self.release(conn)
 
     def _spawn(self, coro: Awaitable[None]) -> None:

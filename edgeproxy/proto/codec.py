@@ -223,7 +223,7 @@ class Decoder:
     ratio guard. ``wire`` and ``raw`` count the bytes in and out.
     """
 
-    __slots__ = ("_d", "_done", "floor", "limit", "name", "ratio", "raw", "wire")
+    __slots__ = ("_between", "_d", "_done", "floor", "limit", "name", "ratio", "raw", "wire")
 
     def __init__(self, name: str, limit: int, floor: int = RATIO_FLOOR) -> None:
         self.name = name
@@ -233,6 +233,7 @@ class Decoder:
         self.wire = 0
         self.raw = 0
         self._done = False
+        self._between = False  # gzip: a member just ended (another may follow)
         if name == "br":
             self._d: object = brotli.Decompressor()
         elif name in ("gzip", "deflate"):
@@ -266,7 +267,7 @@ class Decoder:
         elif self.name == "zstd":
             finished = self._done or self._d.eof  # type: ignore[attr-defined]
         else:
-            finished = self._d.eof  # type: ignore[attr-defined]
+            finished = self._between or self._d.eof  # type: ignore[attr-defined]
         if not finished and self.wire:
             raise DecodeError(f"{self.name} data ended before the end of the compressed stream")
 
@@ -304,14 +305,26 @@ class Decoder:
         if self._done:
             raise DecodeError(f"{self.name}: data after the end of the compressed stream")
         self.wire += len(data)
+        self._between = False
         parts = []
         while data:
             out = d.decompress(data, STEP_OUTPUT)  # type: ignore[attr-defined]
             self._check(len(out))
             parts.append(out)
             if d.eof:  # type: ignore[attr-defined]
-                if d.unused_data:  # type: ignore[attr-defined]
+                rest = d.unused_data  # type: ignore[attr-defined]
+                if self.name == "gzip" and rest:
+                    # RFC 1952 2.2: a gzip file is a series of members; each decodes on its own.
+                    self._d = d = zlib.decompressobj(47)
+                    self._between = False
+                    data = rest
+                    continue
+                if rest:
                     raise DecodeError(f"{self.name}: data after the end of the compressed stream")
+                if self.name == "gzip":
+                    self._between = True  # a next member may follow in the next chunk
+                    self._d = d = zlib.decompressobj(47)
+                    break
                 self._done = True
                 break
             data = d.unconsumed_tail  # type: ignore[attr-defined]

@@ -32,6 +32,7 @@ __all__ = [
     "ShuttingDown",
     "Unauthorized",
     "UnsafePath",
+    "UnsupportedEncoding",
     "UpstreamBadEncoding",
     "UpstreamProtocolError",
     "UpstreamReset",
@@ -221,6 +222,13 @@ class ShuttingDown(ProxyError):
     blames_line = False  # says nothing about the path
 
 
+class UnsupportedEncoding(ClientError):
+    """A request body in a content coding we cannot decode where we must (a hop's zstd at an
+    edge without the zstandard module)."""
+
+    kind = "unsupported_encoding"
+
+
 class UnsafePath(ClientError):
     """A request path with dot segments or encoded separators: never sent on with a key."""
 
@@ -247,6 +255,7 @@ ERRORS: Final[dict[str, tuple[int, str, str]]] = {
     "forbidden": (403, "permission_error", "hop_target_not_served"),
     "bad_encoding": (400, "invalid_request_error", "bad_content_encoding"),
     "unsafe_path": (400, "invalid_request_error", "unsafe_path"),
+    "unsupported_encoding": (415, "invalid_request_error", "unsupported_content_encoding"),
     "body_timeout": (408, "invalid_request_error", "request_body_timeout"),
     "busy": (503, "api_error", "buffer_memory_full"),
     "shutting_down": (503, "api_error", "edgeproxy_shutting_down"),

@@ -302,7 +302,8 @@ class Engine(Failover):
         if ctx.path is not None and exc.blames_line:
             ctx.path.on_failure(exc)
         if is_sse:
-            event = sse_error_event(upstream.provider, exc.kind, f"upstream stream broke: {exc.message}")
+            message = f"upstream stream broke: {exc.message}" if exc.source == "upstream" else exc.message
+            event = sse_error_event(upstream.provider, exc.kind, message)
             if transform is not None:  # (the hop's compressed stream: the error in it, then its end)
                 event = transform.process(event) + transform.finish()
             await out.write(event)

@@ -259,3 +259,55 @@ async def test_full_pool_spills_to_the_next_line(sim: LineSim, origin: FakeOrigi
     assert statuses == [200] * 4
     used = lines_used(p)
     assert used == {"a": 2, "b": 2}, used  # a's pool holds two; the rest spilled to b
+
+
+@pytest.mark.parametrize("when", ["from the start", "while serving"])
+async def test_every_line_dead_the_preference_holds_still(
+    origin: FakeOrigin, make_proxy: Any, caplog: pytest.LogCaptureFixture, when: str
+) -> None:
+    """Every path down (one endpoint refusing or resetting, the other a black hole, two lines
+    each): the preferred path stays put, with no "now prefers" lines, round after round of
+    failed probes; the first path that answers again takes the traffic at once."""
+    a, b = LineSim("127.0.0.1", origin.port), LineSim("127.0.0.1", origin.port, delay=0.005)
+    await a.start()
+    await b.start()
+    try:
+        cfg = proxy_config("")
+        cfg["lines"] = {"isp1": {"bind": "127.0.0.2"}, "isp2": {"bind": "127.0.0.3"}}
+        cfg["upstreams"] = {
+            "openai": {
+                "prefix": "/v1",
+                "endpoints": [{"url": f"http://{a.address}/v1"}, {"url": f"http://{b.address}/v1", "priority": 2}],
+            }
+        }
+        cfg["probe"] = PROBE
+        if when == "from the start":
+            a.set_mode("refuse")
+            b.set_mode("blackhole")
+        p = await make_proxy(cfg)
+        up = p.proxy.state.upstream("openai")
+        assert up is not None
+        if when == "while serving":
+            await wait_until(lambda: all(x.estimator.samples >= 3 for x in up.paths), 3.0, "every path measured")
+            assert await chat(p.url) == 200
+            a.set_mode("reset")  # (refusing new connections would leave the warm ones working)
+            b.set_mode("blackhole")
+        await wait_until(lambda: all(x.health.state == "down" for x in up.paths), 5.0, "every path down")
+        caplog.clear()
+        switches, first = up.switches, up.order[0]
+        await asyncio.sleep(2.0)  # ten probe rounds, every one failing
+        assert up.switches - switches <= 1, [(x.label, x.health) for x in up.order]
+        assert sum("now prefers" in r.getMessage() for r in caplog.records) <= 1, caplog.text
+        assert up.order[0] is first
+        # A request while everything is down is answered (an error), not left hanging.
+        assert await chat(p.url) == 502
+        b.set_mode("pass")  # the priority-2 endpoint answers again: traffic goes there
+        await wait_until(
+            lambda: up.order[0].endpoint.url.startswith(f"http://{b.address}") and up.order[0].health.state == "up",
+            3.0,
+            "a path of b preferred once it answers",
+        )
+        assert await chat(p.url) == 200
+    finally:
+        await a.stop()
+        await b.stop()

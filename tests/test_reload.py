@@ -93,6 +93,135 @@ async def test_reload_keeps_unchanged_paths_and_adds_new_ones(sims: Any, tmp_pat
         await proxy.stop(1)
 
 
+async def test_a_path_that_still_exists_is_kept_whatever_else_changed(
+    origin: FakeOrigin, sims: Any, tmp_path: Path
+) -> None:
+    """Adding a line to an endpoint's `lines`, changing its priority, models and keys' limits:
+    every (upstream, endpoint, line) that still exists keeps its warm pool, RTT history and
+    health, and serves with the new settings at once."""
+    a, b = sims
+    conf, port = tmp_path / "c.yaml", free_port()
+    lines = {"direct": {}, "isp2": {"bind": "127.0.0.2"}}
+    ep_a: dict[str, Any] = {
+        "url": f"http://{a.address}/v1",
+        "lines": ["direct"],
+        "keys": [{"key": "sk-a-0123456789", "rpm": 100}],
+    }
+    ep_b: dict[str, Any] = {"url": f"http://{b.address}/v1", "lines": ["direct"], "priority": 2}
+    write_config(conf, port, lines, [ep_a, ep_b])
+    proxy = await started(conf)
+    try:
+        assert await chat(port) == 200
+        up = proxy.state.upstream("openai")
+        assert up is not None and up.order[0].endpoint.url == ep_a["url"]
+        path_a, path_b = (proxy.state.paths[("openai", ep["url"], "direct")] for ep in (ep_a, ep_b))
+        for _ in range(200):  # RTT history worth keeping
+            if path_a.estimator.samples >= 2 and path_b.estimator.samples >= 2:
+                break
+            await asyncio.sleep(0.05)
+        samples, connects_b = path_a.estimator.samples, b.connections_total
+        idle_b = path_b.pool.idle
+
+        # b becomes the first choice and renames the model; a gets a second line and a new rpm
+        ep_a = {**ep_a, "lines": ["direct", "isp2"], "priority": 3, "keys": [{"key": "sk-a-0123456789", "rpm": 50}]}
+        ep_b = {**ep_b, "priority": 1, "models": {"gpt-4o": "gpt-4o-2024-08-06"}}
+        write_config(conf, port, lines, [ep_a, ep_b])
+        ok, summary = await proxy.reload()
+        assert ok, summary
+        assert "paths: 2 kept, 1 new, 0 removed" in summary
+        kept_a, kept_b = (proxy.state.paths[("openai", ep["url"], "direct")] for ep in (ep_a, ep_b))
+        assert kept_a is path_a and kept_b is path_b
+        assert path_a.estimator.samples >= samples and path_a.health.state == "up"
+        assert b.connections_total == connects_b and path_b.pool.idle == idle_b  # warm pool as it was
+        up = proxy.state.upstream("openai")
+        assert up is not None and up.order[0] is path_b  # the new priorities rank at once
+        requests_b = path_b.requests
+        assert await chat(port) == 200
+        assert path_b.requests == requests_b + 1
+        assert origin.requests[-1].json()["model"] == "gpt-4o-2024-08-06"  # b's models map
+        assert proxy.status()["upstreams"][0]["paths"][0]["priority"] == 1
+        # and a key's limit alone: nothing at all happens to the paths
+        ep_a["keys"] = [{"key": "sk-a-0123456789", "rpm": 60}]
+        write_config(conf, port, lines, [ep_a, ep_b])
+        connects_a, probes_a = a.connections_total, path_a.health.probes
+        ok, summary = await proxy.reload()
+        assert ok and "paths: 3 kept, 0 new, 0 removed" in summary, summary
+        assert a.connections_total == connects_a and path_a.health.probes <= probes_a + 1  # no warm-up, no probe
+    finally:
+        await proxy.stop(1)
+
+
+async def test_new_connection_settings_rebuild_the_path(origin: FakeOrigin, sims: Any, tmp_path: Path) -> None:
+    """A line whose connections go another way (here: another source address) gets a new
+    pool: the reload says the path was rebuilt, and the new connections come from there."""
+    a, _ = sims
+    conf, port = tmp_path / "c.yaml", free_port()
+    ep = {"url": f"http://{a.address}/v1"}
+    write_config(conf, port, {"isp": {"bind": "127.0.0.2"}}, [ep])
+    proxy = await started(conf)
+    try:
+        assert await chat(port) == 200
+        (old,) = proxy.state.paths.values()
+        write_config(conf, port, {"isp": {"bind": "127.0.0.3"}}, [ep])
+        ok, summary = await proxy.reload()
+        assert ok and "paths: 0 kept, 0 new, 0 removed, 1 rebuilt" in summary, summary
+        assert "lines changed: isp" in summary
+        (new,) = proxy.state.paths.values()
+        assert new is not old and new.pool is not old.pool
+        a.delay_by_source = {"127.0.0.2": 5.0}  # the old source address would now hang
+        assert await chat(port) == 200
+        await asyncio.sleep(0.1)
+        assert old.pool._closed
+    finally:
+        await proxy.stop(1)
+
+
+async def test_a_via_lines_new_token_keeps_its_pool(origin: FakeOrigin, tmp_path: Path) -> None:
+    """Rotating a `via` line's token (and its compression): the connections to the edge stay;
+    requests and probes carry the new token from the reload on."""
+    old_token, new_token = "edge-token-old-0123456789", "edge-token-new-0123456789"
+    edge_conf, edge_port = tmp_path / "edge.yaml", free_port()
+    edge_listen = {"address": f"127.0.0.1:{edge_port}", "tokens": [old_token, new_token]}
+    write_config(edge_conf, 0, {"direct": {}}, [{"url": origin.url + "/v1"}], listen=edge_listen)
+    edge = await started(edge_conf)
+    hop = LineSim("127.0.0.1", edge_port)
+    await hop.start()
+    conf, port = tmp_path / "side.yaml", free_port()
+    ep = {"url": origin.url + "/v1"}
+
+    def side(token: str, compress: str) -> None:
+        write_config(conf, port, {"edge": {"via": f"http://{hop.address}", "token": token, "compress": compress}}, [ep])
+
+    side(old_token, "br")
+    proxy = await started(conf)
+    try:
+        assert await chat(port) == 200
+        (path,) = proxy.state.paths.values()
+        connects = hop.connections_total
+        side(new_token, "gzip")
+        ok, summary = await proxy.reload()
+        assert ok and "paths: 1 kept" in summary and "lines changed: edge" in summary, summary
+        assert proxy.state.paths[path.key] is path
+        assert new_token not in summary and old_token not in summary
+        # the edge stops taking the old token: only the new one gets through now
+        edge_listen["tokens"] = [new_token]
+        write_config(edge_conf, 0, {"direct": {}}, [{"url": origin.url + "/v1"}], listen=edge_listen)
+        ok, summary = await edge.reload()
+        assert ok, summary
+        probes = path.health.probes
+        assert await chat(port) == 200
+        for _ in range(100):
+            if path.health.probes >= probes + 2:
+                break
+            await asyncio.sleep(0.05)
+        assert path.health.probes >= probes + 2 and path.health.state == "up", path.health
+        assert hop.connections_total == connects  # the same connections to the edge
+    finally:
+        await proxy.stop(1)
+        await hop.stop()
+        await edge.stop(1)
+
+
 async def test_invalid_reload_changes_nothing(origin: FakeOrigin, tmp_path: Path, caplog: Any) -> None:
     conf, port = tmp_path / "c.yaml", free_port()
     write_config(conf, port, {"direct": {}}, [{"url": origin.url + "/v1"}])
@@ -146,12 +275,18 @@ async def test_a_listener_that_cannot_bind_fails_the_reload_whole(origin: FakeOr
         cfg = yaml.safe_load(conf.read_text())
         cfg["listen"] = [f"127.0.0.1:{port}", f"127.0.0.1:{busy.getsockname()[1]}"]
         cfg["probe"]["interval"] = "2s"
+        cfg["upstreams"]["openai"]["endpoints"][0]["models"] = {"gpt-4o": "gpt-4o-2024-08-06"}
+        cfg["pool"] = {"max_per_path": 7}
         conf.write_text(yaml.safe_dump(cfg))
         try:
             ok, error = await proxy.reload()
             assert not ok and "address already in use" in error.lower()
             assert proxy.config.probe.interval == 1.0 and len(proxy.listeners) == 1
             assert await chat(port) == 200
+            # the path the failed config would have kept serves on as it was
+            assert origin.requests[-1].json()["model"] == "gpt-4o"
+            (path,) = proxy.state.paths.values()
+            assert path.endpoint.models == () and path.pool.max_size != 7
         finally:
             await proxy.stop(1)
 

@@ -124,6 +124,25 @@ def test_all_down_uses_least_bad() -> None:
     assert keys(got) == ["b", "a"]
 
 
+def test_all_down_keeps_the_current_path_first() -> None:
+    """Every path dead: their failure counts rise in turn with each probe round, which must
+    not move the preference; a path that works again is taken at once."""
+    current = "b"
+    for fa, fb, fc in [(3, 2, 2), (3, 3, 2), (3, 3, 3), (4, 3, 3), (4, 4, 3)]:
+        cands = [
+            c("a", 10 * MS, healthy=False, fails=fa),
+            c("b", 30 * MS, healthy=False, index=1, fails=fb),
+            c("c", None, healthy=False, index=2, fails=fc),
+        ]
+        got = keys(order(cands, current, 10 * MS))
+        assert got[0] == "b", (fa, fb, fc)
+        assert got[1:] == [k for k, _ in sorted([("a", fa), ("c", fc)], key=lambda kv: kv[1])]  # least bad next
+    back = [c("a", 10 * MS, fails=0), c("b", 30 * MS, healthy=False, index=1, fails=9)]
+    assert keys(order(back, "b", 10 * MS))[0] == "a"
+    gone = [c("a", 10 * MS, healthy=False, fails=5), c("c", None, healthy=False, index=2, fails=1)]
+    assert keys(order(gone, "b", 10 * MS))[0] == "c"  # the current one was removed: least bad
+
+
 def test_hysteresis_keeps_current_within_tolerance() -> None:
     cands = [c("a", 20 * MS, index=0), c("b", 25 * MS, index=1)]
     assert keys(order(cands, "b", 10 * MS))[0] == "b"  # a is better, but not by > 10 ms

@@ -50,7 +50,7 @@ def assemble(
     (request side: last; response side: first, before compression for the hop)."""
     previous = [f for chain in old.chains.values() for f in chain.all_filters()] if old is not None else []
     old_keys = {f.name: f for f in previous if isinstance(f, KeyPools)}
-    old_hops = {f.via_line: f for f in previous if isinstance(f, ViaHop)}
+    old_hops = {(f.line, f.via_url): f for f in previous if isinstance(f, ViaHop)}
     edge = EdgeRole(metrics, edge_bases)
     hops: dict[Line, ViaHop] = {}
     chains: dict[str, Chain] = {}
@@ -62,15 +62,21 @@ def assemble(
         filters.extend(f for f in (factory(upstream) for factory in extra) if f is not None)
         per_path: dict[Path, list[Filter]] = {}
         for path in upstream.paths:
+            # From the new config, not the path's fields: a path kept by a reload takes its
+            # new endpoint and Line only at the swap (State.commit), after this.
+            _, url, line_name = path.key
+            endpoint, line = upstream.endpoint(url), state.lines[line_name]
             own: list[Filter] = []
-            if path.endpoint.models:
-                own.append(Renames(path.endpoint))
-            if path.hop is not None:
-                hop = hops.get(path.line)
+            if endpoint.models:
+                own.append(Renames(endpoint))
+            if line.via is not None:
+                hop = hops.get(line)
                 if hop is None:
-                    kept = old_hops.get(path.line)  # a kept path keeps its Line, and the bodies it sent
+                    # The bodies this line sent its edge lately stay with it while it goes to
+                    # the same edge (a new token or compression changes nothing there).
+                    kept = old_hops.get((line.name, line.via.url))
                     bases = kept.bases if kept is not None else sidecar_bases()
-                    hop = hops[path.line] = ViaHop(path.line, metrics, bases)
+                    hop = hops[line] = ViaHop(line, metrics, bases)
                 own.append(hop)
             per_path[path] = own
         chains[upstream.name] = Chain(filters, per_path)

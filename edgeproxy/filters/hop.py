@@ -65,13 +65,14 @@ class _Sent:
 class ViaHop(Filter):
     """The hop on the paths of one `via` line (see the module docstring)."""
 
-    __slots__ = ("bases", "line", "metrics", "via_line")
+    __slots__ = ("bases", "line", "metrics", "via_url")
 
     def __init__(self, line: Line, metrics: Metrics, bases: Bases) -> None:
-        self.via_line = line
+        assert line.via is not None
+        self.via_url = line.via.url  # the edge: a reload keeps ``bases`` while it stays the same
         self.line = line.name
         self.metrics = metrics
-        self.bases = bases  # what we sent this edge lately (kept across reloads with the line)
+        self.bases = bases  # what we sent this edge lately
 
     async def upstream_request_filter(self, ctx: Ctx, attempt: Attempt) -> None:
         path = attempt.path

@@ -225,9 +225,10 @@ class Proxy:
         self.prober.sync(state.paths.values(), new.probe)
         if added:
             await self._first_probes(added, new.probe.timeout + 0.5)
-        for upstream in state.upstreams:
-            upstream.reselect()
         # 3. Swap: one reference per engine; requests in flight keep the state they began with.
+        # Kept paths take their new settings now, not earlier: nothing above may leave them
+        # changed under the old state if it fails (no await from here to the swap).
+        state.commit()
         self.config, self.state, self.pipeline = new, state, pipeline
         self.bodies.limit = new.limits.buffer_memory
         self.access.mode = new.log.access

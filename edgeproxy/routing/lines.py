@@ -32,7 +32,7 @@ from .health import Health
 if TYPE_CHECKING:
     from ..config import EndpointConfig, LineConfig, PoolConfig, UpstreamConfig
 
-__all__ = ["PROBE_HEADER_LINE", "Line", "Path", "PathKey", "Via", "tls_context"]
+__all__ = ["PROBE_HEADER_LINE", "Line", "Path", "PathKey", "Via", "same_connections", "tls_context"]
 
 PathKey = tuple[str, str, str]  # (upstream name, endpoint url, line name)
 
@@ -45,6 +45,14 @@ SUSPECT_FLOOR: Final = 0.2
 SUSPECT_CEILING: Final = 1.0
 # Marks a probe sent over a `via` line: the edge answers it itself, with its own RTT.
 PROBE_HEADER_LINE: Final = f"{PROBE_HEADER}: 1\r\n".encode()
+
+
+def same_connections(a: LineConfig, b: LineConfig) -> bool:
+    """Would connections opened over a line configured ``a`` be the same as over ``b``? What
+    they depend on: the kind, the source address, the proxy (with its credentials), the edge's
+    URL and the CA its certificate is checked against. A `via` line's token and compression
+    travel in each request, not in the connection: changing them keeps the pools."""
+    return (a.kind, a.bind, a.proxy, a.via, a.ca) == (b.kind, b.bind, b.proxy, b.via, b.ca)
 
 
 def tls_context(cafile: str | None = None) -> ssl.SSLContext:
@@ -228,14 +236,14 @@ class Path:
     ) -> None:
         self.key: PathKey = (upstream.name, endpoint.url, line.name)
         self.upstream = upstream.name
-        self.endpoint = endpoint
-        self.line = line
         self.label = f"{upstream.name}:{endpoint.host}:{endpoint.port} via {line.name}"
         tls = tls_context() if endpoint.scheme == "https" else None
         host, port = endpoint.host, endpoint.port
 
         async def connector(factory: Callable[[], Conn], timeout: float) -> tuple[Conn, float]:
-            return await line.connect(factory, resolver, host, port, tls, timeout)
+            # The line as it is now: a reload may hand this path a new Line whose connections
+            # go the same way (see ``retarget``); one Line per name stays in use.
+            return await self.line.connect(factory, resolver, host, port, tls, timeout)
 
         self.pool = Pool(
             self.label,
@@ -248,26 +256,8 @@ class Path:
         self.pool.on_connect = self._on_connect
         self.estimator = Estimator()
         self.health = Health()
-        default_port = 443 if endpoint.scheme == "https" else 80
-        bracketed = f"[{host}]" if ":" in host else host
-        self.host_header = bracketed if port == default_port else f"{bracketed}:{port}"
-        target = probe_target(upstream.provider, endpoint.base_path)
-        # A `via` path sends the endpoint's URL as the request target (absolute form), so the
-        # edge knows which of its origins is meant; it answers probes itself (see filters/edge.py).
-        # The endpoint's URL goes along too: an origin serving two APIs (a relay) may be two
-        # endpoints on the edge, told apart by it.
-        self.hop = line.via
         self.edge_rtt: float | None = None  # a via path: the edge's own RTT to the origin, last reported
-        self.hop_origin = ""
-        self.hop_headers = b""
-        if line.via is not None:
-            self.hop_origin = f"{endpoint.scheme}://{self.host_header}"
-            self.hop_headers = line.via.headers + f"{ENDPOINT_HEADER}: {endpoint.url}\r\n".encode("latin-1")
-        probe_extra = (self.hop_headers + PROBE_HEADER_LINE).decode("latin-1") if line.via is not None else ""
-        self.probe_head = (
-            f"GET {self.hop_origin}{target} HTTP/1.1\r\nHost: {self.host_header}\r\n{probe_extra}"
-            "User-Agent: edgeproxy-probe\r\n\r\n"
-        ).encode("latin-1")
+        self.retarget(upstream, endpoint, line)
         self.requests = 0
         self.failures = 0
         self.inflight = 0
@@ -277,6 +267,46 @@ class Path:
         self.cooldown_until = 0.0  # monotonic; the endpoint asked us to wait (429) until then
         # Attempts sent on this path and not yet committed: failed over if the line dies.
         self.waiting: dict[Response, Any] = {}  # -> the engine's Ctx
+
+    def retarget(self, upstream: UpstreamConfig, endpoint: EndpointConfig, line: Line) -> None:
+        """Take the config of a reload that kept this path (same key, same connection
+        settings: ``same_connections``): its endpoint (priority, models, keys...), its Line
+        (a via line's token or compression) and what is derived from them. The pool, the
+        estimator and the health stay: they are about the way to the origin, which did not
+        change.
+
+        Called by ``State.commit`` at the swap, while requests of the previous State may be in
+        flight on this path. Safe because every field set here is either unchanged (all that
+        derives from the endpoint URL, in the key: host, port, base path, Host header, the
+        hop's absolute origin) or a whole new value read per attempt or probe (priority at
+        ranking, the hop headers and probe head as ready-made bytes, the Via's compression),
+        and either version is valid for this origin and edge: an attempt planned before the
+        swap and sent after carries the new token or the old, never a mix within a header.
+        No await in here: nothing runs between two of these assignments.
+        """
+        assert (upstream.name, endpoint.url, line.name) == self.key
+        self.endpoint = endpoint
+        self.line = line
+        host, port = endpoint.host, endpoint.port
+        default_port = 443 if endpoint.scheme == "https" else 80
+        bracketed = f"[{host}]" if ":" in host else host
+        self.host_header = bracketed if port == default_port else f"{bracketed}:{port}"
+        target = probe_target(upstream.provider, endpoint.base_path)
+        # A `via` path sends the endpoint's URL as the request target (absolute form), so the
+        # edge knows which of its origins is meant; it answers probes itself (see filters/edge.py).
+        # The endpoint's URL goes along too: an origin serving two APIs (a relay) may be two
+        # endpoints on the edge, told apart by it.
+        self.hop = line.via
+        hop_origin, hop_headers = "", b""
+        if line.via is not None:
+            hop_origin = f"{endpoint.scheme}://{self.host_header}"
+            hop_headers = line.via.headers + f"{ENDPOINT_HEADER}: {endpoint.url}\r\n".encode("latin-1")
+        self.hop_origin, self.hop_headers = hop_origin, hop_headers
+        probe_extra = (hop_headers + PROBE_HEADER_LINE).decode("latin-1") if line.via is not None else ""
+        self.probe_head = (
+            f"GET {hop_origin}{target} HTTP/1.1\r\nHost: {self.host_header}\r\n{probe_extra}"
+            "User-Agent: edgeproxy-probe\r\n\r\n"
+        ).encode("latin-1")
 
     def __repr__(self) -> str:
         return f"<Path {self.label} {self.health.state} {self.estimator!r} {self.pool!r}>"

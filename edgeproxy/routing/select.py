@@ -3,7 +3,8 @@
 A pure function of a snapshot (no sockets, no clock reads): the estimator and health are read
 by the caller into ``Candidate`` rows; ``order`` decides. Rules, in order:
 
-1. Healthy paths first. If none is healthy, all of them, least bad first: never refuse to try.
+1. Healthy paths first. If none is healthy, all of them, least bad first: never refuse to try;
+   but the current path stays first while none is healthy (see ``_all_down``).
 2. Within that, the best (lowest) priority tier first; lower tiers follow as fallbacks.
 3. Within a tier, lowest score first (score = the estimator's SRTT, see ``estimator``);
    unmeasured paths after measured ones, then config order.
@@ -42,8 +43,7 @@ def order(candidates: Sequence[Candidate], current: Hashable | None, tolerance: 
     """All candidates, best first. ``current`` is the path that was first last time."""
     healthy = [c for c in candidates if c.healthy]
     if not healthy:
-        # Nothing healthy: never refuse to try; least bad (fewest failures in a row) first.
-        return sorted(candidates, key=lambda c: (c.failures, c.priority, *_rank(c)))
+        return _all_down(candidates, current)
     rest = sorted((c for c in candidates if not c.healthy), key=lambda c: (c.priority, c.failures, *_rank(c)))
     tiers: dict[int, list[Candidate]] = {}
     for c in healthy:
@@ -56,6 +56,25 @@ def order(candidates: Sequence[Candidate], current: Hashable | None, tolerance: 
         out.extend(tier)
     out.extend(rest)
     return out
+
+
+def _all_down(candidates: Sequence[Candidate], current: Hashable | None) -> list[Candidate]:
+    """Nothing healthy: never refuse to try; least bad (fewest failures in a row) first, except
+    that the current path keeps its place at the head.
+
+    With every line dead, each probe round adds one failure to each path in turn, so "fewest
+    failures" names another path after every probe: ranking by it alone moved the preference
+    (a logged switch, a new pool taking the next request) several times a second while
+    nothing changed. No dead path is a better bet than another, so stay; the others follow,
+    least bad first, for retries. A path that works again is healthy and wins at once.
+    """
+    ranked = sorted(candidates, key=lambda c: (c.failures, c.priority, *_rank(c)))
+    if current is None or ranked[0].key == current:
+        return ranked
+    cur = next((c for c in ranked if c.key == current), None)
+    if cur is None:  # gone (a reload removed it): the least bad is the new choice
+        return ranked
+    return [cur, *(c for c in ranked if c is not cur)]
 
 
 def _keep_current(tier: list[Candidate], current: Hashable, tolerance: float) -> list[Candidate]:

@@ -1,8 +1,17 @@
 """The running state built from one Config: upstreams with their paths, in routing order.
 
 A ``State`` is immutable in use: a reload builds a new one (``State.build(config, old)``),
-taking over the old paths whose key is unchanged with their warm pools, and the server swaps
-one reference. Requests keep the State they started with to their end.
+taking over every old path that still exists, with its warm pool, RTT history and health, and
+the server swaps one reference (after ``State.commit``). Requests keep the State they started
+with to their end.
+
+A path is (upstream, endpoint URL, line): while that exists and the line's connections go the
+same way (``same_connections``: source address, proxy, edge, CA), the path is kept whatever
+else changed: the endpoint's other settings (priority, models, keys and their limits, its
+``lines`` list), a `via` line's token or compression, the upstream's provider. Those are
+handed to the kept path by ``commit``, at the swap, not by ``build``: a reload can still fail
+after building (a listener that cannot bind), and must then leave the running paths as they
+were.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .budget import RetryBudget
-from .lines import Line, Path, PathKey
+from .lines import Line, Path, PathKey, same_connections
 from .select import Candidate, order
 
 if TYPE_CHECKING:
@@ -151,12 +160,14 @@ class Upstream:
 class State:
     """Everything a request needs, built from one Config."""
 
-    __slots__ = ("config", "hops", "lines", "paths", "upstreams")
+    __slots__ = ("config", "hops", "lines", "paths", "takeover", "upstreams")
 
     def __init__(
         self, config: Config, upstreams: list[Upstream], paths: dict[PathKey, Path], lines: dict[str, Line]
     ) -> None:
         self.config = config
+        # Paths taken over from the previous State, with the config ``commit`` gives them.
+        self.takeover: list[tuple[Path, UpstreamConfig, EndpointConfig, Line]] = []
         # Longest prefix first, so the first match is the longest match.
         self.upstreams = sorted(upstreams, key=lambda u: len(u.prefix), reverse=True)
         self.paths = paths
@@ -172,20 +183,27 @@ class State:
 
     @classmethod
     def build(cls, config: Config, resolver: Resolver, old: State | None = None) -> State:
-        """A State for ``config``; paths whose key is unchanged are taken over from ``old``."""
-        lines = {lc.name: Line(lc) for lc in config.lines}
+        """A State for ``config``. With ``old``: its paths that still exist are taken over
+        (not changed yet: ``commit`` does that at the swap); its Lines too, where unchanged."""
+        lines: dict[str, Line] = {}
+        for lc in config.lines:
+            previous_line = old.lines.get(lc.name) if old is not None else None
+            # One Line object per unchanged line: a `via` line's recent bodies go with it.
+            lines[lc.name] = previous_line if previous_line is not None and previous_line.config == lc else Line(lc)
         paths: dict[PathKey, Path] = {}
+        takeover: list[tuple[Path, UpstreamConfig, EndpointConfig, Line]] = []
         upstreams = []
         for uc in config.upstreams:
             ups_paths = []
             for ep in uc.endpoints:
                 for line_name in ep.lines:
                     key = (uc.name, ep.url, line_name)
+                    line = lines[line_name]
                     path = old.paths.get(key) if old is not None else None
-                    if path is None or path.endpoint != ep or path.line.config != lines[line_name].config:
-                        path = Path(uc, ep, lines[line_name], config.pool, resolver)
+                    if path is None or not same_connections(path.line.config, line.config):
+                        path = Path(uc, ep, line, config.pool, resolver)
                     else:
-                        path.pool.reconfigure(config.pool)  # kept: its warm pool stays
+                        takeover.append((path, uc, ep, line))  # its warm pool, RTT and health stay
                     paths[key] = path
                     ups_paths.append(path)
             upstream = Upstream(uc, ups_paths, config.route.tolerance)
@@ -196,9 +214,24 @@ class State:
                     previous.switches,
                     previous.budget,
                 )
-                upstream.reselect()
+                # (ranked again by commit(), once the kept paths have their new priorities)
             upstreams.append(upstream)
-        return cls(config, upstreams, paths, lines)
+        state = cls(config, upstreams, paths, lines)
+        state.takeover = takeover
+        return state
+
+    def commit(self) -> None:
+        """Hand the paths taken over from the previous State this State's config, then rank
+        every upstream. Call once, just before this State replaces the previous one (no await
+        in between): from here on requests of both States read the new settings on a kept
+        path, which ``Path.retarget`` says why is safe. Pool settings apply in place
+        (connections stay)."""
+        for path, uc, ep, line in self.takeover:
+            path.retarget(uc, ep, line)
+            path.pool.reconfigure(self.config.pool)
+        self.takeover = []
+        for upstream in self.upstreams:
+            upstream.reselect()
 
     def upstream(self, name: str) -> Upstream | None:
         for upstream in self.upstreams:
@@ -242,13 +275,15 @@ def describe_changes(
 ) -> str:
     """One line saying what a reload changed."""
     kept = [k for k, p in state.paths.items() if old_state.paths.get(k) is p]
-    added = [k for k in state.paths if k not in kept]
-    removed = [k for k in old_state.paths if state.paths.get(k) is not old_state.paths[k]]
-    parts = [f"paths: {len(kept)} kept, {len(added)} new, {len(removed)} removed"]
-    if added:
-        parts.append("new " + ", ".join(f"{u}:{url} via {line}" for u, url, line in added))
-    if removed:
-        parts.append("removed " + ", ".join(f"{u}:{url} via {line}" for u, url, line in removed))
+    # Still there but on a new pool: the line's connections go another way (same_connections).
+    rebuilt = [k for k, p in state.paths.items() if k in old_state.paths and old_state.paths[k] is not p]
+    added = [k for k in state.paths if k not in old_state.paths]
+    removed = [k for k in old_state.paths if k not in state.paths]
+    head = f"paths: {len(kept)} kept, {len(added)} new, {len(removed)} removed"
+    parts = [head + (f", {len(rebuilt)} rebuilt" if rebuilt else "")]
+    for what, keys in (("new", added), ("removed", removed), ("rebuilt (new line settings)", rebuilt)):
+        if keys:
+            parts.append(what + " " + ", ".join(f"{u}:{url} via {line}" for u, url, line in keys))
     if opened or closed:
         parts.append(
             "listeners: "
@@ -265,8 +300,12 @@ def describe_changes(
     )
     if changed_upstreams:
         parts.append("upstreams changed: " + ", ".join(changed_upstreams))
+    old_lines, new_lines = {lc.name: lc for lc in old.lines}, {lc.name: lc for lc in new.lines}
+    changed_lines = sorted(n for n in old_lines.keys() | new_lines.keys() if old_lines.get(n) != new_lines.get(n))
+    if changed_lines:
+        parts.append("lines changed: " + ", ".join(changed_lines))
     if sections:
         parts.append("sections changed: " + ", ".join(sections))
-    if len(parts) == 1 and not added and not removed:
+    if len(parts) == 1:
         parts.append("nothing else changed")
     return "; ".join(parts)

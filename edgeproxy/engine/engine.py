@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
-from ..proto.errors import NoRoute, ProxyError, Unauthorized, UnsafePath, VersionNotSupported
+from ..proto.errors import BrowserRefused, NoRoute, ProxyError, Unauthorized, UnsafePath, VersionNotSupported
 from ..proto.providers import error_body, sse_error_event
 from ..proto.target import has_unsafe_segment
 from .attempts import Failover
 from .auth import AuthThrottle, ListenerAuth
 from .body import read_body
 from .ctx import HOP_BY_HOP, Ctx, Reply, Transform
+from .guard import BrowserGuard
 from .relay import push_body
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def _set_request_id(ctx: Ctx) -> None:
 class Engine(Failover):
     """Runs requests through the phases. One per listener; the pipeline is swapped on reload."""
 
-    __slots__ = ("_inflight", "access", "auth", "listener", "metrics", "on_slow_path", "pipeline")
+    __slots__ = ("_inflight", "access", "auth", "guard", "listener", "metrics", "on_slow_path", "pipeline")
 
     def __init__(
         self,
@@ -79,6 +80,7 @@ class Engine(Failover):
         self.metrics = metrics
         self.access = access
         self.auth = ListenerAuth(listener.tokens, AuthThrottle())
+        self.guard = BrowserGuard.for_listener(listener)
         # Requests in flight, with the chain each runs through once routed.
         self._inflight: dict[Ctx, Chain | None] = {}
 
@@ -87,6 +89,7 @@ class Engine(Failover):
         self.pipeline = pipeline
         self.listener = listener
         self.auth = ListenerAuth(listener.tokens, self.auth.throttle)
+        self.guard = BrowserGuard.for_listener(listener)
 
     @property
     def inflight(self) -> int:
@@ -131,6 +134,9 @@ class Engine(Failover):
             raise VersionNotSupported(f"HTTP/{ctx.request.version.major} requests are not served here: use HTTP/1.1")
         if has_unsafe_segment(ctx.raw_path):
             raise UnsafePath("the request path has dot segments or encoded separators")
+        guard = self.guard
+        if guard is not None and (refusal := guard.refusal(ctx.raw_path, ctx.request.headers)) is not None:
+            raise BrowserRefused(refusal)
         chain = self._route(ctx, pipeline)
         upstream = ctx.upstream
         assert upstream is not None

@@ -15,6 +15,7 @@ __all__ = [
     "ERRORS",
     "BadEncoding",
     "BodyTooLarge",
+    "BrowserRefused",
     "ClientError",
     "ConnectError",
     "ConnectTimeout",
@@ -188,6 +189,13 @@ class Forbidden(ClientError):
     kind = "forbidden"
 
 
+class BrowserRefused(ClientError):
+    """A request from a web page the listener does not serve: a Host that is not one of its
+    names (DNS rebinding), an Origin not allowed, or a cross-site request (engine/guard.py)."""
+
+    kind = "browser_refused"
+
+
 class HopBaseUnknown(ClientError):
     """A hop request's delta names a body this edge does not keep (any more): the sidecar
     sends the body whole instead."""
@@ -219,6 +227,7 @@ ERRORS: Final[dict[str, tuple[int, str, str]]] = {
     "bad_request": (400, "invalid_request_error", "bad_request"),
     "unauthorized": (401, "authentication_error", "invalid_edgeproxy_token"),
     "forbidden": (403, "permission_error", "hop_target_not_served"),
+    "browser_refused": (403, "permission_error", "browser_request_refused"),
     "bad_encoding": (400, "invalid_request_error", "bad_content_encoding"),
     "unsafe_path": (400, "invalid_request_error", "unsafe_path"),
     "http_version": (505, "invalid_request_error", "http_version_not_supported"),

@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
+from multidict import istr  # (aiohttp's own: the header names, case-folded once)
+
 from ..config.hosts import _ip_or_none, _is_loopback_host
 
 if TYPE_CHECKING:
@@ -34,6 +36,9 @@ if TYPE_CHECKING:
 __all__ = ["BrowserGuard"]
 
 _LOOPBACK_NAMES: Final = ("localhost", "127.0.0.1", "[::1]")
+_HOST: Final = istr("Host")
+_ORIGIN: Final = istr("Origin")
+_SEC_FETCH_SITE: Final = istr("Sec-Fetch-Site")
 _HOW: Final = "to allow a browser app on purpose, add its origin to the listener's `origins` (docs/config.md)"
 
 
@@ -74,20 +79,20 @@ class BrowserGuard:
         if target[:1] != "/":
             return None  # absolute form: a hop (see the module docstring)
         if self._exact is not None:
-            host = headers.get("Host")
+            host = headers.get(_HOST)
             if host is not None and host not in self._exact and not self._host_ok(host):
                 return (
                     f"Host {_shown(host)} is not a name of the loopback listener {self._where} (a web page"
                     " using DNS rebinding looks like this); if you reach edgeproxy by that name, add it to"
                     " the listener's `hosts` (docs/config.md)"
                 )
-        origin = headers.get("Origin")
+        origin = headers.get(_ORIGIN)
         if origin is not None:
             if self._any_origin or origin in self._origins or origin.lower() in self._origins:
                 return None
             return f"browser pages from {_shown(origin)} may not call {self._where}; {_HOW}"
         if not self._any_origin:
-            site = headers.get("Sec-Fetch-Site")
+            site = headers.get(_SEC_FETCH_SITE)
             if site is not None and site.lower() == "cross-site":
                 return f"cross-site browser requests may not call {self._where}; {_HOW}"
         return None

@@ -279,7 +279,7 @@ async def test_admin_refuses_dns_rebinding(admin_proxy: tuple[Proxy, str], path:
     assert status == 200
 
 
-async def test_admin_origins_allow_a_dashboard(origin: FakeOrigin, tmp_path: Path) -> None:
+async def test_admin_hosts_and_origins_allow_an_internal_tool(origin: FakeOrigin, tmp_path: Path) -> None:
     port = free_port()
     admin = {"address": f"127.0.0.1:{port}", "origins": ["http://localhost:3000"], "hosts": ["admin.internal"]}
     proxy = await _from_file(_file_config(origin, tmp_path, admin))

@@ -144,6 +144,25 @@ async def test_guessing_over_parallel_connections_gains_nothing(origin: FakeOrig
     assert not origin.requests
 
 
+async def test_one_guesser_has_one_budget_across_listeners(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    """Wrong tokens on a client listener count on the admin too (and the other way round):
+    moving to another listener is no fresh start."""
+    listen = {"address": f"127.0.0.1:{free_port()}", "tokens": [ADMIN_TOKEN]}
+    admin = {"address": f"127.0.0.1:{free_port()}", "tokens": [ADMIN_TOKEN]}
+    p = await make_proxy(proxy_config(origin.url, listen=listen, admin={"listen": admin}))
+    req = f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nx-edgeproxy-token: {WRONG}\r\n\r\n".encode()
+    for _ in range(6):  # five free, the sixth waits 0.1 s
+        status, _, _ = await raw_request(p.url, req)
+        assert status == 401
+    host = p.admin_url.removeprefix("http://")
+    for _ in range(3):  # then 0.2, 0.4, 0.8 s on the admin
+        started = time.monotonic()
+        status, _, _ = await raw_request(p.admin_url, status_get(host, WRONG))
+        took = time.monotonic() - started
+        assert status == 401
+    assert took >= 0.7, took
+
+
 # -- the CLI and a tokened admin -----------------------------------------------------------
 
 

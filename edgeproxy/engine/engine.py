@@ -71,6 +71,7 @@ class Engine(Failover):
         metrics: Metrics,
         access: AccessLog,
         on_slow_path: Callable[[Path], None] = lambda path: None,
+        throttle: AuthThrottle | None = None,
     ) -> None:
         self.pipeline = pipeline
         # Called when an attempt waits for headers longer than its path's RTT suggests: the
@@ -79,7 +80,9 @@ class Engine(Failover):
         self.listener = listener
         self.metrics = metrics
         self.access = access
-        self.auth = ListenerAuth(listener.tokens, AuthThrottle())
+        # Wrong tokens per address: shared by every listener of the process (one guesser,
+        # one budget, whichever listener it tries).
+        self.auth = ListenerAuth(listener.tokens, throttle or AuthThrottle())
         self.guard = BrowserGuard.for_listener(listener)
         # Requests in flight, with the chain each runs through once routed.
         self._inflight: dict[Ctx, Chain | None] = {}

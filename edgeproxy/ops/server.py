@@ -87,9 +87,9 @@ class Proxy:
         self.metrics.on_scrape = self._path_gauges
         self.listeners: list[Listener] = []
         self.admin_runner: web.AppRunner | None = None
-        # Wrong admin tokens, per address: kept across reloads (a restarted admin listener
-        # must not hand a guesser a clean slate).
-        self.admin_throttle = AuthThrottle()
+        # Wrong tokens per address, on every listener and the admin: one guesser gets one
+        # budget, and keeps it across reloads (a restarted listener is no clean slate).
+        self.throttle = AuthThrottle()
         self.started_at = time.time()
         self.generation = 1
         self.draining = False
@@ -115,7 +115,7 @@ class Proxy:
     async def _open_listener(self, lc: ListenerConfig) -> Listener:
         loop = asyncio.get_running_loop()
         limits = self.config.limits
-        engine = Engine(self.pipeline, lc, self.metrics, self.access, self.prober.urgent)
+        engine = Engine(self.pipeline, lc, self.metrics, self.access, self.prober.urgent, self.throttle)
         ws = web.Server(
             engine.handle,
             handler_cancellation=True,  # client gone -> cancel -> upstream closed
@@ -303,7 +303,7 @@ class Proxy:
         guard = BrowserGuard.for_listener(lc)
         middlewares = [_admin_guard(guard)] if guard is not None else []
         if lc.tokens:
-            middlewares.append(_admin_auth(lc, self.admin_throttle))
+            middlewares.append(_admin_auth(lc, self.throttle))
         app = web.Application(middlewares=middlewares)
         app.router.add_get("/-/healthy", self._healthy)
         app.router.add_get("/-/ready", self._ready)
@@ -389,7 +389,7 @@ def _admin_guard(guard: BrowserGuard) -> Any:
 
     @web.middleware
     async def browser_guard(request: web.Request, handler: Any) -> web.StreamResponse:
-        refusal = guard.refusal(request.raw_path, request.headers)
+        refusal = guard.refusal(request.path, request.headers)  # (the path: no hops come here)
         if refusal is not None:
             return web.json_response({"error": refusal}, status=403, headers={"x-edgeproxy-error": "browser_refused"})
         response: web.StreamResponse = await handler(request)

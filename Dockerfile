@@ -22,7 +22,7 @@ WORKDIR /
 
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin edgeproxy
 
-# Listens on 0.0.0.0, so EDGEPROXY_TOKEN (>= 16 characters) must be set at `docker run`.
+# Listens on 0.0.0.0, so a strong EDGEPROXY_TOKEN (openssl rand -hex 24) must be set at `docker run`.
 # Mount your own file here to configure keys, lines, limits (docs/config.md).
 COPY docker/edgeproxy.yaml /etc/edgeproxy/edgeproxy.yaml
 

@@ -75,11 +75,41 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_request(args: argparse.Namespace, path: str, method: str = "GET") -> urllib.request.Request:
+    """A request to the admin listener, with the admin token if one was given."""
+    headers = {"x-edgeproxy-token": args.token} if args.token else {}
+    data = b"" if method == "POST" else None
+    return urllib.request.Request(args.admin.rstrip("/") + path, data=data, headers=headers, method=method)
+
+
+def _admin_refused(command: str, url: str, exc: urllib.error.HTTPError, token: str | None) -> str | None:
+    """What to tell the user when the admin refused us (rather than answered), else None."""
+    if exc.code == 401:
+        if token:
+            return f"edgeproxy {command}: {url} refused the admin token (401): it is not one of admin.listen.tokens"
+        return (
+            f"edgeproxy {command}: {url} wants an admin token (401): pass --token, or set"
+            " EDGEPROXY_ADMIN_TOKEN (one of admin.listen.tokens)"
+        )
+    if exc.code == 403:
+        try:
+            why = orjson.loads(exc.read()).get("error")
+        except (orjson.JSONDecodeError, AttributeError, OSError):
+            why = None
+        return f"edgeproxy {command}: {url} refused the request (403): {why or exc.reason}"
+    return None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    url = args.admin.rstrip("/") + "/-/status"
+    req = _admin_request(args, "/-/status")
+    url = req.full_url
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
+        with urllib.request.urlopen(req, timeout=10) as r:
             status: dict[str, Any] = orjson.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        refused = _admin_refused("status", url, exc, args.token)
+        print(refused or f"edgeproxy status: {url} answered {exc.code} {exc.reason}", file=sys.stderr)
+        return 1
     except (urllib.error.URLError, OSError) as exc:
         print(f"edgeproxy status: cannot reach {url}: {exc}", file=sys.stderr)
         return 1
@@ -167,11 +197,16 @@ def cmd_reload(args: argparse.Namespace) -> int:
             return 1
         print(f"sent SIGHUP to {args.pid} (the outcome is in its log)")
         return 0
-    url = args.admin.rstrip("/") + "/-/reload"
+    req = _admin_request(args, "/-/reload", "POST")
+    url = req.full_url
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="POST", data=b""), timeout=30) as r:
+        with urllib.request.urlopen(req, timeout=30) as r:
             result = orjson.loads(r.read())
-    except urllib.error.HTTPError as exc:  # 400: the new file is invalid; the old one serves on
+    except urllib.error.HTTPError as exc:
+        refused = _admin_refused("reload", url, exc, args.token)
+        if refused is not None or exc.code != 400:  # (400: the new file is invalid; the old one serves on)
+            print(refused or f"edgeproxy reload: {url} answered {exc.code} {exc.reason}", file=sys.stderr)
+            return 1
         result = orjson.loads(exc.read() or b"{}")
     except (urllib.error.URLError, OSError) as exc:
         print(f"edgeproxy reload: cannot reach {url}: {exc}", file=sys.stderr)
@@ -193,6 +228,15 @@ def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
+def _token_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--token",
+        default=os.environ.get("EDGEPROXY_ADMIN_TOKEN") or None,
+        help="admin token, for an admin listener with tokens (default: $EDGEPROXY_ADMIN_TOKEN; the"
+        " variable keeps it out of `ps`)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgeproxy", description="A lean proxy for LLM API traffic.")
     parser.add_argument("--version", action="version", version=f"edgeproxy {__version__}")
@@ -206,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("reload", help="make a running edgeproxy re-read its config file")
     p.add_argument("--admin", default="http://127.0.0.1:8788", help="admin listener URL")
     p.add_argument("--pid", type=int, help="send SIGHUP to this process instead")
+    _token_argument(p)
     p.set_defaults(func=cmd_reload)
     p = sub.add_parser("demo", help="30 s on this machine: two simulated lines, a degrade and a failover")
     add_demo_arguments(p)
@@ -214,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--admin", default="http://127.0.0.1:8788", help="admin listener URL")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     p.add_argument("--plain", action="store_true", help="no colours even on a terminal (also: NO_COLOR=1)")
+    _token_argument(p)
     p.set_defaults(func=cmd_status)
     args = parser.parse_args(argv)
     return int(args.func(args))

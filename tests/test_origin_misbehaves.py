@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import RunningProxy, proxy_config
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-REQ = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+REQ = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
 
 
 @pytest.fixture
@@ -163,10 +163,12 @@ async def test_odd_bytes_in_client_headers_get_clean_answers(origin: Any, make_p
     cfg = proxy_config(origin.url)
     cfg["listen"] = {"address": cfg["listen"], "tokens": ["tok-0123456789abcdef"]}
     p = await make_proxy(cfg)
-    bad_token = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nx-edgeproxy-token: \xff\xfe\r\nConnection: close\r\n\r\n"
+    bad_token = (
+        b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nx-edgeproxy-token: \xff\xfe\r\nConnection: close\r\n\r\n"
+    )
     assert (await raw(p, bad_token)).startswith(b"HTTP/1.1 401")
     odd_id = (
-        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nx-edgeproxy-token: tok-0123456789abcdef\r\n"
+        b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nx-edgeproxy-token: tok-0123456789abcdef\r\n"
         b"x-request-id: \xff\xfe\r\nConnection: close\r\n\r\n"
     )
     answer = await raw(p, odd_id)
@@ -181,7 +183,8 @@ async def test_client_that_stops_reading_is_cut_loose(origin: Any, make_proxy: A
     host, port = p.url[7:].split(":")
     r, w = await asyncio.open_connection(host, int(port))
     body = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
-    w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body)
+    w.write(head + body)
     await r.read(1000)  # the stream started; now the client reads nothing more
     path = next(x for x in p.proxy.state.paths.values() if x.upstream == "openai")
     for _ in range(100):

@@ -88,7 +88,7 @@ def _line(ctx: _Ctx, name: str, raw: object, path: str) -> LineConfig | None:
     if m.get("token") is None:
         ctx.err(f"{path}.token", "missing: a peer edge requires a token (one of the edge listener's tokens)")
     else:
-        token = _token(ctx, m["token"], f"{path}.token")
+        token = _token(ctx, m["token"], f"{path}.token", exposed=False)  # (the edge judges it)
     compress = ctx.choice(m, "compress", path, "br", _COMPRESS)
     if compress == "zstd" and not _zstd_available():
         ctx.err(f"{path}.compress", "zstd needs the zstandard package (pip install zstandard), or pick br")

@@ -1,17 +1,23 @@
-"""Listeners: inbound addresses ('host:port', '[v6]:port', 'unix:/path'), their tokens and TLS."""
+"""Listeners: inbound addresses ('host:port', '[v6]:port', 'unix:/path'), their tokens, TLS,
+and what browsers may do with them (``hosts``, ``origins``: see engine/guard.py)."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import replace
+from typing import Final
 
 from .context import _BAD, _Ctx, _str_list
 from .hosts import _ip_or_none, norm_host
 from .schema import ListenerConfig, TLSConfig
+from .tokens import weakness
 from .units import _tname
 
 _MIN_TOKEN = 16  # shorter bearer tokens can be guessed by a patient client
+_ORIGIN: Final = re.compile(r"([a-z][a-z0-9+.-]*)://(\[[0-9a-f:.]+\]|[^\[\]/:?#@\s]+)(?::([0-9]{1,5}))?/?")
+_DEFAULT_PORTS: Final = {"http": "80", "https": "443"}
 
 
 def _parse_address(text: str) -> ListenerConfig:
@@ -47,7 +53,9 @@ def _readable_file(ctx: _Ctx, v: object, path: str) -> str | None:
     return p
 
 
-def _token(ctx: _Ctx, v: object, path: str) -> str | None:
+def _token(ctx: _Ctx, v: object, path: str, exposed: bool) -> str | None:
+    """One listener token; ``exposed``: other hosts can reach the listener, so the token is
+    all that stands between them and it (no placeholder, no weak token)."""
     tok = ctx.string(v, path)
     if tok is None:
         return None
@@ -61,7 +69,87 @@ def _token(ctx: _Ctx, v: object, path: str) -> str | None:
             " generate one with `openssl rand -hex 24`)",
         )
         return None
+    why = weakness(tok) if exposed else None
+    if why is not None:
+        ctx.err(path, why)
+        return None
     return tok
+
+
+def _host_name(ctx: _Ctx, v: object, path: str) -> str | None:
+    """One ``hosts`` entry: a name or address as a Host header carries it, without the port."""
+    text = ctx.string(v, path, "a host name")
+    if text is None:
+        return None
+    name = text.strip().lower().rstrip(".")
+    if name == "*":
+        return name
+    wildcard = name.startswith("*.")
+    bare = name[2:] if wildcard else name
+    if bare.startswith("[") and bare.endswith("]"):
+        bare = bare[1:-1]
+    ip = _ip_or_none(bare)
+    if ip is not None and not wildcard:
+        return str(ip)
+    if ":" in bare:
+        ctx.err(path, f"{text!r}: list the name without a port (a Host with any port matches)")
+        return None
+    try:
+        bare = norm_host(bare)
+    except ValueError:
+        ctx.err(path, f"{text!r} is not a host name (e.g. edgeproxy.internal, *.dev.internal, or * for any)")
+        return None
+    return f"*.{bare}" if wildcard else bare
+
+
+def _origin(ctx: _Ctx, v: object, path: str) -> str | None:
+    """One ``origins`` entry, as browsers serialize an Origin (no default port, no path)."""
+    text = ctx.string(v, path, "an origin")
+    if text is None:
+        return None
+    lowered = text.strip().lower()
+    if lowered == "*":
+        return lowered
+    if lowered == "null":
+        ctx.err(path, "'null' is what sandboxed pages and files of any site send: use * if you mean any page")
+        return None
+    m = _ORIGIN.fullmatch(lowered)
+    if m is None or (m[3] is not None and not 1 <= int(m[3]) <= 65535):
+        ctx.err(
+            path,
+            f"{text!r} is not an origin: write scheme://host[:port] as the browser's address bar shows"
+            " it, without a path (e.g. http://localhost:3000), or * for any page",
+        )
+        return None
+    scheme, host, port = m[1], m[2], m[3]
+    if port is None or _DEFAULT_PORTS.get(scheme) == port:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{int(port)}"
+
+
+def _browser_keys(ctx: _Ctx, m: dict[str, object], path: str, lc: ListenerConfig) -> ListenerConfig:
+    """``hosts`` and ``origins``: who a browser may be when it calls this listener."""
+    hosts: list[str] = []
+    if m.get("hosts") is not None:
+        if lc.unix is not None:
+            ctx.err(f"{path}.hosts", "a unix socket is out of browsers' reach: its Host is never checked; remove hosts")
+        elif not lc.is_loopback():
+            ctx.err(
+                f"{path}.hosts",
+                f"only loopback listeners check Host; {lc.address} answers to any name (its tokens guard it):"
+                " remove hosts",
+            )
+        else:
+            for i, item in _str_list(m["hosts"]):
+                name = _host_name(ctx, item, f"{path}.hosts" + ("" if i is None else f"[{i}]"))
+                if name is not None:
+                    hosts.append(name)
+    origins = []
+    for i, item in _str_list(m.get("origins") or []):
+        origin = _origin(ctx, item, f"{path}.origins" + ("" if i is None else f"[{i}]"))
+        if origin is not None:
+            origins.append(origin)
+    return replace(lc, hosts=tuple(dict.fromkeys(hosts)), origins=tuple(dict.fromkeys(origins)))
 
 
 def _listener(ctx: _Ctx, raw: object, path: str) -> ListenerConfig | None:
@@ -73,9 +161,8 @@ def _listener(ctx: _Ctx, raw: object, path: str) -> ListenerConfig | None:
     if not isinstance(raw, (str, dict)):
         ctx.err(path, f"expected 'host:port', 'unix:/path' or a mapping with address, got {_tname(raw)}")
         return None
-    m: dict[str, object] = (
-        {"address": raw} if isinstance(raw, str) else ctx.section(raw, path, ("address", "tokens", "tls"))
-    )
+    keys = ("address", "tokens", "tls", "hosts", "origins")
+    m: dict[str, object] = {"address": raw} if isinstance(raw, str) else ctx.section(raw, path, keys)
     addr_path = path if isinstance(raw, str) else f"{path}.address"
     if m.get("address") is None:
         ctx.err(addr_path, "missing (e.g. address: 127.0.0.1:8787)")
@@ -94,7 +181,7 @@ def _listener(ctx: _Ctx, raw: object, path: str) -> ListenerConfig | None:
             ctx.err(addr_path, problem)
     tokens = []
     for i, item in _str_list(m.get("tokens") or []):
-        tok = _token(ctx, item, f"{path}.tokens" + ("" if i is None else f"[{i}]"))
+        tok = _token(ctx, item, f"{path}.tokens" + ("" if i is None else f"[{i}]"), not lc.is_loopback())
         if tok is not None:
             tokens.append(tok)
     tls = None
@@ -112,7 +199,7 @@ def _listener(ctx: _Ctx, raw: object, path: str) -> ListenerConfig | None:
             f"{lc.address} is reachable from other hosts; set {path}.tokens (clients send x-edgeproxy-token)"
             " or listen on 127.0.0.1",
         )
-    return replace(lc, tokens=tuple(tokens), tls=tls)
+    return _browser_keys(ctx, m, path, replace(lc, tokens=tuple(tokens), tls=tls))
 
 
 def _socket_dir_problem(path: str) -> str | None:

@@ -28,7 +28,13 @@ def dump_redacted(cfg: Config) -> dict[str, Any]:
         if lc is None:
             return None
         tls = {"cert": lc.tls.cert, "key": lc.tls.key} if lc.tls else None
-        return {"address": lc.address, "tokens": ["***"] * len(lc.tokens), "tls": tls}
+        return {
+            "address": lc.address,
+            "tokens": ["***"] * len(lc.tokens),
+            "tls": tls,
+            "hosts": list(lc.hosts),
+            "origins": list(lc.origins),
+        }
 
     def line(ln: LineConfig) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": ln.kind}

@@ -26,8 +26,13 @@ class ListenerConfig:
     host: str | None
     port: int | None
     unix: str | None
-    tokens: tuple[str, ...] = ()
+    tokens: tuple[str, ...] = field(default=(), repr=False)  # secrets: never in a repr
     tls: TLSConfig | None = None
+    # Browser guard (engine/guard.py): extra Host names a loopback listener answers to
+    # (lower-case, no port; '*.suffix' for a whole domain, '*' for any), and the browser
+    # Origins allowed to call it ('scheme://host[:port]' as browsers send them, or '*').
+    hosts: tuple[str, ...] = ()
+    origins: tuple[str, ...] = ()
 
     def is_loopback(self) -> bool:
         """True when only this host can connect: a unix socket, 127.0.0.0/8, ::1, localhost."""

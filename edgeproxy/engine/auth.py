@@ -71,31 +71,39 @@ def peer_key(peer: str | None) -> str:
 class AuthThrottle:
     """Slows down guessing: after FREE wrong tokens from one address within WINDOW seconds,
     each further refusal is delayed (doubling, up to MAX_DELAY) and its connection closed.
-    Right tokens are never delayed. Memory is bounded (oldest addresses forgotten first)."""
+    The delays hold per address, not per connection: refusals to one address go out one
+    after another, each its delay after the one before, so guessing over many connections
+    at once gains nothing (a refusal waits MAX_WAIT at most). Right tokens are never delayed.
+    Memory is bounded (oldest addresses forgotten first)."""
 
     FREE: Final = 5
     WINDOW: Final = 60.0
     FIRST_DELAY: Final = 0.1
     MAX_DELAY: Final = 5.0
+    MAX_WAIT: Final = 30.0  # a refusal queued behind others: the longest a connection is held
     MAX_PEERS: Final = 10_000
     MAX_COUNT: Final = 64  # far past MAX_DELAY; keeps the arithmetic small
 
     __slots__ = ("_fails",)
 
     def __init__(self) -> None:
-        self._fails: dict[str, tuple[int, float]] = {}
+        # address -> (wrong tokens in the window, time of the last, when its last refusal goes out)
+        self._fails: dict[str, tuple[int, float, float]] = {}
 
     def on_failure(self, peer: str | None) -> float:
         """Record a wrong token from ``peer``; the delay its answer should wait (seconds)."""
         key = peer_key(peer)
         now = time.monotonic()
-        count, last = self._fails.pop(key, (0, now))
+        count, last, out_at = self._fails.pop(key, (0, now, now))
         if now - last > self.WINDOW:
             count = 0
         count = min(count + 1, self.MAX_COUNT)
-        self._fails[key] = (count, now)  # re-inserted: the dict stays in last-seen order
+        delay = 0.0
+        if count > self.FREE:
+            step = min(self.MAX_DELAY, self.FIRST_DELAY * 2 ** (count - self.FREE - 1))
+            out_at = min(max(now, out_at) + step, now + self.MAX_WAIT)
+            delay = out_at - now
+        self._fails[key] = (count, now, out_at)  # re-inserted: the dict stays in last-seen order
         if len(self._fails) > self.MAX_PEERS:
             del self._fails[next(iter(self._fails))]
-        if count <= self.FREE:
-            return 0.0
-        return float(min(self.MAX_DELAY, self.FIRST_DELAY * 2 ** (count - self.FREE - 1)))
+        return float(delay)

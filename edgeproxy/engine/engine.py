@@ -25,6 +25,7 @@ from aiohttp import web
 
 from ..proto.errors import (
     BodyTimeout,
+    BrowserRefused,
     Busy,
     NoRoute,
     ProxyError,
@@ -39,6 +40,7 @@ from .attempts import Failover
 from .auth import AuthThrottle, ListenerAuth
 from .body import BodyBudget, read_body
 from .ctx import HOP_BY_HOP, Ctx, Reply, Transform
+from .guard import BrowserGuard
 from .relay import push_body
 
 if TYPE_CHECKING:
@@ -70,7 +72,7 @@ def _set_request_id(ctx: Ctx) -> None:
 class Engine(Failover):
     """Runs requests through the phases. One per listener; the pipeline is swapped on reload."""
 
-    __slots__ = ("_inflight", "access", "auth", "bodies", "listener", "metrics", "on_slow_path", "pipeline")
+    __slots__ = ("_inflight", "access", "auth", "bodies", "guard", "listener", "metrics", "on_slow_path", "pipeline")
 
     def __init__(
         self,
@@ -79,6 +81,7 @@ class Engine(Failover):
         metrics: Metrics,
         access: AccessLog,
         on_slow_path: Callable[[Path], None] = lambda path: None,
+        throttle: AuthThrottle | None = None,
         bodies: BodyBudget | None = None,
     ) -> None:
         self.pipeline = pipeline
@@ -90,7 +93,10 @@ class Engine(Failover):
         self.listener = listener
         self.metrics = metrics
         self.access = access
-        self.auth = ListenerAuth(listener.tokens, AuthThrottle())
+        # Wrong tokens per address: shared by every listener of the process (one guesser,
+        # one budget, whichever listener it tries).
+        self.auth = ListenerAuth(listener.tokens, throttle or AuthThrottle())
+        self.guard = BrowserGuard.for_listener(listener)
         # Requests in flight, with the chain each runs through once routed.
         self._inflight: dict[Ctx, Chain | None] = {}
 
@@ -99,6 +105,7 @@ class Engine(Failover):
         self.pipeline = pipeline
         self.listener = listener
         self.auth = ListenerAuth(listener.tokens, self.auth.throttle)
+        self.guard = BrowserGuard.for_listener(listener)
 
     @property
     def inflight(self) -> int:
@@ -160,6 +167,9 @@ class Engine(Failover):
             raise VersionNotSupported(f"HTTP/{ctx.request.version.major} requests are not served here: use HTTP/1.1")
         if has_unsafe_segment(ctx.raw_path):
             raise UnsafePath("the request path has dot segments or encoded separators")
+        guard = self.guard
+        if guard is not None and (refusal := guard.refusal(ctx.raw_path, ctx.request.headers)) is not None:
+            raise BrowserRefused(refusal)
         chain = self._route(ctx, pipeline)
         upstream = ctx.upstream
         assert upstream is not None

@@ -21,8 +21,10 @@ from aiohttp import web, web_response
 from .. import __version__
 from ..config import Config, ConfigError, ListenerConfig, dump_redacted, load_file
 from ..engine.attempts import may_move
+from ..engine.auth import AuthThrottle
 from ..engine.body import BodyBudget
 from ..engine.engine import Engine
+from ..engine.guard import BrowserGuard
 from ..filters import FilterFactory, assemble
 from ..filters.deltas import edge_bases
 from ..net.dns import Resolver
@@ -91,6 +93,9 @@ class Proxy:
         self.metrics.on_scrape = self._path_gauges
         self.listeners: list[Listener] = []
         self.admin_runner: web.AppRunner | None = None
+        # Wrong tokens per address, on every listener and the admin: one guesser gets one
+        # budget, and keeps it across reloads (a restarted listener is no clean slate).
+        self.throttle = AuthThrottle()
         self.started_at = time.time()
         self.generation = 1
         self.draining = False
@@ -116,11 +121,11 @@ class Proxy:
     async def _open_listener(self, lc: ListenerConfig) -> Listener:
         loop = asyncio.get_running_loop()
         limits = self.config.limits
-        engine = Engine(self.pipeline, lc, self.metrics, self.access, self.prober.urgent, self.bodies)
-        guard = ConnectionGuard(limits, self.metrics)
+        engine = Engine(self.pipeline, lc, self.metrics, self.access, self.prober.urgent, self.throttle, self.bodies)
+        conns = ConnectionGuard(limits, self.metrics)
         ws = GuardedServer(
             engine.handle,
-            guard,
+            conns,
             handler_cancellation=True,  # client gone -> cancel -> upstream closed
             # Request bodies stay as the client coded them: passed on as they are, or (hop
             # requests at an edge) decoded by us, bounded (proto/codec.py); aiohttp's own decoding
@@ -319,7 +324,11 @@ class Proxy:
 
     # -- admin -----------------------------------------------------------------------------
     async def _start_admin(self, lc: ListenerConfig) -> None:
-        app = web.Application(middlewares=[_admin_auth(lc)] if lc.tokens else [])
+        guard = BrowserGuard.for_listener(lc)
+        middlewares = [_admin_guard(guard)] if guard is not None else []
+        if lc.tokens:
+            middlewares.append(_admin_auth(lc, self.throttle))
+        app = web.Application(middlewares=middlewares)
         app.router.add_get("/-/healthy", self._healthy)
         app.router.add_get("/-/ready", self._ready)
         app.router.add_get("/-/status", self._status)
@@ -403,9 +412,24 @@ class Proxy:
 _OPEN_ADMIN_PATHS = frozenset({"/-/healthy", "/-/ready"})
 
 
-def _admin_auth(lc: ListenerConfig) -> Any:
+def _admin_guard(guard: BrowserGuard) -> Any:
+    """Web pages may not drive the admin (a cross-site POST /-/reload): engine/guard.py."""
+
+    @web.middleware
+    async def browser_guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        refusal = guard.refusal(request.path, request.headers)  # (the path: no hops come here)
+        if refusal is not None:
+            return web.json_response({"error": refusal}, status=403, headers={"x-edgeproxy-error": "browser_refused"})
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return browser_guard
+
+
+def _admin_auth(lc: ListenerConfig, throttle: AuthThrottle) -> Any:
     """An admin listener with tokens wants one (x-edgeproxy-token or Authorization: Bearer,
-    as Prometheus sends it) for /metrics, /-/status and /-/reload."""
+    as Prometheus sends it) for /metrics, /-/status and /-/reload; repeated wrong ones from
+    one address are slowed down as on client listeners."""
     tokens = [t.encode() for t in lc.tokens]
 
     @web.middleware
@@ -415,7 +439,16 @@ def _admin_auth(lc: ListenerConfig) -> Any:
                 request.headers.get("authorization", "")
             )
             if not token_matches(given, tokens):
-                return web.json_response({"error": "missing or wrong token"}, status=401)
+                refused = web.json_response(
+                    {"error": "missing or wrong admin token (send it as x-edgeproxy-token)"},
+                    status=401,
+                    headers={"x-edgeproxy-error": "unauthorized", "WWW-Authenticate": 'Bearer realm="edgeproxy"'},
+                )
+                delay = throttle.on_failure(request.remote)
+                if delay:  # someone keeps guessing: make each guess slow, and reconnect
+                    refused.force_close()
+                    await asyncio.sleep(delay)
+                return refused
         response: web.StreamResponse = await handler(request)
         return response
 

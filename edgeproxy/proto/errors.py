@@ -16,6 +16,7 @@ __all__ = [
     "BadEncoding",
     "BodyTimeout",
     "BodyTooLarge",
+    "BrowserRefused",
     "Busy",
     "ClientError",
     "ConnectError",
@@ -192,6 +193,13 @@ class Forbidden(ClientError):
     kind = "forbidden"
 
 
+class BrowserRefused(ClientError):
+    """A request from a web page the listener does not serve: a Host that is not one of its
+    names (DNS rebinding), an Origin not allowed, or a cross-site request (engine/guard.py)."""
+
+    kind = "browser_refused"
+
+
 class HopBaseUnknown(ClientError):
     """A hop request's delta names a body this edge does not keep (any more): the sidecar
     sends the body whole instead."""
@@ -253,6 +261,7 @@ ERRORS: Final[dict[str, tuple[int, str, str]]] = {
     "bad_request": (400, "invalid_request_error", "bad_request"),
     "unauthorized": (401, "authentication_error", "invalid_edgeproxy_token"),
     "forbidden": (403, "permission_error", "hop_target_not_served"),
+    "browser_refused": (403, "permission_error", "browser_request_refused"),
     "bad_encoding": (400, "invalid_request_error", "bad_content_encoding"),
     "unsafe_path": (400, "invalid_request_error", "unsafe_path"),
     "unsupported_encoding": (415, "invalid_request_error", "unsupported_content_encoding"),

@@ -25,6 +25,10 @@ from tests.test_keys import KEYS, key_pool, keyed, metrics, post
 
 GPT4O = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 MINI = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+ANTHROPIC_NO_PERMISSION = (
+    b'{"type":"error","error":{"type":"permission_error",'
+    b'"message":"Your API key does not have permission to use the specified resource."}}'
+)
 
 
 def states(p: Any, origin: FakeOrigin) -> list[str]:
@@ -37,8 +41,7 @@ def states(p: Any, origin: FakeOrigin) -> list[str]:
         (401, b'{"error":{"code":"invalid_api_key","message":"Incorrect API key provided"}}', DEAD),
         (403, b'{"error":{"type":"permission_error","message":"Your account is suspended"}}', DEAD),
         (401, MISSING_SCOPE.encode(), LIVE),  # a restricted key that may not list models
-        (403, b'{"type":"error","error":{"type":"permission_error","message":"Your API key does not have'
-         b' permission to use the specified resource."}}', LIVE),  # fmt: skip
+        (403, ANTHROPIC_NO_PERMISSION, LIVE),
         (200, b'{"data":[]}', LIVE),
         (429, b"", LIVE),  # rate-limited: it authenticated
         (404, b"", UNKNOWN),  # a relay without a models list proves nothing

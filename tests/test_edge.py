@@ -879,6 +879,51 @@ async def test_edges_own_keys_refused_reach_the_app_as_an_answer(origin: FakeOri
     assert path.health.state == "up"
 
 
+async def test_edges_own_keys_refused_leave_the_sidecars_keys_enabled(
+    origin: FakeOrigin, make_proxy: MakeProxy
+) -> None:
+    """Keys on both sides: the edge's refusal (keys_refused, its own keys) is an answer to pass
+    on, not a verdict on the sidecar's key; the sidecar used to disable its keys for it."""
+    cfg = edge_config(origin)
+    cfg["upstreams"]["openai"]["endpoints"][0]["keys"] = ["sk-edge-revoked"]
+    origin.revoked_keys.add("sk-edge-revoked")
+    edge = await make_proxy(cfg)
+    side_cfg = sidecar_config(origin, edge.url)
+    side_cfg["upstreams"]["openai"]["endpoints"][0]["keys"] = ["sk-side-a-0123456789", "sk-side-b-0123456789"]
+    side = await make_proxy(side_cfg)
+    await ready(side)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.post(side.url + "/v1/chat/completions", json={"model": "gpt-4o", "messages": []}) as r:
+                assert r.status == 401 and r.headers["x-edgeproxy-error"] == "keys_refused"
+    pool = next(iter(side.proxy.pipeline.chains["openai"].filters)).pools[origin.url + "/v1"]  # type: ignore[attr-defined]
+    assert [k.disabled for k in pool.keys] == [None, None]
+    assert origin.key_refused["sk-edge-revoked"] == 1  # once: then the edge answers keys_refused itself
+    assert len(origin.requests) == 1
+
+
+async def test_a_sidecars_refused_key_is_checked_through_the_edge(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    """Keys on the sidecar only: its check of a refused key crosses the hop to the origin
+    (the edge passes it on, it does not answer it like a probe). The revoked key is disabled,
+    the restricted one stays, every client request is served."""
+    restricted, revoked, good = "sk-side-a-0123456789", "sk-side-b-0123456789", "sk-side-c-0123456789"
+    origin.restricted_keys[restricted] = {"gpt-4o"}
+    origin.revoked_keys.add(revoked)
+    edge = await make_proxy(edge_config(origin))
+    side_cfg = sidecar_config(origin, edge.url)
+    side_cfg["upstreams"]["openai"]["endpoints"][0]["keys"] = [restricted, revoked, good]
+    side = await make_proxy(side_cfg)
+    await ready(side)
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as s:
+        for _ in range(6):
+            async with s.post(side.url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+    assert origin.key_checks == {restricted: 1, revoked: 1}
+    pool = next(iter(side.proxy.pipeline.chains["openai"].filters)).pools[origin.url + "/v1"]  # type: ignore[attr-defined]
+    assert [k.disabled for k in pool.keys] == [None, "401", None]
+
+
 async def test_the_edge_meters_json_answers_before_compressing_them(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
     """Both sides count the tokens of a JSON answer the edge compresses for the hop (the edge
     reads the usage before its compression; before the engine had filters it read the

@@ -239,6 +239,7 @@ async def test_a_revoked_key_is_disabled_and_the_others_carry_on(
         results = [await post(p.url) for _ in range(12)]
     assert [r[0] for r in results] == [200] * 12  # not even the first client saw the 401
     assert origin.key_refused[KEYS[1]] == 1  # one try with it, then never again
+    assert origin.key_checks == {KEYS[1]: 1}  # the check that confirmed it was dead
     assert used_keys(origin)[-12:].count(KEYS[1]) == 1
     assert key_id(KEYS[1]) in caplog.text and "401" in caplog.text and KEYS[1] not in caplog.text
     text = await metrics(p)
@@ -299,12 +300,25 @@ async def test_a_403_from_two_keys_is_about_the_request(origin: FakeOrigin, make
     assert [k.state(time.monotonic()) for k in pool.keys].count("disabled") == 0
 
 
-async def test_a_403_for_one_key_only_disables_it(origin: FakeOrigin, make_proxy: Any) -> None:
+async def test_a_403_once_for_a_key_that_checks_fine_disables_nothing(origin: FakeOrigin, make_proxy: Any) -> None:
+    # The first key tried is refused once; its check (GET /models with it) answers: the
+    # refusal was about that request. Another key takes it; the first stays in the pool.
     p = await make_proxy(keyed(origin, KEYS))
-    origin.fail_status, origin.fail_times = 403, 1  # the first key tried is refused, once
-    assert (await post(p.url))[0] == 200  # another key took it
+    origin.fail_status, origin.fail_times = 403, 1
+    assert (await post(p.url))[0] == 200
+    assert sum(origin.key_checks.values()) == 1
     pool = key_pool(p.proxy, origin.url + "/v1")
-    assert [k.state(time.monotonic()) for k in pool.keys].count("disabled") == 1
+    assert [k.state(time.monotonic()) for k in pool.keys].count("disabled") == 0
+
+
+async def test_a_key_refused_403_everywhere_is_disabled(origin: FakeOrigin, make_proxy: Any) -> None:
+    p = await make_proxy(keyed(origin, KEYS))
+    origin.revoked_keys.add(KEYS[0])
+    origin.revoked_status = 403  # an account suspended: its check is refused too
+    assert [(await post(p.url))[0] for _ in range(4)] == [200] * 4
+    assert origin.key_refused[KEYS[0]] == 1 and origin.key_checks[KEYS[0]] == 1
+    pool = key_pool(p.proxy, origin.url + "/v1")
+    assert [k.state(time.monotonic()) for k in pool.keys] == ["disabled", "ready", "ready"]
 
 
 async def test_requests_queue_for_a_key_within_queue_timeout(origin: FakeOrigin, make_proxy: Any) -> None:

@@ -95,7 +95,11 @@ class Failover:
             assert resp is not None
             status = resp.status
             for on_answer in chain.answer:
-                verdict = on_answer(ctx, attempt, resp)
+                try:
+                    verdict = await on_answer(ctx, attempt, resp)
+                except BaseException:
+                    resp.release()  # (the client left while a filter waited)
+                    raise
                 if verdict is None:
                     continue
                 self._note_attempt(ctx, upstream, path, str(status), started, attempt)

@@ -119,10 +119,12 @@ class Filter:
         engine judges it. Raise a ProxyError to make it a failed attempt (the retry rules
         apply), or ``SendAgain``. Must not change request-wide state: hedges run this too."""
 
-    def on_answer(self, ctx: Ctx, attempt: Attempt, resp: Response) -> Verdict | Exception | None:
+    async def on_answer(self, ctx: Ctx, attempt: Attempt, resp: Response) -> Verdict | Exception | None:
         """The answer the attempt loop is about to judge (the winner, if hedged). None: the
         engine's rules decide (retry_on, 429 cool-down...). ``ACCEPT``: it goes to the client
-        as it is. ``AGAIN``: plan again. A ProxyError: the client gets that error instead."""
+        as it is. ``AGAIN``: plan again. A ProxyError: the client gets that error instead.
+        May await something short and bounded before it decides (key pools check a refused
+        key); ``resp`` is held, unread, meanwhile."""
         return None
 
     def on_abandoned(self, ctx: Ctx, attempt: Attempt, resp: Response) -> None:

@@ -3,7 +3,7 @@
 | filter | module | on |
 |---|---|---|
 | ``EdgeRole`` | edge.py | route filter of every listener; first on the chains of hop requests |
-| ``KeyPools`` | keys.py | upstreams with an endpoint that has ``keys`` |
+| ``KeyPools`` | keys.py (+ keypool.py, keycheck.py) | upstreams with an endpoint that has ``keys`` |
 | ``UsageMeter`` | metering.py | every upstream |
 | ``Renames`` | renames.py | paths of endpoints with a ``models`` map |
 | ``ViaHop`` | hop.py | paths on a `via` line |

@@ -5,10 +5,10 @@ the key with the most headroom, as far as we know it: the origin's own rate-limi
 (OpenAI ``x-ratelimit-*``, Anthropic ``anthropic-ratelimit-*``) and the optional local limits
 (``rpm``, ``tpm``); keys nothing is known about share the load evenly (round robin).
 
-A key is *ready* unless it is disabled (the origin refused it: 401/403, until the next
-reload), cooling down (a 429 asked us to wait), or out of headroom (a local bucket is empty,
-or the origin said ``remaining: 0`` and the bucket has not refilled yet). A pool with no ready
-key makes its endpoint unavailable until ``available_in()``.
+A key is *ready* unless it is disabled (the origin refused it, 401/403, and a check
+confirmed it: until the next reload), cooling down (a 429 asked us to wait), or out of
+headroom (a local bucket is empty, or the origin said ``remaining: 0`` and the bucket has not
+refilled yet). A pool with no ready key makes its endpoint unavailable until ``available_in()``.
 
 Everything here is synchronous and cheap: a few floats per key, no I/O. Key material lives
 only in ``Key.value`` (the header value to send) and never leaves it: logs, metrics and
@@ -295,8 +295,9 @@ class KeyPool:
     def __repr__(self) -> str:
         return f"<KeyPool {self.url} [{' | '.join(f'{k.id} {k.state(0.0)}' for k in self.keys)}]>"
 
-    def pick(self, now: float) -> Key | None:
-        """The ready key with the most headroom (ties in turn); None if none is ready."""
+    def pick(self, now: float, skip: Key | None = None) -> Key | None:
+        """The ready key with the most headroom (ties in turn), other than ``skip``; None if
+        none is ready."""
         keys = self.keys
         n = len(keys)
         best: Key | None = None
@@ -304,7 +305,7 @@ class KeyPool:
         start = self._next
         for i in range(n):
             key = keys[(start + i) % n]
-            if key.available_in(now) > 0:
+            if key is skip or key.available_in(now) > 0:
                 continue
             room = key.headroom(now)
             if room > best_room + 1e-9:
@@ -317,9 +318,10 @@ class KeyPool:
         """Seconds until some key is ready (0: now; inf: every key is disabled)."""
         return min((k.available_in(now) for k in self.keys), default=INF)
 
-    def is_ready(self, now: float) -> bool:
+    def is_ready(self, now: float, skip: Key | None = None) -> bool:
+        """Is a key other than ``skip`` ready now?"""
         for key in self.keys:
-            if key.available_in(now) == 0:
+            if key is not skip and key.available_in(now) == 0:
                 return True
         return False
 

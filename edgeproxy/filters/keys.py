@@ -2,9 +2,13 @@
 
 A key is taken as its attempt is planned (so concurrent requests and hedges see it taken);
 the answer's rate-limit headers replace our view of its limits; a 429 cools that key down
-for as long as the origin says and the request goes again at once with another key; a
-401/403 disables the key until the next reload (a second key refused for the same request
-re-enables the first: it was about the request). When every key is busy the request waits
+for as long as the origin says and the request goes again at once with another key. A
+401/403 makes the key suspect: a check (keycheck.py: ``GET <models>`` with it, unbilled)
+says whether the key is dead, and then it is disabled until the next reload and the request
+goes again at once with another key; or whether the refusal was about the request (a
+restricted key missing a scope, a model only some keys may use), and then every key stays
+enabled and the request goes again once, with another key of the same endpoint if one is
+ready, before the client gets the origin's answer. When every key is busy the request waits
 up to `failover.queue_timeout` of its arrival, then gets a 429 whose Retry-After says when a
 key frees up. Tokens metered from answers (``ctx.usage``) drain each key's token buckets.
 The pools (``keypool.py``) outlive reloads: a kept key keeps what we know of it.
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING, Final
 from ..engine import ACCEPT, AGAIN, Filter
 from ..proto.errors import KeysRefused, RateLimited
 from ..proto.providers import CREDENTIAL_HEADERS, auth_header, auth_value, retry_wait
+from .keycheck import DEAD, EDGE_ERROR, KeyChecks
 from .keypool import Key, KeyPool, rate_limits
 
 if TYPE_CHECKING:
@@ -37,19 +42,23 @@ log = logging.getLogger("edgeproxy")
 DEFAULT_COOL_DOWN: Final = 1.0
 MIN_WAIT: Final = 0.05
 # Answers that are about the key we injected, not about the line or the origin's health:
-# 429 cools that key down, 401/403 disable it (until a reload); either way another key goes.
+# 429 cools that key down, 401/403 make it suspect (a check says if it is dead).
 KEY_STATUSES: Final = frozenset({401, 403, 429})
 
 
 class _Keys:
     """One request's keys: the key taken on each path, and what happened to them."""
 
-    __slots__ = ("by_path", "counted", "disabled", "queued", "retries")
+    __slots__ = ("by_path", "counted", "queued", "retries", "skip", "spared")
 
     def __init__(self) -> None:
         self.by_path: dict[Path, Key] = {}
         self.retries = 0  # attempts sent again with another key (429, 401, 403)
-        self.disabled: Key | None = None  # the key a 401/403 disabled during this request
+        # A refusal was about this request, not its key (the key's check passed): the one
+        # more try it gets goes with another key; ``skip`` is taken again only if it is the
+        # only one ready.
+        self.spared = False
+        self.skip: Key | None = None
         self.counted = False  # the answer's rate-limit headers already counted its tokens
         self.queued = False  # waited for a rate-limited key to free up
 
@@ -57,7 +66,7 @@ class _Keys:
 class KeyPools(Filter):
     """The key pools of one upstream's endpoints that have keys."""
 
-    __slots__ = ("auth_header", "max_retries", "metrics", "name", "pools", "upstream")
+    __slots__ = ("auth_header", "checks", "max_retries", "metrics", "name", "pools", "upstream")
 
     def __init__(self, upstream: Upstream, metrics: Metrics, old: KeyPools | None = None) -> None:
         config = upstream.config
@@ -65,6 +74,7 @@ class KeyPools(Filter):
         self.name = upstream.name
         self.metrics = metrics
         self.auth_header = auth_header(config.provider)
+        self.checks = KeyChecks(self.name, config.provider, self.auth_header, metrics)
         now = time.monotonic()
         # endpoint url -> its key pool, for endpoints that have keys (the others pass through)
         self.pools: dict[str, KeyPool] = {
@@ -98,13 +108,19 @@ class KeyPools(Filter):
         if pool is None:
             return True
         now = time.monotonic()
-        key = pool.pick(now)
-        if key is None:
-            return False
-        key.on_pick(now)
         keys: _Keys | None = ctx.local(self)
         if keys is None:
             keys = ctx.keep(self, _Keys())
+        key = pool.pick(now, keys.skip)
+        if key is None:
+            if keys.skip is None:
+                return False
+            # The key a refusal about this request spared comes last, but it is not out: the
+            # request takes it rather than wait (or loop) for another.
+            key = pool.pick(now)
+            if key is None:
+                return False
+        key.on_pick(now)
         keys.by_path[path] = key
         self.metrics.key_requests.inc((self.name, path.endpoint.url, key.id))
         return True
@@ -164,19 +180,47 @@ class KeyPools(Filter):
             # this answer's tokens are off the origin's count already
             ctx.local(self).counted = "tokens" in limits
 
-    def on_answer(self, ctx: Ctx, attempt: Attempt, resp: Response) -> Verdict | Exception | None:
-        key = self._key(ctx, attempt.path)
-        if key is None or resp.status not in KEY_STATUSES:
+    async def on_answer(self, ctx: Ctx, attempt: Attempt, resp: Response) -> Verdict | Exception | None:
+        path = attempt.path
+        key = self._key(ctx, path)
+        status = resp.status
+        if key is None or status not in KEY_STATUSES:
             return None
-        if self._refused(ctx, attempt.path, key, resp):
-            return AGAIN  # at once, with another key: not the line's fault
-        if resp.status == 401:
-            # Our last key was refused. The origin's answer would show the client a masked
-            # form of it (OpenAI does): ours says the same without it.
-            return KeysRefused(
-                f"the origin refused the API key(s) of upstream {self.name} (401);"
-                " refused keys stay disabled until the next reload"
-            )
+        if status == 429:
+            self._cool(path, key, resp)
+            if "429" in self.upstream.config.failover.retry_on and self._may_go_again(ctx, path):
+                return self._again(ctx, status)  # at once, with another key: not the line's fault
+            return ACCEPT
+        if path.hop is not None and resp.header(EDGE_ERROR) is not None:
+            return None  # the edge's own answer (its keys were refused): not about ours
+        keys: _Keys = ctx.local(self)
+        if await self.checks.verdict(path, key) == DEAD:
+            self._disable(path, key, status)
+            if self._may_go_again(ctx, path):
+                return self._again(ctx, status)  # a dead key is our problem, never the client's
+            if status == 401:
+                # Our last key was refused. The origin's answer would show the client a masked
+                # form of it (OpenAI does): ours says the same without it.
+                return KeysRefused(
+                    f"the origin refused the API key(s) of upstream {self.name} (401);"
+                    " refused keys stay disabled until the next reload"
+                )
+            return ACCEPT
+        # The key is alive: the refusal was about the request (a scope this key lacks, a
+        # model or a path only some keys may use). Every key stays; one more try, with
+        # another key of the same endpoint if one is ready now, then the origin's answer.
+        pool = self.pools[path.endpoint.url]
+        if (
+            not keys.spared
+            and ctx.body_stream is None
+            and keys.retries < self.max_retries
+            and pool.is_ready(time.monotonic(), skip=key)
+        ):
+            # (whichever path the plan takes next can serve it: another endpoint's pool is
+            # ready by the plan's gate, this one has a key other than ``key`` ready)
+            keys.spared = True
+            keys.skip = key
+            return self._again(ctx, status)
         return ACCEPT
 
     def on_abandoned(self, ctx: Ctx, attempt: Attempt, resp: Response) -> None:
@@ -188,49 +232,34 @@ class KeyPools(Filter):
         keys: _Keys | None = ctx.local(self)
         return None if keys is None else keys.by_path.get(path)
 
-    def _refused(self, ctx: Ctx, path: Path, key: Key, resp: Response) -> bool:
-        """The origin refused the key we injected: a 429 cools that key down for as long as the
-        origin says, a 401/403 disables it until the next reload. True if the request should
-        go again at once with another key (the loop queues it if none is ready yet)."""
+    def _disable(self, path: Path, key: Key, status: int) -> None:
+        """The origin refused ``key`` and its check confirmed it: never sent again until the
+        next reload."""
+        if key.disabled is None:
+            key.disabled = str(status)
+            log.warning(
+                "key %s of %s disabled until the next reload: the origin answered %d, and refused its check too",
+                key.id,
+                path.endpoint.url,
+                status,
+            )
+
+    def _may_go_again(self, ctx: Ctx, path: Path) -> bool:
+        """May the request go again at once with another key (the loop queues it if none is
+        ready yet)? Not with a streamed body, nor past ``max_retries``, nor with no key left."""
         keys: _Keys = ctx.local(self)
-        status = resp.status
-        if status == 429:
-            self._cool(path, key, resp)
-            allowed = "429" in self.upstream.config.failover.retry_on
-        else:
-            first = keys.disabled
-            if status == 403 and first is not None and first is not key:
-                # A second key refused for the same request: it is about the request (a model,
-                # a feature, a region this account may not use), not two dead keys. The first
-                # comes back; the client gets the origin's answer.
-                if first.disabled == "403":
-                    first.disabled = None
-                    log.warning(
-                        "key %s of %s enabled again: the 403 was about the request", first.id, path.endpoint.url
-                    )
-                return False
-            if keys.disabled is None:
-                keys.disabled = key
-            if key.disabled is None:
-                key.disabled = str(status)
-                log.warning(
-                    "key %s of %s disabled until the next reload: the origin answered %d",
-                    key.id,
-                    path.endpoint.url,
-                    status,
-                )
-            allowed = True  # a key the origin refuses is our problem, never the client's
-        if not allowed or ctx.body_stream is not None or keys.retries >= self.max_retries:
+        if ctx.body_stream is not None or keys.retries >= self.max_retries:
             return False
         others = [p for p in ctx.tried if p is not path]  # the path may serve again: it was the key
-        if (
-            self.upstream.plan(others, ctx.retrying, take=False, only=ctx.pin) is None
-            and self._wait(others, ctx.pin) is None
-        ):
-            return False  # no key left anywhere: the client gets the origin's answer as it is
-        keys.retries += 1
+        return (
+            self.upstream.plan(others, ctx.retrying, take=False, only=ctx.pin) is not None
+            or self._wait(others, ctx.pin) is not None
+        )
+
+    def _again(self, ctx: Ctx, status: int) -> Verdict:
+        ctx.local(self).retries += 1
         self.metrics.key_retries.inc((self.name, str(status)))
-        return True
+        return AGAIN
 
     def _cool(self, path: Path, key: Key, resp: Response) -> None:
         """A 429 on ``key``: it cools down for as long as the origin says."""

@@ -137,6 +137,12 @@ class Metrics(Collector):
         self.key_retries = Counter(
             "edgeproxy_key_retries", "Attempts sent again at once with another key, by status", ("upstream", "status")
         )
+        self.key_checks = Counter(
+            "edgeproxy_key_checks",
+            "Checks of a key the origin refused (401/403): refused (disabled), ok (the refusal was"
+            " about the request), error (no conclusion, left enabled)",
+            ("upstream", "endpoint", "key", "result"),
+        )
         self.queued = Counter("edgeproxy_key_queued", "Requests that waited for a rate-limited key", ("upstream",))
         self.keys_exhausted = Counter(
             "edgeproxy_keys_exhausted",

@@ -124,6 +124,13 @@ _GOOGLE_STATUS = {
 
 _OPENAI, _ANTHROPIC, _GEMINI = "openai", "anthropic", "gemini"
 PROBE_AGENT = "edgeproxy-probe"
+KEY_CHECK_AGENT = "edgeproxy-keycheck"  # edgeproxy checking a key the origin refused
+# What OpenAI answers a restricted key that lacks a permission (401, not invalid_api_key).
+MISSING_SCOPE = (
+    "You have insufficient permissions for this operation. Missing scopes: model.request. Check that you"
+    " have the correct role in your organization, and if you're using a restricted API key, that it has"
+    " the necessary scopes."
+)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -353,7 +360,13 @@ class FakeOrigin(Threaded):
         self.record: bool = True  # False: do not append to .requests (benchmarks)
         self.probes_affected: bool = False  # True: the knobs apply to edgeproxy's probes too
         self.key_limits: dict[str, KeyLimit] = {}  # per-key rate limits (see limit_keys)
-        self.revoked_keys: set[str] = set()  # keys answered 401 invalid_api_key
+        self.revoked_keys: set[str] = set()  # keys answered 401 invalid_api_key (everywhere)
+        self.revoked_status: int = 401  # or 403 (an account suspended)
+        # Restricted keys: key -> the models (a body's "model") and paths ("/v1/embeddings",
+        # prefixes) it may not use, answered ``restricted_status`` with OpenAI's missing-scope
+        # message; it works for everything else.
+        self.restricted_keys: dict[str, set[str]] = {}
+        self.restricted_status: int = 401
         # observations
         self.requests: list[Recorded] = []
         self.request_count: int = 0  # client requests, counted even when record is False
@@ -364,7 +377,12 @@ class FakeOrigin(Threaded):
         self.active_streams: int = 0
         self.key_served: Counter[str] = Counter()  # per key: requests admitted (limited keys only)
         self.key_limited: Counter[str] = Counter()  # per key: 429s sent
-        self.key_refused: Counter[str] = Counter()  # per key: 401s sent (revoked)
+        self.key_refused: Counter[str] = Counter()  # per key: refusals of a revoked key, key checks aside
+        self.key_restricted: Counter[str] = Counter()  # per key: refusals of a restricted key, checks aside
+        # edgeproxy's key checks (User-Agent: edgeproxy-keycheck), per key: counted apart like
+        # probes, never in requests; revocations and restrictions apply to them, the failure
+        # knobs only with probes_affected
+        self.key_checks: Counter[str] = Counter()
         self.stream_disconnected_event.clear()
 
     def limit_keys(self, keys: Iterable[str], requests: int, window: float = 60.0, tokens: int | None = None) -> None:
@@ -511,8 +529,18 @@ class FakeOrigin(Threaded):
             else:
                 body = await request.content.read() if request.body_exists else b""
             request[_BODY_KEY] = body
-            is_probe = request.headers.get("User-Agent") == PROBE_AGENT
-            if is_probe:
+            agent = request.headers.get("User-Agent")
+            if agent == KEY_CHECK_AGENT:
+                key = presented_key(request) or ""
+                self.key_checks[key] += 1
+                if self._waiters:
+                    self._notify()
+                refused = self._refusal(request, k, key, body)
+                if refused is not None:
+                    return refused
+                if not self.probes_affected:
+                    return await handler(request, None, size, sha)
+            elif agent == PROBE_AGENT:
                 # edgeproxy's health probes: counted apart, so tests see only client traffic;
                 # and answered normally (the models list works while completions fail),
                 # unless probes_affected is set.
@@ -531,7 +559,7 @@ class FakeOrigin(Threaded):
             if self.require_key is not None and not self._authorized(request, k):
                 await self._latency(request)
                 return self._error(k, 401, "Incorrect API key provided.")
-            if self.revoked_keys or self.key_limits:
+            if (self.revoked_keys or self.key_limits or self.restricted_keys) and agent != KEY_CHECK_AGENT:
                 refused = self._key_check(request, k, body)
                 if refused is not None:
                     await self._latency(request)
@@ -565,9 +593,13 @@ class FakeOrigin(Threaded):
         key = presented_key(request)
         if key is None:
             return None
-        if key in self.revoked_keys:
-            self.key_refused[key] += 1
-            return self._error(kind, 401, "Incorrect API key provided: this key was revoked.")
+        refused = self._refusal(request, kind, key, body)
+        if refused is not None:
+            if key in self.revoked_keys:
+                self.key_refused[key] += 1
+            else:
+                self.key_restricted[key] += 1
+            return refused
         limit = self.key_limits.get(key)
         if limit is None:
             return None
@@ -578,6 +610,24 @@ class FakeOrigin(Threaded):
             self.key_limited[key] += 1
             return self._error(kind, 429, "Rate limit reached for requests.", str(math.ceil(wait)))
         self.key_served[key] += 1
+        return None
+
+    def _refusal(self, request: web.Request, kind: str, key: str, body: bytes) -> web.Response | None:
+        """A revoked key is refused everything; a restricted key what it may not use."""
+        if key in self.revoked_keys:
+            return self._error(kind, self.revoked_status, "Incorrect API key provided: this key was revoked.")
+        denied = self.restricted_keys.get(key)
+        if denied:
+            model = None
+            if body[:1] == b"{":
+                try:
+                    data = orjson.loads(body)
+                except orjson.JSONDecodeError:
+                    data = None
+                model = data.get("model") if isinstance(data, dict) else None
+            path = request.path
+            if model in denied or any(d.startswith("/") and path.startswith(d) for d in denied):
+                return self._error(kind, self.restricted_status, MISSING_SCOPE)
         return None
 
     def _authorized(self, request: web.Request, kind: str) -> bool:

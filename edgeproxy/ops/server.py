@@ -32,6 +32,7 @@ from ..routing.probe import Prober
 from ..routing.state import State, Upstream, describe_changes
 from ..telemetry.accesslog import AccessLog
 from ..telemetry.metrics import Metrics
+from ..telemetry.processlog import process_log_dropped, set_limit
 from .sdnotify import Notifier, watchdog_loop
 
 __all__ = ["Proxy", "serve"]
@@ -76,7 +77,7 @@ class Proxy:
         self.config = config
         self.filters = tuple(filters)  # extra filters (embedding, tests): built again at each reload
         self.metrics = Metrics()
-        self.access = AccessLog(config.log.access)
+        self.access = AccessLog(config.log.access, limit=config.log.buffer)
         self.resolver = Resolver()
         self.state = State.build(config, self.resolver)
         self.prober = Prober(config.probe, self.metrics, self._on_probe)
@@ -208,7 +209,8 @@ class Proxy:
             upstream.reselect()
         # 3. Swap: one reference per engine; requests in flight keep the state they began with.
         self.config, self.state, self.pipeline = new, state, pipeline
-        self.access.mode = new.log.access
+        self.access.mode, self.access.limit = new.log.access, new.log.buffer
+        set_limit(new.log.buffer)
         logging.getLogger("edgeproxy").setLevel(new.log.level.upper())
         removed_listeners = [lst for lst in self.listeners if lst.config.address not in new_addrs]
         by_addr = {lc.address: lc for lc in new.listen}
@@ -257,7 +259,7 @@ class Proxy:
         await self.prober.close()
         await self.state.close()
         self.resolver.close()
-        self.access.flush()
+        await self.access.close()
 
     def _on_probe(self, path: Path, ok: bool) -> None:
         """A probe finished: re-rank that path's upstream. A failed probe fails over the
@@ -277,8 +279,12 @@ class Proxy:
             self.metrics.switches.inc((upstream.name,))
 
     def _path_gauges(self) -> None:
-        """Per-path gauges, rebuilt from the current state at each scrape."""
+        """Per-path gauges, rebuilt from the current state at each scrape (and the logs' drops,
+        which their sinks count)."""
         now = time.monotonic()
+        dropped = self.metrics.log_dropped.values
+        dropped[("access",)] = float(self.access.dropped)
+        dropped[("process",)] = float(process_log_dropped())
         rtt, up = self.metrics.path_rtt.values, self.metrics.path_up.values
         rtt.clear()
         up.clear()

@@ -25,15 +25,16 @@ def _load(path: str | None) -> Config:
     return load_file(path) if path else default_config()
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _setup_logging(level: str, buffer: int) -> logging.Handler:
+    # Not logging.basicConfig: its handler writes with a blocking write(2), and a stderr nobody
+    # reads would freeze the event loop at its next log line.
+    from .telemetry.processlog import install
+
+    handler = install(level, buffer)
     # aiohttp logs a traceback for every malformed request at ERROR: a client's bad input is
     # not our error, and a log line per bad request lets clients flood the log.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    return handler
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -42,13 +43,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"edgeproxy: invalid config:\n{exc}", file=sys.stderr)
         return 1
-    _setup_logging(config.log.level)
+    handler = _setup_logging(config.log.level, config.log.buffer)
     import uvloop
 
     from .ops.server import serve
 
     try:
-        uvloop.run(serve(config))
+        try:
+            uvloop.run(serve(config))
+        finally:
+            # What the reader has not taken yet: a bounded wait, then stderr is as it was.
+            handler.close()
     except OSError as exc:
         # Most often: address already in use, or permission to bind.
         print(f"edgeproxy: cannot start: {exc}", file=sys.stderr)

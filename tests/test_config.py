@@ -579,6 +579,12 @@ def test_hedge_values() -> None:
     )
 
 
+def test_log_buffer() -> None:
+    assert default_config().log.buffer == 4 << 20
+    assert load_dict({"log": {"buffer": "1MiB"}}, env={}).log.buffer == 1 << 20
+    assert errors({"log": {"buffer": "1KiB"}}) == ("log.buffer: 1KiB is too small (at least 64KiB)",)
+
+
 def test_docs_default_block_is_the_default() -> None:
     """docs/config.md shows the built-in default as YAML; keep the two in step."""
     yaml = pytest.importorskip("yaml")

@@ -37,6 +37,7 @@ ALERTS = {
     "EdgeproxyRetryBudgetExhausted",
     "EdgeproxyKeyDisabled",
     "EdgeproxyKeysExhausted",
+    "EdgeproxyLogDropped",
     "EdgeproxyDown",
 }
 

@@ -145,12 +145,13 @@ def load_dict(data: object, *, source: str | None = None, env: Mapping[str, str]
             f"{_fmt_size(limits.replay_body)} is larger than limits.max_body ({_fmt_size(limits.max_body)});"
             " lower replay_body or raise max_body",
         )
-    m = ctx.section(top.get("log"), "log", ("access", "level"))
+    m = ctx.section(top.get("log"), "log", ("access", "level", "buffer"))
     if isinstance(m.get("level"), str) and str(m["level"]).strip().lower() == "warn":
         m["level"] = "warning"
     log = LogConfig(
         ctx.choice(m, "access", "log", "json", ("json", "text", "off")),
         ctx.choice(m, "level", "log", "info", ("debug", "info", "warning", "error")),
+        ctx.size(m, "buffer", "log", 4 << 20, 64 << 10),
     )
     drain = ctx.duration(top, "drain_timeout", "", 30.0, zero_ok=True)
 

@@ -96,6 +96,6 @@ def dump_redacted(cfg: Config) -> dict[str, Any]:
             "max_header": cfg.limits.max_header,
             "max_connections": cfg.limits.max_connections,
         },
-        "log": {"access": cfg.log.access, "level": cfg.log.level},
+        "log": {"access": cfg.log.access, "level": cfg.log.level, "buffer": cfg.log.buffer},
         "drain_timeout": cfg.drain_timeout,
     }

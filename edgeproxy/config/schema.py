@@ -173,6 +173,7 @@ class LimitsConfig:
 class LogConfig:
     access: str = "json"
     level: str = "info"
+    buffer: int = 4 << 20  # bytes held, per log, for a reader that is behind
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ from ..routing.probe import Prober
 from ..routing.state import State, Upstream, describe_changes
 from ..telemetry.accesslog import AccessLog
 from ..telemetry.metrics import Metrics
+from ..telemetry.processlog import process_log_dropped, set_limit
 from .conn import ConnectionGuard, GuardedServer
 from .sdnotify import Notifier, watchdog_loop
 
@@ -83,7 +84,7 @@ class Proxy:
         self.config = config
         self.filters = tuple(filters)  # extra filters (embedding, tests): built again at each reload
         self.metrics = Metrics()
-        self.access = AccessLog(config.log.access)
+        self.access = AccessLog(config.log.access, limit=config.log.buffer)
         self.resolver = Resolver()
         self.state = State.build(config, self.resolver)
         self.prober = Prober(config.probe, self.metrics, self._on_probe)
@@ -236,7 +237,8 @@ class Proxy:
         state.commit()
         self.config, self.state, self.pipeline = new, state, pipeline
         self.bodies.limit = new.limits.buffer_memory
-        self.access.mode = new.log.access
+        self.access.mode, self.access.limit = new.log.access, new.log.buffer
+        set_limit(new.log.buffer)
         logging.getLogger("edgeproxy").setLevel(new.log.level.upper())
         removed_listeners = [lst for lst in self.listeners if lst.config.address not in new_addrs]
         by_addr = {lc.address: lc for lc in new.listen}
@@ -286,7 +288,7 @@ class Proxy:
         await self.prober.close()
         await self.state.close()
         self.resolver.close()
-        self.access.flush()
+        await self.access.close()
 
     def _on_probe(self, path: Path, ok: bool) -> None:
         """A probe finished: re-rank that path's upstream. A failed probe fails over the
@@ -306,8 +308,12 @@ class Proxy:
             self.metrics.switches.inc((upstream.name,))
 
     def _path_gauges(self) -> None:
-        """Per-path gauges, rebuilt from the current state at each scrape."""
+        """Per-path gauges, rebuilt from the current state at each scrape (and the logs' drops,
+        which their sinks count)."""
         now = time.monotonic()
+        dropped = self.metrics.log_dropped.values
+        dropped[("access",)] = float(self.access.dropped)
+        dropped[("process",)] = float(process_log_dropped())
         rtt, up = self.metrics.path_rtt.values, self.metrics.path_up.values
         rtt.clear()
         up.clear()

@@ -173,6 +173,13 @@ class Metrics(Collector):
         self.reloads.values.update({("ok",): 0.0, ("failed",): 0.0})  # present from the start, for increase()
         self.generation = Gauge("edgeproxy_config_generation", "Config generation: 1 at start, +1 per reload", ())
         self.generation.set((), 1)
+        self.log_dropped = Counter(
+            "edgeproxy_log_dropped",
+            "Log records dropped because the log's reader (stdout: access, stderr: process) was behind"
+            " by more than log.buffer",
+            ("log",),
+        )
+        self.log_dropped.values.update({("access",): 0.0, ("process",): 0.0})  # for increase()
         self.start_time = Gauge("edgeproxy_start_time_seconds", "Process start time", ())
         self.start_time.set((), time.time())
         self._all: tuple[Counter | Histogram, ...] = tuple(

@@ -400,3 +400,26 @@ async def test_warming_a_path_through_a_broken_proxy_backs_off(origin: FakeOrigi
         assert 1 <= accepted - probes <= 5, (accepted, probes)
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header Name: x\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: nope\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 tls to a plain port\r\n\r\n",
+    ],
+)
+async def test_malformed_http_gets_a_json_error(origin: FakeOrigin, proxy: RunningProxy, raw: bytes) -> None:
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(raw)
+        answer = await asyncio.wait_for(reader.read(), 5)  # then the connection closes
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"400" and b"application/json" in head.lower()
+    assert orjson.loads(body)["error"]["code"] == "bad_request"
+    assert b"Traceback" not in answer and b"aiohttp" not in answer
+    assert not origin.requests

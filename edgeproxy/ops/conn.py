@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from ..engine.auth import peer_key
+from ..proto.providers import error_body
 
 if TYPE_CHECKING:
     from ..config import LimitsConfig
@@ -94,6 +95,23 @@ class GuardedHandler(RequestHandler):  # type: ignore[misc]
                 self._stop_head_timer()
         elif self._head_timer is None and not self._force_close:
             self._head_timer = self._loop.call_later(self._guard.limits.header_timeout, self._head_too_slow)
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        """A request aiohttp could not parse (a bad request line or header): answered as JSON
+        in the shape API clients read (OpenAI's: the parse failed before any route was known),
+        never aiohttp's text page; the connection closes."""
+        if request.writer.output_size > 0:
+            raise ConnectionError("the answer was under way: no error page can follow")
+        _, body = error_body("openai", "bad_request", f"malformed HTTP request: {message or status}")
+        resp = web.Response(
+            status=status,
+            body=body,
+            headers={"Content-Type": "application/json", "x-edgeproxy-error": "bad_request"},
+        )
+        resp.force_close()
+        return resp
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:

@@ -6,7 +6,7 @@ OK/FAIL) and one JSON line. Timeouts are the defaults unless a row says otherwis
 edgeproxy under attack runs with `limits: {body_timeout: 3s}` and `drain_timeout: 1s` so the
 stalled-body and drain rows take seconds, not minutes.
 
-Usage: .venv/bin/python bench/hostile.py [--slow N]      (about 1 minute)
+Usage: .venv/bin/python bench/hostile.py [--slow N]      (about 1.5 minutes)
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import gzip
+import os
 import subprocess
 import sys
 import tempfile
@@ -45,23 +46,32 @@ from bench._common import (
 from tests.fakes.origin import FakeOrigin
 
 TOKEN = "hostile-bench-token-7f3a9c1e5b2d4086"
+ADMIN_TOKEN = "hostile-bench-admin-5e1d0c9b8a7f6e24"
+KEYS = ["sk-bench-key-0-aaaaaaaaaaaa", "sk-bench-key-1-bbbbbbbbbbbb", "sk-bench-key-2-cccccccccccc"]
 CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
 
 
 class Target:
     """The edgeproxy under attack: a subprocess, its ports, and what it was started with."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, admin: int, edge_port: int) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], port: int, admin: int, edge_port: int, conf: Path, cfg: dict[str, Any]
+    ) -> None:
         self.proc, self.port, self.admin, self.edge_port = proc, port, admin, edge_port
+        self.conf, self.cfg = conf, cfg
         self.url = f"http://127.0.0.1:{port}"
         self.admin_url = f"http://127.0.0.1:{admin}"
 
     def rss(self) -> float:
         return rss_mb(self.proc.pid) or 0.0
 
+    def admin_get(self, path: str) -> bytes:
+        request = urllib.request.Request(self.admin_url + path, headers={"x-edgeproxy-token": ADMIN_TOKEN})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return bytes(r.read())
+
     def metric(self, name: str, **labels: str) -> float:
-        with urllib.request.urlopen(self.admin_url + "/metrics", timeout=5) as r:
-            text = r.read().decode()
+        text = self.admin_get("/metrics").decode()
         total = 0.0
         for line in text.splitlines():
             if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
@@ -73,11 +83,16 @@ def start_target(tmp: Path, origin: FakeOrigin) -> Target:
     port, admin, edge_port = free_port(), free_port(), free_port()
     cfg = {
         "listen": [f"127.0.0.1:{port}", {"address": f"127.0.0.1:{edge_port}", "tokens": [TOKEN]}],
-        "admin": {"listen": f"127.0.0.1:{admin}"},
+        "admin": {"listen": {"address": f"127.0.0.1:{admin}", "tokens": [ADMIN_TOKEN]}},
         "log": {"access": "off"},
         "limits": {"body_timeout": "3s"},
         "drain_timeout": "1s",
-        "upstreams": {"openai": {"prefix": "/v1", "endpoints": [{"url": origin.url + "/v1"}]}},
+        "probe": {"interval": "1s", "timeout": "1s"},
+        "lines": {"direct": {}, "isp2": {"bind": "127.0.0.1"}},
+        "upstreams": {
+            "openai": {"prefix": "/v1", "endpoints": [{"url": origin.url + "/v1", "lines": ["direct"]}]},
+            "keyed": {"prefix": "/k", "endpoints": [{"url": origin.url + "/v1", "keys": KEYS, "lines": ["direct"]}]},
+        },
     }
     conf = tmp / "edgeproxy.yaml"
     conf.write_bytes(orjson.dumps(cfg))
@@ -86,7 +101,7 @@ def start_target(tmp: Path, origin: FakeOrigin) -> Target:
         [EDGE_PY, "-m", "edgeproxy", "run", "-c", str(conf)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err
     )
     wait_http(f"http://127.0.0.1:{admin}/-/ready", proc)
-    return Target(proc, port, admin, edge_port)
+    return Target(proc, port, admin, edge_port, conf, cfg)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -315,12 +330,205 @@ async def drain_end(t: Target, origin: FakeOrigin) -> list[Row]:
              last[0][:70].decode("latin-1"), ok)]  # fmt: skip
 
 
+async def browsers(t: Target, origin: FakeOrigin) -> list[Row]:
+    """Item 5: DNS rebinding, a foreign Origin, a cross-site POST /-/reload."""
+    before = origin.request_count
+    rebound, _ = await exchange(t, post("/v1/chat/completions").replace(b"Host: 127.0.0.1", b"Host: evil.example"))
+    foreign, _ = await exchange(t, post("/v1/chat/completions", "Origin: https://evil.example\r\n"))
+    reached = origin.request_count - before
+    generation = orjson.loads(t.admin_get("/-/status"))["generation"]
+    reload_raw = (
+        f"POST /-/reload HTTP/1.1\r\nHost: 127.0.0.1:{t.admin}\r\nSec-Fetch-Site: cross-site\r\n"
+        f"x-edgeproxy-token: {ADMIN_TOKEN}\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+    cross, _ = await exchange(t, reload_raw, t.admin)
+    after = orjson.loads(t.admin_get("/-/status"))["generation"]
+    return [
+        ("DNS rebinding: Host evil.example on a loopback listener", "403, nothing reaches the origin",
+         f"{rebound}, {reached} reached", rebound == 403 and reached == 0),
+        ("a page from https://evil.example (Origin)", "403", str(foreign), foreign == 403),
+        ("cross-site POST /-/reload (even with the admin token)", "403, no reload",
+         f"{cross}, generation {generation} -> {after}", cross == 403 and after == generation),
+    ]  # fmt: skip
+
+
+async def guessing(t: Target, origin: FakeOrigin) -> list[Row]:
+    """Item 7: wrong admin tokens, one connection each; a weak token off loopback."""
+    started = time.monotonic()
+    answered = 0
+    while time.monotonic() - started < 5:
+        raw = f"GET /-/status HTTP/1.1\r\nHost: 127.0.0.1\r\nx-edgeproxy-token: guess-{answered}\r\n\r\n".encode()
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(exchange(t, raw, t.admin), 5.5 - (time.monotonic() - started))
+            answered += 1
+    weak = dict(t.cfg, listen={"address": "0.0.0.0:1", "tokens": ["aaaaaaaaaaaaaaaaaaaa"]})
+    path = t.conf.with_name("weak.yaml")
+    path.write_bytes(orjson.dumps(weak))
+    check = subprocess.run(
+        [EDGE_PY, "-m", "edgeproxy", "check", "-c", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    named = "listen.tokens[0]" in check.stderr and "aaaaaaaa" not in check.stderr
+    return [
+        ("wrong admin tokens for 5 s, a connection each", "slowed: a few dozen answers, not thousands",
+         f"{answered} answers", answered < 60),
+        ("a weak token on a listener off loopback", "check fails naming the key path, not the token",
+         f"exit {check.returncode}, {'named' if named else check.stderr.strip()[:60]}",
+         check.returncode == 1 and named),
+    ]  # fmt: skip
+
+
+async def restricted_key(t: Target, origin: FakeOrigin) -> list[Row]:
+    """Item 4: a key refused on one model only (a restricted key) must not be disabled."""
+    origin.restricted_keys[KEYS[0]] = {"gpt-4o"}
+    body = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
+    statuses = []
+    async with aiohttp.ClientSession() as s:
+        for _ in range(20):
+            async with s.post(t.url + "/k/chat/completions", data=body) as r:
+                statuses.append(r.status)
+    origin.restricted_keys.clear()
+    keys = orjson.loads(t.admin_get("/-/status"))["upstreams"]
+    states = [k["state"] for u in keys if u["name"] == "keyed" for pool in u["keys"].values() for k in pool]
+    return [("a key refused for one model only, 20 requests", "all served, every key left enabled",
+             f"{statuses.count(200)} x 200, keys {states}",
+             statuses.count(200) == 20 and "disabled" not in states)]  # fmt: skip
+
+
+def reload_keeps_sync(t: Target) -> list[Row]:
+    """Item 11: adding a line to an endpoint keeps the path that was there."""
+    cfg = orjson.loads(orjson.dumps(t.cfg))  # (a copy)
+    cfg["upstreams"]["openai"]["endpoints"][0]["lines"] = ["direct", "isp2"]
+    t.conf.write_bytes(orjson.dumps(cfg))
+    request = urllib.request.Request(
+        t.admin_url + "/-/reload", method="POST", data=b"", headers={"x-edgeproxy-token": ADMIN_TOKEN}
+    )
+    with urllib.request.urlopen(request, timeout=20) as r:
+        answer = r.read()
+    t.conf.write_bytes(orjson.dumps(t.cfg))
+    changes = str(orjson.loads(answer).get("changes", ""))
+    return [("reload adding a line to an endpoint", "its existing path kept (pool, RTT, health)",
+             changes.split(";")[0], changes.startswith("paths: 2 kept") or "1 kept, 1 new" in changes)]  # fmt: skip
+
+
+async def reload_keeps(t: Target, origin: FakeOrigin) -> list[Row]:
+    """Item 11: adding a line to an endpoint keeps the path that was there."""
+    return await asyncio.to_thread(reload_keeps_sync, t)
+
+
+async def probes_uncounted(t: Target, origin: FakeOrigin) -> list[Row]:
+    """Item 9: a sidecar's probe answered by this edge is not traffic."""
+    before = t.metric("edgeproxy_requests_total")
+    raw = (
+        f"GET {origin.url}/v1/models HTTP/1.1\r\nHost: x\r\nx-edgeproxy-token: {TOKEN}\r\n"
+        f"x-edgeproxy-probe: 1\r\nx-edgeproxy-endpoint: {origin.url}/v1\r\n\r\n"
+    ).encode()
+    status, _ = await exchange(t, raw, t.edge_port)
+    after = t.metric("edgeproxy_requests_total")
+    zero = t.metric("edgeproxy_requests_total", status="0")
+    return [("a sidecar's probe at the edge", "answered, not counted (never as status 0)",
+             f"{status}, requests_total +{after - before:g}, status 0: {zero:g}",
+             status == 200 and after == before and zero == 0)]  # fmt: skip
+
+
 ATTACKS: list[Callable[[Target, FakeOrigin], Awaitable[list[Row]]]] = [
+    browsers,
+    guessing,
+    restricted_key,
+    reload_keeps,
+    probes_uncounted,
     path_tricks,
     protocol_edges,
     edge_codings,
     stalled_bodies,
 ]
+
+
+def spawn(tmp: Path, name: str, cfg: dict[str, Any], **kw: Any) -> subprocess.Popen[bytes]:
+    conf = tmp / f"{name}.yaml"
+    conf.write_bytes(orjson.dumps(cfg))
+    kw.setdefault("stdout", subprocess.DEVNULL)
+    kw.setdefault("stderr", subprocess.DEVNULL)
+    return subprocess.Popen([EDGE_PY, "-m", "edgeproxy", "run", "-c", str(conf)], cwd=ROOT, **kw)
+
+
+async def stalled_log_reader(tmp: Path, origin: FakeOrigin) -> list[Row]:
+    """Item 3: `edgeproxy run | sleep 300`: nobody reads its logs."""
+    port, admin = free_port(), free_port()
+    cfg = {
+        "listen": f"127.0.0.1:{port}",
+        "admin": {"listen": f"127.0.0.1:{admin}"},
+        "log": {"access": "json", "buffer": "64KiB"},
+        "upstreams": {"openai": {"prefix": "/v1", "endpoints": [{"url": origin.url + "/v1"}]}},
+    }
+    out_r, out_w = os.pipe()
+    proc = spawn(tmp, "logs", cfg, stdout=out_w, stderr=out_w)
+    os.close(out_w)
+    try:
+        await asyncio.to_thread(wait_http, f"http://127.0.0.1:{admin}/-/ready", proc)
+        statuses: list[int] = []
+        health: list[float] = []
+
+        async def client(s: aiohttp.ClientSession, n: int) -> None:
+            for _ in range(n):
+                async with s.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer k"}) as r:
+                    await r.read()
+                    statuses.append(r.status)
+
+        async def healthy(s: aiohttp.ClientSession) -> None:
+            while len(statuses) < 2000:
+                started = time.monotonic()
+                async with s.get(f"http://127.0.0.1:{admin}/-/healthy") as r:
+                    await r.read()
+                health.append(time.monotonic() - started)
+                await asyncio.sleep(0.05)
+
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(timeout=timeout) as s:
+            await asyncio.wait_for(asyncio.gather(healthy(s), *(client(s, 125) for _ in range(16))), 90)
+            async with s.get(f"http://127.0.0.1:{admin}/metrics") as r:
+                text = await r.text()
+        lines = [ln for ln in text.splitlines() if ln.startswith("edgeproxy_log_dropped_total")]
+        dropped = sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
+        ok = statuses.count(200) == 2000 and dropped > 0
+        return [("nobody reads the logs (edgeproxy run | sleep 300), 2,000 requests",
+                 "all served, /-/healthy answers, drops counted",
+                 f"{statuses.count(200)} x 200, /-/healthy max {max(health or [0]) * 1000:.0f} ms, {dropped:g} dropped",
+                 ok)]  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        os.close(out_r)
+
+
+async def all_down(tmp: Path, origin: FakeOrigin) -> list[Row]:
+    """Item 12: every path down: the preferred path must hold still."""
+    admin = free_port()
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "admin": {"listen": f"127.0.0.1:{admin}"},
+        "log": {"access": "off"},
+        "probe": {"interval": "1s", "timeout": "1s"},
+        "lines": {"direct": {}, "isp2": {"bind": "127.0.0.2"}, "isp3": {"bind": "127.0.0.3"}},
+        "upstreams": {"openai": {"prefix": "/v1", "endpoints": [dead + "/v1", dead + "/v2"]}},
+    }
+    proc = spawn(tmp, "down", cfg)
+    try:
+        await asyncio.to_thread(wait_http, f"http://127.0.0.1:{admin}/-/ready", proc)
+        await asyncio.sleep(3)  # every path found down
+
+        def switches() -> int:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/-/status", timeout=5) as r:
+                return int(orjson.loads(r.read())["upstreams"][0]["switches"])
+
+        first = await asyncio.to_thread(switches)
+        await asyncio.sleep(10)
+        moved = await asyncio.to_thread(switches) - first
+        return [("every path down, 10 s of 1 s probes (6 paths)", "the preferred path holds still (<= 1 switch)",
+                 f"{moved} switches", moved <= 1)]  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 async def run(slow: int) -> list[Row]:
@@ -340,6 +548,11 @@ async def run(slow: int) -> list[Row]:
             rows.append(("edgeproxy after all of the above", "alive, no traceback",
                          "alive" if alive else f"exited {t.proc.returncode}", alive))  # fmt: skip
             rows += await drain_end(t, origin)
+            for separate in (stalled_log_reader, all_down):  # each with an edgeproxy of its own
+                try:
+                    rows += await separate(Path(tmpdir), origin)
+                except Exception as exc:
+                    rows.append((separate.__name__, "runs", f"{type(exc).__name__}: {exc}"[:120], False))
         finally:
             if t.proc.poll() is None:
                 t.proc.kill()

@@ -194,3 +194,19 @@ async def test_chains_hold_only_what_is_on(origin: FakeOrigin) -> None:
     by_line = {p.line.name: [type(f) for f in openai_chain.at(p).filters] for p in proxy.state.upstream("openai").paths}  # type: ignore[union-attr]
     assert by_line == {"direct": [KeyPools, UsageMeter, Renames], "edge": [KeyPools, UsageMeter, Renames, ViaHop]}
     assert [type(f) for f in pipeline.routers] == [EdgeRole]
+
+
+async def test_a_plain_on_answer_from_before_it_was_async_still_works(origin: FakeOrigin, started: list[Proxy]) -> None:
+    """on_answer became async; a filter written against the old contract is wrapped, not
+    left to fail every request."""
+    seen: list[int] = []
+
+    class Old(Filter):
+        def on_answer(self, ctx: Ctx, attempt: Any, resp: Any) -> None:
+            seen.append(resp.status)
+
+    proxy = Proxy(load_dict(proxy_config(origin.url), env={}), filters=[lambda upstream: Old()])
+    await proxy.start()
+    started.append(proxy)
+    status, _, _ = await chat(RunningProxy(proxy).url, stream=False)
+    assert status == 200 and seen == [200]

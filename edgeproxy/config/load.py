@@ -139,6 +139,12 @@ def load_dict(data: object, *, source: str | None = None, env: Mapping[str, str]
         keepalive_timeout=ctx.duration(m, "keepalive_timeout", "limits", 75.0),
         buffer_memory=ctx.size(m, "buffer_memory", "limits", 256 << 20, 1 << 20),
     )
+    if limits.buffer_memory < limits.replay_body:
+        ctx.err(
+            "limits.buffer_memory",
+            f"{_fmt_size(limits.buffer_memory)} is smaller than limits.replay_body ({_fmt_size(limits.replay_body)}):"
+            " a body that size could never be held; raise buffer_memory or lower replay_body",
+        )
     if limits.replay_body > limits.max_body:
         ctx.err(
             "limits.replay_body",

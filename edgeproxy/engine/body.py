@@ -40,8 +40,8 @@ class BodyBudget:
         self.metrics = metrics
         self.held = 0
 
-    def take(self, ctx: Ctx, n: int) -> None:
-        """Hold ``n`` more bytes for ``ctx`` (given back at its end), or refuse it (503)."""
+    def check(self, n: int) -> None:
+        """Refuse (503) a body of ``n`` bytes that could not be held now."""
         if self.held + n > self.limit:
             self.metrics.client_limits.inc(("buffer_memory",))
             raise Busy(
@@ -49,6 +49,10 @@ class BodyBudget:
                 " retry shortly",
                 BUSY_RETRY,
             )
+
+    def take(self, ctx: Ctx, n: int) -> None:
+        """Hold ``n`` more bytes for ``ctx`` (given back at its end), or refuse it (503)."""
+        self.check(n)
         self.held += n
         ctx.held += n
 
@@ -71,14 +75,14 @@ async def read_body(ctx: Ctx, budget: BodyBudget) -> None:
         ctx.body = b"" if ctx.method in BODY_METHODS else None
         return
     if length is not None and length <= limits.replay_body:
-        budget.take(ctx, length)  # (before the 100 Continue: a refused body is never sent)
+        budget.check(length)  # (before the 100 Continue: a body refused now is never sent)
     if request.version == HttpVersion11 and request.headers.get("expect", "").lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     content = request.content
     idle = limits.body_timeout
     try:
         if length is not None and length <= limits.replay_body:
-            ctx.body = await _read_exactly(content, length, idle)
+            ctx.body = await _read_exactly(content, length, idle, ctx, budget)
             ctx.bytes_in = length
             return
         # Unknown length, or too big to hold for a retry: buffer up to replay_body, then
@@ -105,11 +109,13 @@ async def read_body(ctx: Ctx, budget: BodyBudget) -> None:
     ctx.body_stream = _stream_body(ctx, parts, size, limits.max_body, idle)
 
 
-async def _read_exactly(content: StreamReader, n: int, idle: float) -> bytes:
-    """``n`` bytes; the common small body is in the buffer already (no timer at all)."""
+async def _read_exactly(content: StreamReader, n: int, idle: float, ctx: Ctx, budget: BodyBudget) -> bytes:
+    """``n`` bytes, held against the budget as they arrive (a stalled upload holds what it
+    sent, not what it announced); the common small body is in the buffer already."""
     if not n:
         return b""
     head = content.read_nowait(n)
+    budget.take(ctx, len(head))
     if len(head) == n:
         return head
     parts = [head]
@@ -118,6 +124,7 @@ async def _read_exactly(content: StreamReader, n: int, idle: float) -> bytes:
         chunk = await _read_some(content, idle, left)
         if not chunk:
             raise asyncio.IncompleteReadError(b"".join(parts), n)
+        budget.take(ctx, len(chunk))
         parts.append(chunk)
         left -= len(chunk)
     return b"".join(parts)

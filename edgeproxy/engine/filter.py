@@ -28,6 +28,7 @@ Rules every filter keeps:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -156,8 +157,25 @@ _BASE = Filter.__dict__
 
 
 def _overriding(filters: Iterable[Filter], hook: str) -> tuple[Callable[..., Any], ...]:
-    """The bound ``hook`` of every filter that overrides it, in order."""
-    return tuple(getattr(f, hook) for f in filters if getattr(type(f), hook) is not _BASE[hook])
+    """The bound ``hook`` of every filter that overrides it, in order. A hook the API awaits
+    that a filter wrote as a plain method (``on_answer`` was one before it became async) is
+    wrapped, not left to fail every request."""
+    hooks = []
+    for f in filters:
+        if getattr(type(f), hook) is _BASE[hook]:
+            continue
+        bound = getattr(f, hook)
+        if inspect.iscoroutinefunction(_BASE[hook]) and not inspect.iscoroutinefunction(bound):
+            bound = _awaitable(bound)
+        hooks.append(bound)
+    return tuple(hooks)
+
+
+def _awaitable(hook: Callable[..., Any]) -> Callable[..., Any]:
+    async def awaited(*args: Any) -> Any:
+        return hook(*args)
+
+    return awaited
 
 
 class PathChain:

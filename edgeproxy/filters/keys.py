@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Final
 from ..engine import ACCEPT, AGAIN, Filter
 from ..proto.errors import KeysRefused, RateLimited
 from ..proto.providers import CREDENTIAL_HEADERS, auth_header, auth_value, retry_wait
-from .keycheck import DEAD, EDGE_ERROR, KeyChecks
+from .keycheck import DEAD, EDGE_ERROR, LIVE, KeyChecks
 from .keypool import Key, KeyPool, rate_limits
 
 if TYPE_CHECKING:
@@ -194,7 +194,8 @@ class KeyPools(Filter):
         if path.hop is not None and resp.header(EDGE_ERROR) is not None:
             return None  # the edge's own answer (its keys were refused): not about ours
         keys: _Keys = ctx.local(self)
-        if await self.checks.verdict(path, key) == DEAD:
+        verdict = await self.checks.verdict(path, key)
+        if verdict == DEAD:
             self._disable(path, key, status)
             if self._may_go_again(ctx, path):
                 return self._again(ctx, status)  # a dead key is our problem, never the client's
@@ -221,6 +222,13 @@ class KeyPools(Filter):
             keys.spared = True
             keys.skip = key
             return self._again(ctx, status)
+        if status == 401 and verdict != LIVE:
+            # Not proven to be about the request, and OpenAI's 401 quotes a masked form of the
+            # key we injected: the client gets ours, which says the same without it.
+            return KeysRefused(
+                f"the origin refused the API key of upstream {self.name} (401) and a check could not"
+                " tell why; the key stays enabled"
+            )
         return ACCEPT
 
     def on_abandoned(self, ctx: Ctx, attempt: Attempt, resp: Response) -> None:

@@ -12,9 +12,11 @@ its first byte closes the connection. The request body's own timeout is the engi
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 from ..engine.auth import peer_key
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from ..telemetry.metrics import Metrics
 
 __all__ = ["ConnectionGuard", "GuardedServer"]
+
+log = logging.getLogger("edgeproxy")
 
 
 class ConnectionGuard:
@@ -59,27 +63,34 @@ class ConnectionGuard:
 class GuardedHandler(RequestHandler):  # type: ignore[misc]
     """aiohttp's request handler, held to the per-address cap and the header timeout."""
 
-    __slots__ = ("_address", "_guard", "_head_timer")
+    __slots__ = ("_address", "_body", "_guard", "_head_timer")
 
     def __init__(self, manager: GuardedServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = manager.guard
         self._address: str | None = None
         self._head_timer: asyncio.TimerHandle | None = None
+        self._body: Any = None  # the last request's body stream, until it ends
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
-        address = self._guard.admit(peer[0] if isinstance(peer, tuple) and peer else None)
+        # (a unix socket's peers have no address: its clients are local, not one "address")
+        ip = peer[0] if isinstance(peer, tuple) and peer else None
+        address = self._guard.admit(ip) if ip else ""
         if address is None:
             cast(asyncio.Transport, transport).abort()  # over the cap: nothing read, nothing answered
             return
         self._address = address
         super().connection_made(transport)
+        # Its first request head must come whole within header_timeout, whether or not a
+        # byte of it has come yet (aiohttp itself would wait keepalive_timeout).
+        self._head_timer = self._loop.call_later(self._guard.limits.header_timeout, self._head_too_slow)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._address is None:
             return  # refused in connection_made: aiohttp never saw it
-        self._guard.release(self._address)
+        if self._address:
+            self._guard.release(self._address)
         self._address = None
         self._stop_head_timer()
         super().connection_lost(exc)
@@ -87,13 +98,17 @@ class GuardedHandler(RequestHandler):  # type: ignore[misc]
     def data_received(self, data: bytes) -> None:
         if self._address is None:
             return
+        queued = len(self._messages)
         super().data_received(data)
-        # A head is being read when no whole request is queued and none is being served:
-        # from its first byte it has header_timeout to be complete.
+        if len(self._messages) > queued:
+            self._body = self._messages[-1][1]  # (bytes that follow may be this body's)
+        # A head is being read when no whole request is queued, none is being served, and the
+        # last one's body has ended (bytes of a body an early answer left unread are read and
+        # dropped by aiohttp: not a head): from its first byte it has header_timeout.
         if self._messages or self._request_in_progress:
             if self._head_timer is not None:
                 self._stop_head_timer()
-        elif self._head_timer is None and not self._force_close:
+        elif self._head_timer is None and not self._force_close and (self._body is None or self._body.is_eof()):
             self._head_timer = self._loop.call_later(self._guard.limits.header_timeout, self._head_too_slow)
 
     def handle_error(
@@ -101,14 +116,20 @@ class GuardedHandler(RequestHandler):  # type: ignore[misc]
     ) -> web.StreamResponse:
         """A request aiohttp could not parse (a bad request line or header): answered as JSON
         in the shape API clients read (OpenAI's: the parse failed before any route was known),
-        never aiohttp's text page; the connection closes."""
+        never aiohttp's text page; the connection closes. Anything else that reaches here
+        (our handler never raises; a bug would) is logged and answered as an internal error."""
         if request.writer.output_size > 0:
             raise ConnectionError("the answer was under way: no error page can follow")
-        _, body = error_body("openai", "bad_request", f"malformed HTTP request: {message or status}")
+        if isinstance(exc, HttpProcessingError):
+            kind, text = "bad_request", f"malformed HTTP request: {message or exc.message}"
+        else:
+            log.error("error handling a request from %s", request.remote, exc_info=exc)
+            kind, text = "internal", "edgeproxy internal error"
+        _, body = error_body("openai", kind, text)
         resp = web.Response(
-            status=status,
+            status=status if kind == "bad_request" else 500,
             body=body,
-            headers={"Content-Type": "application/json", "x-edgeproxy-error": "bad_request"},
+            headers={"Content-Type": "application/json", "x-edgeproxy-error": kind},
         )
         resp.force_close()
         return resp

@@ -148,14 +148,19 @@ class Proxy:
             return ws()
 
         tls = _server_tls(lc)
+        # A TLS handshake is part of the head: no longer than header_timeout (not asyncio's 60 s).
+        handshake = limits.header_timeout if tls is not None else None
         try:
             if lc.unix is not None:
                 _prepare_socket_path(lc.unix)
-                listener.server = await loop.create_unix_server(factory, lc.unix, ssl=tls, backlog=1024)
+                listener.server = await loop.create_unix_server(
+                    factory, lc.unix, ssl=tls, backlog=1024, ssl_handshake_timeout=handshake
+                )
             else:
                 listener.server = await loop.create_server(
-                    factory, lc.host, lc.port or 0, ssl=tls, backlog=1024, reuse_address=True
-                )
+                    factory, lc.host, lc.port or 0, ssl=tls, backlog=1024, reuse_address=True,
+                    ssl_handshake_timeout=handshake,
+                )  # fmt: skip
         except OSError as exc:
             raise _naming(exc, lc.address) from None
         log.info("listening on %s%s", lc.address, " (tls)" if tls else "")
@@ -340,7 +345,10 @@ class Proxy:
         app.router.add_get("/-/status", self._status)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/-/reload", self._reload)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        limits = self.config.limits
+        # The admin's idle connections close like the client listeners' (aiohttp's own
+        # default is an hour); its per-address cap and header timer are the client side's only.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=limits.keepalive_timeout)
         await runner.setup()
         self.admin_runner = runner
         site: web.BaseSite

@@ -101,11 +101,17 @@ class _Out:
         self.fd = -1
 
 
+class _Reentered(Exception):
+    """A channel entered again by the thread working on it (see _Channel.lock)."""
+
+
 class _Channel:
     """One output file (pipe, terminal, socket, file): its descriptor, the lines queued for it
     in order (whoever wrote them), and the event loop watching it while its reader is behind."""
 
-    __slots__ = ("armed", "broken", "head", "key", "lock", "loop", "out", "queue", "queued", "users", "written")
+    __slots__ = (
+        "armed", "broken", "busy", "head", "key", "lock", "loop", "out", "queue", "queued", "users", "written",
+    )  # fmt: skip
 
     def __init__(self, out: _Out, key: tuple[int, int] | None) -> None:
         self.out = out
@@ -118,7 +124,23 @@ class _Channel:
         self.armed = False  # the loop watches the descriptor; only its callback writes then
         self.loop: asyncio.AbstractEventLoop | None = None
         self.broken = False  # the reader is gone (EPIPE), or the channel closed
-        self.lock = threading.Lock()
+        # Re-entrant, with ``busy`` saying the queue is being worked on: a log record made on
+        # this thread while it is (a finaliser run by the garbage collector mid-write) finds
+        # it busy and is dropped, instead of deadlocking on a plain lock or corrupting the queue.
+        self.lock = threading.RLock()
+        self.busy = False
+
+    def __enter__(self) -> _Channel:
+        self.lock.acquire()
+        if self.busy:
+            self.lock.release()
+            raise _Reentered
+        self.busy = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.busy = False
+        self.lock.release()
 
     # -- all under the lock ------------------------------------------------------------------
     def put(self, lines: list[bytes], limit: int, force: bool, loop: asyncio.AbstractEventLoop | None) -> int:
@@ -237,7 +259,7 @@ class _Channel:
             self.armed = True
 
     def _arm_from_loop(self) -> None:
-        with self.lock:
+        with contextlib.suppress(_Reentered), self:
             if self.loop is None or not self.armed or self.broken:
                 return
             try:
@@ -246,7 +268,7 @@ class _Channel:
                 self.armed = False
 
     def _on_writable(self) -> None:
-        with self.lock:
+        with contextlib.suppress(_Reentered), self:
             self.flush(None, arm=False)
             if not self.queue or self.broken:
                 self.disarm()
@@ -336,14 +358,17 @@ class LineSink:
                 self._closed = True
                 self.dropped += len(lines)
                 return
-        with channel.lock:
-            self.dropped += channel.put(lines, self.limit, force, loop)
+        try:
+            with channel:
+                self.dropped += channel.put(lines, self.limit, force, loop)
+        except _Reentered:
+            self.dropped += len(lines)
 
     def flush(self) -> None:
         """Write what the reader takes now, without waiting."""
         channel = self._channel
         if channel is not None:
-            with channel.lock:
+            with contextlib.suppress(_Reentered), channel:
                 if not channel.armed:
                     channel.flush(None)
 

@@ -427,3 +427,14 @@ async def test_malformed_http_gets_a_json_error(origin: FakeOrigin, proxy: Runni
     assert orjson.loads(body)["error"]["code"] == "bad_request"
     assert b"Traceback" not in answer and b"aiohttp" not in answer
     assert not origin.requests
+
+
+async def test_an_idle_connection_outlives_the_header_timeout(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
+    """A sidecar's warm connection to an edge sends nothing until it is needed: it is the
+    idle (keep-alive) timeout's, not the header timeout's, so warm pools stay warm."""
+    p = await make_proxy(limited(origin, header_timeout="1s", keepalive_timeout="3s"))
+    reader, writer = await open_from(p.url, "127.0.0.1")
+    assert not await closed_within(reader, 2.0)  # past header_timeout: still open
+    writer.write(post("/v1/chat/completions"))
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+    writer.close()

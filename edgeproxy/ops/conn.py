@@ -81,10 +81,9 @@ class GuardedHandler(RequestHandler):  # type: ignore[misc]
             cast(asyncio.Transport, transport).abort()  # over the cap: nothing read, nothing answered
             return
         self._address = address
+        # (A connection that sends nothing is aiohttp's: it closes it after keepalive_timeout.
+        # Not header_timeout: a sidecar's warm connections to an edge wait idle on purpose.)
         super().connection_made(transport)
-        # Its first request head must come whole within header_timeout, whether or not a
-        # byte of it has come yet (aiohttp itself would wait keepalive_timeout).
-        self._head_timer = self._loop.call_later(self._guard.limits.header_timeout, self._head_too_slow)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._address is None:

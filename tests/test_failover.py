@@ -269,3 +269,22 @@ async def test_a_request_with_nowhere_left_to_go_is_not_rescued_into_an_error(
     status, _, took = await post(p.url)
     assert status == 200 and 1.4 < took < 4.0
     assert sum(p.proxy.metrics.rescues.values.values()) == 0
+
+
+@pytest.mark.parametrize("status", [400, 409])
+async def test_retry_on_honours_the_4xx_it_lists(
+    origin: FakeOrigin, origin2: FakeOrigin, make_proxy: Any, status: int
+) -> None:
+    """`retry_on` accepts 400-599: a 4xx it lists goes on to the other endpoint like a 503
+    would (it used to be returned before retry_on was read); unlisted, it reaches the client."""
+    origin.fail_status, origin.fail_times = status, 100  # the preferred endpoint always answers it
+    listed = two_endpoints(origin.url, origin2.url, failover={"retry_on": ["reset", str(status)]})
+    listed["upstreams"]["openai"]["endpoints"][1]["priority"] = 2
+    p = await make_proxy(listed)
+    assert [(await post(p.url))[0] for _ in range(3)] == [200] * 3
+    assert len(origin.requests) == 3 and len(origin2.requests) == 3  # each tried A, then B
+    unlisted = two_endpoints(origin.url, origin2.url)
+    unlisted["upstreams"]["openai"]["endpoints"][1]["priority"] = 2
+    q = await make_proxy(unlisted)
+    assert [(await post(q.url))[0] for _ in range(3)] == [status] * 3
+    assert len(origin2.requests) == 3  # B saw nothing more

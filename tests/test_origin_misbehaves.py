@@ -282,3 +282,32 @@ async def test_cut_after_the_streams_own_end_is_a_clean_end(raw_origin: Any, mak
     async with aiohttp.ClientSession() as s, s.post(p.url + "/v1/chat/completions", data=b"{}") as r:
         body = await r.read()  # a clean end: no payload error
     assert body == b"data: {}\n\ndata: [DONE]\n\n"  # and no error event after the end
+
+
+async def test_a_post_read_and_reset_at_once_is_not_sent_again(raw_origin: Any, make_proxy: Any) -> None:
+    """A reused connection reset right after a POST went out: the origin may have read it (a
+    fast origin reads and fails in microseconds), so it is not re-sent silently; a request
+    that is safe to repeat (Idempotency-Key) is, and the re-send shows in the access log's
+    attempt_log and in edgeproxy_attempts_total."""
+    seen = 0
+
+    async def then_reset_at_once(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        nonlocal seen
+        seen += 1
+        if seen % 2 == 1:
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # pooled for the next one
+            return True
+        w.transport.abort()  # read the whole POST, then reset, with no delay
+        return False
+
+    url = await raw_origin(then_reset_at_once)
+    p = await make_proxy(proxy_config(url, pool={"warm": 0}, probe={"interval": "60s"}, failover={"retries": 0}))
+    assert (await raw(p)).startswith(b"HTTP/1.1 200")
+    assert (await raw(p)).startswith(b"HTTP/1.1 502")
+    assert seen == 2  # read once, never replayed
+    assert (await raw(p)).startswith(b"HTTP/1.1 200")  # (a new connection; pooled again)
+    keyed = REQ.replace(b"Content-Length: 2", b"Idempotency-Key: k-1\r\nContent-Length: 2")
+    assert (await raw(p, keyed)).startswith(b"HTTP/1.1 200")  # reset, re-sent on a new connection
+    assert seen == 5
+    attempts = p.proxy.metrics.attempts.values
+    assert attempts[("openai", "direct", "stale_connection")] == 1

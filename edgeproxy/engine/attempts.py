@@ -62,6 +62,7 @@ class Failover:
         """
         upstream.budget.on_request(time.monotonic())
         hedge = upstream.config.failover.hedge
+        retry_on = upstream.config.failover.retry_on
         while True:
             retry = ctx.retrying
             path = upstream.plan(ctx.tried, retry, only=ctx.pin)
@@ -115,19 +116,22 @@ class Failover:
                 verdict = None
             if verdict is AGAIN:
                 continue
-            if status != 429 and status < 500:
+            if status != 429 and status < 500 and str(status) not in retry_on:
                 self._health(upstream, path, "ok")
                 self._note_attempt(ctx, upstream, path, "ok", started, attempt)
                 ctx.error = None  # what failed before is in attempt_log; this request did not
                 return resp
-            # 429 and 5xx: the origin answered, but maybe another path or endpoint can do better.
+            # 429, 5xx and the 4xx retry_on lists: the origin answered, but maybe another path
+            # or endpoint can do better.
             self._note_attempt(ctx, upstream, path, str(status), started, attempt)
             wait = None
             if status == 429:
                 wait = retry_wait(resp.headers)
                 upstream.cool_down(path.endpoint, DEFAULT_COOL_DOWN if wait is None else wait)
-            else:
+            elif status >= 500:
                 self._health(upstream, path, "5xx", started)
+            else:
+                self._health(upstream, path, "ok")  # (a 4xx the operator retries says nothing of health)
             if self._may_retry(ctx, upstream, str(status), f"status_{status}"):
                 resp.release()
                 ctx.error = f"status_{status}"
@@ -315,6 +319,9 @@ class Failover:
             except UpstreamReset as exc:
                 resp.release()
                 if not fresh and reused and _stale_connection(ctx, resp, exc):
+                    # Sent again on a new connection, unseen by the client: never unseen by
+                    # the operator (attempt_log, edgeproxy_attempts_total{outcome="stale_connection"}).
+                    self._note_attempt(ctx, upstream, path, "stale_connection", attempt.started, attempt)
                     fresh = True
                     continue
                 raise
@@ -361,25 +368,22 @@ LINE_OUTCOMES: Final = frozenset({"connect", "reset"})
 
 # Methods that may be sent twice without harm (RFC 9110 9.2.2), for the stale-connection retry.
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-# A reset this soon after sending on a reused connection is the origin's idle close racing
-# our request (it closed before reading it), not an answer to it.
-STALE_WINDOW: Final = 0.05
 
 
 def _stale_connection(ctx: Ctx, resp: Response, exc: UpstreamReset) -> bool:
     """May a reset on a reused keep-alive connection be retried on a new one, invisibly?
 
     Only if nothing can have been processed twice: nothing was sent, or the method is
-    idempotent (or the client sent an Idempotency-Key), or the reset came within
-    STALE_WINDOW of sending, before any byte of answer. Like Go's net/http.
+    idempotent (or the client sent an Idempotency-Key). A POST the origin may have read is
+    never sent again silently, however soon the reset came (a fast origin reads and fails in
+    microseconds): it fails over by the usual rules instead, or reaches the client. Like Go's
+    net/http.
     """
     if ctx.body_stream is not None or resp.head_done or resp.bytes_read or isinstance(exc, PathDown):
         return False
     if not exc.sent:
         return True
-    if ctx.method in IDEMPOTENT or "idempotency-key" in ctx.request.headers:
-        return True
-    return bool(resp.sent_at) and time.monotonic() - resp.sent_at < STALE_WINDOW
+    return ctx.method in IDEMPOTENT or "idempotency-key" in ctx.request.headers
 
 
 def may_move(ctx: Ctx) -> bool:

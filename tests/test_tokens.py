@@ -112,7 +112,9 @@ async def test_admin_slows_repeated_wrong_tokens_across_connections(origin: Fake
         status, headers, body = await raw_request(p.admin_url, status_get(host, WRONG))
         times.append(time.monotonic() - started)
         assert status == 401 and b"upstreams" not in body
-    assert max(times[:5]) < 0.1, times  # a few typos are answered at once
+    # A few typos are answered at once (the very first answer may be slow on a busy machine:
+    # the admin app's first request; generous bound for it).
+    assert times[0] < 1.0 and max(times[1:5]) < 0.1, times
     assert times[-1] >= 0.7, times  # then 0.1, 0.2, 0.4, 0.8 s...
     assert headers.get("connection", "").lower() == "close"
     started = time.monotonic()

@@ -451,10 +451,11 @@ async def test_traffic_goes_to_the_edge_with_the_better_whole_path(origin: FakeO
 
 async def test_whole_path_score_counts_the_edges_own_rtt(origin: FakeOrigin, make_proxy: MakeProxy) -> None:
     """Two edges, equally close to the sidecar; one is far from the origin (its own line to
-    it is 80 ms each way). The sidecar scores hop RTT + the edge's RTT to the origin, so it
-    picks the edge near the origin, not just the shortest first leg."""
+    it is 150 ms each way). The sidecar scores hop RTT + the edge's RTT to the origin, so it
+    picks the edge near the origin, not just the shortest first leg. (150 ms, not less: on a
+    busy machine the near edge's own samples jump by tens of ms, and it once did at 80.)"""
     sim = LineSim("127.0.0.1", origin.port)  # "the origin" as both edges and the sidecar see it
-    sim.delay_by_source = {"127.0.0.3": 0.08}  # the far edge's source address
+    sim.delay_by_source = {"127.0.0.3": 0.15}  # the far edge's source address
     await sim.start()
     try:
         url = f"http://{sim.address}"
@@ -467,7 +468,7 @@ async def test_whole_path_score_counts_the_edges_own_rtt(origin: FakeOrigin, mak
         paths = {p.line.name: p for p in side.proxy.state.paths.values() if p.upstream == "openai"}
         far_srtt, near_srtt = paths["edge0"].estimator.srtt, paths["edge1"].estimator.srtt
         assert far_srtt is not None and near_srtt is not None
-        assert far_srtt > near_srtt + 0.1, (far_srtt, near_srtt)  # the far edge's 160 ms RTT counted
+        assert far_srtt > near_srtt + 0.1, (far_srtt, near_srtt)  # the far edge's 300 ms RTT counted
         status = paths["edge0"].status()
         assert status["edge_rtt_ms"] is not None and status["edge_rtt_ms"] > 150  # shown apart too
         async with aiohttp.ClientSession() as s:

@@ -232,7 +232,9 @@ async def test_edge_slows_down_repeated_wrong_tokens(origin: FakeOrigin, make_pr
         status, headers, _ = await raw_request(edge.url, hop(target, "wrong-token-0123456789"))
         times.append(time.monotonic() - started)
         assert status == 401
-    assert max(times[:5]) < 0.1, times  # the first few mistakes are answered at once
+    # The first few mistakes are answered at once (the very first may be slow while a just
+    # started proxy warms its pools and probes on a busy machine: a generous bound for it).
+    assert times[0] < 1.0 and max(times[1:5]) < 0.1, times
     assert times[-1] >= 0.7, times  # then each one waits longer (0.1, 0.2, 0.4, 0.8 s...)
     assert headers.get("connection", "").lower() == "close"
     # The right token is never held back.
@@ -464,11 +466,17 @@ async def test_whole_path_score_counts_the_edges_own_rtt(origin: FakeOrigin, mak
         far = await make_proxy(far_cfg)
         side = await make_proxy(sidecar_config(FakeOriginAt(url), far.url, near.url))
         await ready(side)
-        await asyncio.sleep(1.2)  # another probe round on both
         paths = {p.line.name: p for p in side.proxy.state.paths.values() if p.upstream == "openai"}
-        far_srtt, near_srtt = paths["edge0"].estimator.srtt, paths["edge1"].estimator.srtt
-        assert far_srtt is not None and near_srtt is not None
-        assert far_srtt > near_srtt + 0.1, (far_srtt, near_srtt)  # the far edge's 300 ms RTT counted
+        # A few probe rounds (1 s apart): one sample can jump by a few hundred ms on a busy
+        # machine; the smoothed estimate settles.
+        deadline = time.monotonic() + 8
+        while True:
+            await asyncio.sleep(0.2)
+            far_srtt, near_srtt = paths["edge0"].estimator.srtt, paths["edge1"].estimator.srtt
+            settled = far_srtt is not None and near_srtt is not None and far_srtt > near_srtt + 0.1
+            if settled or time.monotonic() > deadline:
+                break
+        assert settled, (far_srtt, near_srtt)  # the far edge's 300 ms RTT counted
         status = paths["edge0"].status()
         assert status["edge_rtt_ms"] is not None and status["edge_rtt_ms"] > 150  # shown apart too
         async with aiohttp.ClientSession() as s:

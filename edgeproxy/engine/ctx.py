@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Attempt", "Ctx", "Reply", "Transform", "Usage"]
 
-# RFC 9110 7.6.1 hop-by-hop fields, plus what we always set ourselves (host, framing) and our
-# own token, which must never reach an origin.
+# RFC 9110 7.6.1 hop-by-hop fields, plus what we always set ourselves (host, framing). Our own
+# x-edgeproxy-* headers (the token among them) are never passed on either: head.py drops them
+# by their prefix.
 HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
@@ -38,7 +39,7 @@ HOP_BY_HOP: Final = frozenset(
         b"upgrade",
     }
 )
-REQUEST_SKIP: Final = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-edgeproxy-token"}
+REQUEST_SKIP: Final = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 
 
 @functools.lru_cache(maxsize=64)

@@ -156,7 +156,7 @@ class Engine(Failover):
             if ctx.held:
                 self.bodies.give_back(ctx)
             chain = self._inflight.pop(ctx, None)
-            if chain is not None and chain.at(ctx.path).end:
+            if chain is not None:
                 self._end(ctx, chain)
             self._log(ctx, chain)
 
@@ -327,7 +327,7 @@ class Engine(Failover):
 
     # -- end, errors and logging -----------------------------------------------------------
     def _end(self, ctx: Ctx, chain: Chain) -> None:
-        for on_end in chain.at(ctx.path).end:
+        for on_end in chain.at(ctx.path).end:  # (usually one or none)
             try:
                 on_end(ctx, ctx.reply)
             except Exception:  # a filter's bug must not cost the request its log line

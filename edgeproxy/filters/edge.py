@@ -41,15 +41,14 @@ if TYPE_CHECKING:
     from ..routing.state import Upstream
     from ..telemetry.metrics import Metrics
 
-__all__ = ["HOP_SKIP", "EdgeRole", "probe_answer", "split_target"]
+__all__ = ["HOP_SKIP", "HOP_SKIP_CODED", "EdgeRole", "probe_answer", "split_target"]
 
 PROBE_POLL: Final = 0.01
-# Client headers not passed on to the origin from a hop request: the hop's own (we set
-# Accept-Encoding ourselves: identity towards the origin), and Content-Encoding when we
-# decoded the body.
-HOP_SKIP: Final = frozenset(
-    {b"accept-encoding", b"x-edgeproxy-token"} | {h.encode() for h in (PROBE_HEADER, ENDPOINT_HEADER, BASE_HEADER)}
-)
+# Client headers not passed on over a hop, beyond every request's (the hop's own x-edgeproxy-*
+# headers go by their prefix, head.py): Accept-Encoding, which each side sets itself (the
+# sidecar the hop's codings, the edge identity), and Content-Encoding when a side (de)coded
+# the body.
+HOP_SKIP: Final = frozenset({b"accept-encoding"})
 HOP_SKIP_CODED: Final = HOP_SKIP | {b"content-encoding"}
 IDENTITY: Final = b"Accept-Encoding: identity\r\n"
 # Bodies smaller than this cross the hop as they are: compressing them gains nothing.

@@ -20,7 +20,7 @@ from ..proto import codec
 from ..proto.errors import ViaRefused
 from ..proto.hop import BASE_HEADER, BASE_MISSING
 from .deltas import Bases
-from .edge import HOP_SKIP, MIN_COMPRESS
+from .edge import HOP_SKIP, HOP_SKIP_CODED, MIN_COMPRESS
 
 if TYPE_CHECKING:
     from ..engine import Attempt, Ctx, Reply
@@ -33,7 +33,6 @@ __all__ = ["SIDECAR_BASES", "SIDECAR_BASE_BYTES", "ViaHop", "sidecar_bases"]
 # Recent bodies a `via` line keeps for deltas: at most this many, this many bytes in all.
 SIDECAR_BASES: Final = 16
 SIDECAR_BASE_BYTES: Final = 16 << 20
-HOP_SKIP_CODED: Final = HOP_SKIP | {b"content-encoding"}
 BASE_HEADER_BYTES: Final = BASE_HEADER.encode()
 BASE_MISSING_BYTES: Final = BASE_MISSING.encode()
 # The edge's own refusals of the hop itself (our token, a target it does not serve, a delta

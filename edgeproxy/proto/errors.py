@@ -150,15 +150,19 @@ class ViaRefused(ConnectError):
     kind = "via_refused"
 
 
-class RateLimited(ProxyError):
-    """Every key that could serve the request is rate-limited (or out of local headroom) for
-    longer than `failover.queue_timeout`: the client gets a 429 with ``retry_after``."""
-
-    kind = "rate_limited"
+class ComeBackLater(ProxyError):
+    """An error whose answer says when to try again (a Retry-After header)."""
 
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RateLimited(ComeBackLater):
+    """Every key that could serve the request is rate-limited (or out of local headroom) for
+    longer than `failover.queue_timeout`: the client gets a 429 with ``retry_after``."""
+
+    kind = "rate_limited"
 
 
 class KeysRefused(ProxyError):
@@ -213,14 +217,10 @@ class BodyTimeout(ClientError):
     kind = "body_timeout"
 
 
-class Busy(ProxyError):
+class Busy(ComeBackLater):
     """We hold as many request bodies as ``limits.buffer_memory`` allows: come back shortly."""
 
     kind = "busy"
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class ShuttingDown(ProxyError):

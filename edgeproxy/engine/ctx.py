@@ -78,6 +78,7 @@ class Ctx:
         "held",
         "metered",
         "method",
+        "model",
         "path",
         "pin",
         "raw_path",
@@ -116,6 +117,9 @@ class Ctx:
         # and a streamed body's length as sent (None: chunked).
         self.body_coding: str | None = None
         self.body_length: int | None = None
+        # The model the request asks for (proto.models: the body's top-level "model", or a
+        # Gemini URL's), read once the body is in; a filter that changes it says so here.
+        self.model: str | None = None
         self.tried: list[Path] = []
         self.path: Path | None = None
         self.attempt: Attempt | None = None

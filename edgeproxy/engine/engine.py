@@ -34,6 +34,7 @@ from ..proto.errors import (
     UnsafePath,
     VersionNotSupported,
 )
+from ..proto.models import request_model
 from ..proto.providers import error_body, sse_error_event
 from ..proto.target import has_unsafe_segment
 from .attempts import Failover
@@ -181,6 +182,7 @@ class Engine(Failover):
         await read_body(ctx, self.bodies)
         for request_body_filter in chain.request_body:
             await request_body_filter(ctx)
+        ctx.model = request_model(ctx.body if ctx.body_coding is None else None, ctx.raw_path)
         resp = await self._attempts(ctx, upstream, chain)
         return await self._relay(ctx, upstream, chain, resp)
 
@@ -377,6 +379,7 @@ class Engine(Failover):
             "method": ctx.method,
             "path": ctx.raw_path.split("?", 1)[0],
             "upstream": name,
+            "model": ctx.model,
             "endpoint": path.endpoint.host if path is not None else None,
             "line": path.line.name if path is not None else None,
             # the id of the credential the answer came with, never the credential itself

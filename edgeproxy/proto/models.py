@@ -1,0 +1,49 @@
+"""Which model a request asks for, read cheaply: health, cool-downs and timeouts are per model.
+
+A JSON body's top-level ``"model"`` is found with one C-speed search, not a parse: request
+bodies can be megabytes of conversation and the hot path parses no JSON it does not need.
+Only when ``"model"`` appears more than once (a tool's schema, an object in a message) is the
+body parsed, to take the top-level one. Gemini names the model in the URL instead
+(``.../models/<name>:generateContent``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+import orjson
+
+__all__ = ["request_model"]
+
+_KEY: Final = b'"model"'
+# The key, then a string value without escapes (model names have none), bounded.
+_VALUE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+_GEMINI = re.compile(r"/models/([^/:?]{1,200}):")
+MAX_NAME: Final = 200
+
+
+def request_model(body: bytes | None, target: str) -> str | None:
+    """The model ``body`` (plain JSON, or None) or the ``target`` URL names; None if neither."""
+    if body:
+        first = body.find(_KEY)
+        if first >= 0:
+            if body.find(_KEY, first + len(_KEY)) < 0:
+                m = _VALUE.match(body, first)
+                return m.group(1).decode("utf-8", "replace") if m is not None else None
+            return _parsed(body)
+    if "/models/" in target:
+        m = _GEMINI.search(target)
+        if m is not None:
+            return m.group(1)
+    return None
+
+
+def _parsed(body: bytes) -> str | None:
+    """``"model"`` more than once: only a parse tells which one is at the top level."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    model = doc.get("model") if isinstance(doc, dict) else None
+    return model if isinstance(model, str) and 0 < len(model) <= MAX_NAME else None

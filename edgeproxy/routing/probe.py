@@ -31,6 +31,7 @@ log = logging.getLogger("edgeproxy.probe")
 # At most one urgent probe per path this often (seconds), however many attempts wait.
 URGENT_SPACING: Final = 0.25
 
+
 def _edge_answer(resp: Response) -> float:
     """A `via` probe's answer: the edge's own RTT to the origin, added to the hop's so the
     path is scored whole. Anything but 200 means the edge cannot reach it (or refused us)."""

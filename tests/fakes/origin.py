@@ -42,6 +42,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -252,6 +253,30 @@ def _go_duration(seconds: float) -> str:
     return f"{int(minutes)}m{text}" if minutes else text
 
 
+@dataclass
+class ModelFailure:
+    """How one model fails: ``status`` with the provider's error ``code`` (OpenAI's
+    ``error.code``, Anthropic's ``error.type``; None: the status's usual one), an optional
+    Retry-After; or ``silent``: the request is accepted and never answered."""
+
+    status: int = 503
+    code: str | None = None
+    message: str = "fake model failure"
+    retry_after: str | None = None
+    silent: bool = False
+
+
+def _model_of(request: web.Request, body: bytes) -> str | None:
+    if "/models/" in request.path:
+        return request.path.rsplit("/models/", 1)[1].split(":", 1)[0]
+    try:
+        doc = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return None
+    model = doc.get("model") if isinstance(doc, dict) else None
+    return model if isinstance(model, str) else None
+
+
 class KeyLimit:
     """A per-key token bucket like the real APIs': ``requests`` (and optionally ``tokens``) per
     ``window`` seconds, refilled continuously, starting full."""
@@ -367,6 +392,9 @@ class FakeOrigin(Threaded):
         # message; it works for everything else.
         self.restricted_keys: dict[str, set[str]] = {}
         self.restricted_status: int = 401
+        # Failures of one model only (a body's "model", or a Gemini URL's): model -> how it fails
+        # (every other model is served). See ModelFailure.
+        self.model_failures: dict[str, ModelFailure] = {}
         # observations
         self.requests: list[Recorded] = []
         self.request_count: int = 0  # client requests, counted even when record is False
@@ -564,6 +592,10 @@ class FakeOrigin(Threaded):
                 if refused is not None:
                     await self._latency(request)
                     return refused
+            if self.model_failures:
+                failure = self.model_failures.get(_model_of(request, body) or "")
+                if failure is not None:
+                    return await self._model_failure(request, k, failure)
             status = self.fail_status
             if status is not None:
                 if self.fail_times > 0:
@@ -639,6 +671,18 @@ class FakeOrigin(Threaded):
         if kind == _GEMINI and (h.get("x-goog-api-key") == key or request.query.get("key") == key):
             return True
         return h.get("Authorization") == f"Bearer {key}"
+
+    async def _model_failure(self, request: web.Request, kind: str, failure: ModelFailure) -> web.StreamResponse:
+        if failure.silent:  # accepts the request, never answers (until the client gives up)
+            await asyncio.sleep(3600)
+        await self._latency(request)
+        if failure.code is None:
+            return self._error(kind, failure.status, failure.message, failure.retry_after)
+        resp = self._error(kind, failure.status, failure.message, failure.retry_after)
+        doc = orjson.loads(resp.body)  # type: ignore[arg-type]
+        doc["error"]["code" if kind != _ANTHROPIC else "type"] = failure.code
+        resp.body = orjson.dumps(doc)
+        return resp
 
     def _error(self, kind: str, status: int, message: str, retry_after: str | None = None) -> web.Response:
         headers = {"Content-Type": _JSON_CT}

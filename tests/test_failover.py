@@ -114,7 +114,8 @@ async def test_429_cools_the_endpoint_for_retry_after(origin: FakeOrigin, origin
     assert len(origin.requests) == 1  # nothing for the endpoint that asked for 2 s
     await asyncio.sleep(2.1)
     paths = {x.endpoint.port: x for x in p.proxy.state.paths.values()}
-    assert paths[origin.port].is_usable(time.monotonic())  # usable again after the wait
+    upstream = p.proxy.state.upstream("openai")
+    assert upstream.is_usable(paths[origin.port], CHAT["model"], time.monotonic())  # usable again after the wait
     assert p.proxy.metrics.failovers.values[("openai", "status_429")] == 1
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import random
 
+from edgeproxy.config import EjectionConfig
 from edgeproxy.routing.estimator import Estimator
-from edgeproxy.routing.health import Health
+from edgeproxy.routing.health import Health, OriginHealth
 from edgeproxy.routing.select import Candidate, order
 
 MS = 0.001
@@ -69,17 +70,18 @@ def test_rto_is_bounded() -> None:
 def test_health_reprobes_quickly_after_failure() -> None:
     h = Health()
     assert h.is_healthy(0.0) and h.state == "unknown"
-    assert h.on_probe(False, 1.0, "refused") is False  # one failure: suspect, looked at again soon
+    assert h.on_probe(False, 1.0, "refused") is None  # one failure: suspect, looked at again soon
     assert h.is_healthy(1.0)
     assert h.next_probe_in(5.0) == 0.5
-    assert h.on_probe(False, 1.5, "refused") is True  # the second in a row: down
+    assert h.on_probe(False, 1.5, "refused") == "down"  # the second in a row
     assert not h.is_healthy(1.5)
     assert h.next_probe_in(5.0) == 1.0
     for t in range(10):
         h.on_probe(False, 3.0 + t)
     assert h.state == "down"
-    assert h.next_probe_in(5.0) == 5.0  # capped at the interval
-    assert h.on_probe(True, 20.0) is True
+    assert h.next_probe_in(5.0) == 2.0  # while down: at least every 2 s, to see it come back
+    assert h.next_probe_in(1.0) == 1.0  # (or the interval, if shorter)
+    assert h.on_probe(True, 20.0) == "up"
     assert h.is_healthy(20.0) and h.consecutive_failures == 0
     assert 4.5 <= h.next_probe_in(5.0, random.Random(1)) <= 5.5
 
@@ -175,31 +177,63 @@ def test_no_flapping_between_equal_lines() -> None:
 def test_attempt_failures_eject_with_growing_backoff_and_half_open_trial() -> None:
     h = Health()
     h.on_probe(True, 0.0)
-    assert h.on_attempt("local", 1.0) is False
-    assert h.on_attempt("local", 1.1) is False
-    assert h.on_attempt("local", 1.2) is True  # third in a row: ejected
+    assert h.on_attempt("local", 1.0) is None
+    assert h.on_attempt("local", 1.1) is None
+    assert h.on_attempt("local", 1.2) == "ejected"  # third in a row
     assert h.state == "ejected" and not h.is_healthy(1.5) and not h.take_trial(1.5)
-    assert h.on_attempt("local", 1.3) is False  # sent before the ejection: changes nothing
+    assert h.on_attempt("local", 1.3) is None  # sent before the ejection: changes nothing
     assert h.is_healthy(1.2 + 2.0)  # base ejection 2 s over: half-open
     assert h.take_trial(3.3) is True and h.take_trial(3.3) is False  # one trial, the rest wait
-    assert h.on_attempt("local", 3.4) is True  # the trial failed: ejected again, for longer
+    assert h.on_attempt("local", 3.4) == "ejected"  # the trial failed: ejected again, for longer
     assert not h.is_healthy(3.4 + 3.9) and h.is_healthy(3.4 + 4.0)
     assert h.take_trial(8.0)
-    h.on_attempt("ok", 8.1)  # the trial worked
+    assert h.on_attempt("ok", 8.1) == "restored"  # the trial worked
     assert h.state == "up" and h.is_healthy(8.1) and h.take_trial(8.1)
 
 
-def test_origin_errors_counted_apart_and_probe_does_not_cut_5xx_ejection_short() -> None:
+def test_ejection_time_is_capped_and_its_backoff_forgotten_after_a_healthy_minute() -> None:
+    ejection = EjectionConfig(local_failures=1, base_time=2.0, max_time=5.0)
+    h = Health()
+    now = 0.0
+    spans = []
+    for _ in range(4):  # every trial fails: 2, 4, then capped at 5
+        assert h.on_attempt("local", now, ejection=ejection) == "ejected"
+        spans.append(h.ejected_until - now)
+        now = h.ejected_until
+        assert h.take_trial(now)
+    assert spans == [2.0, 4.0, 5.0, 5.0]
+    assert h.on_attempt("ok", now) == "restored"
+    h.on_attempt("ok", now + 61.0)  # a healthy minute: the back-off starts over
+    assert h.on_attempt("local", now + 62.0, ejection=ejection) == "ejected"
+    assert h.ejected_until - (now + 62.0) == 2.0
+
+
+def test_a_probe_restores_an_ejected_line() -> None:
     h = Health()
     h.on_probe(True, 0.0)
-    for t in range(4):
-        h.on_attempt("5xx", float(t))
-        h.on_attempt("local", float(t)) if t < 2 else None  # local run: 2, below its limit
-    assert h.state == "up"
-    h.on_attempt("ok", 4.0)
-    for t in range(5):
-        h.on_attempt("5xx", 5.0 + t)
+    for t in (1.0, 1.1, 1.2):
+        h.on_attempt("local", t)
     assert h.state == "ejected"
-    h.on_probe(True, 9.5)  # the line answers probes, but the origin failed real requests
-    assert h.state == "ejected" and not h.is_healthy(9.5)
-    assert h.is_healthy(9.0 + 2.0)
+    assert h.on_probe(True, 1.5) == "up"  # the line answers: back at once, not at 3.2
+    assert h.is_healthy(1.5)
+
+
+def test_origin_errors_eject_one_model_and_the_endpoint_only_when_every_model_fails() -> None:
+    ejection = EjectionConfig(origin_errors=3)
+    model_x, wide = OriginHealth(wide=False), OriginHealth(wide=True)
+    for t in range(3):  # model x fails three times in a row
+        model_x.on_error(float(t), None, ejection, "x")
+        wide.on_error(float(t), None, ejection, "x")
+    assert model_x.state == "ejected" and not model_x.usable(2.5)
+    assert wide.state == "up" and wide.usable(2.5)  # one model failing is that model's problem
+    assert model_x.usable(2.0 + 2.0)  # half-open after base_time
+    model_x.take_trial(4.0)
+    assert model_x.on_ok(4.1) and model_x.state == "up"
+    for t, model in ((5.0, "x"), (5.1, "y"), (5.2, "x")):  # two models fail in a row
+        wide.on_error(t, None, ejection, model)
+    assert wide.state == "ejected"
+    unknown = OriginHealth(wide=True)  # a model that could not be told: the endpoint's
+    for t in range(3):
+        unknown.on_error(float(t), None, ejection, None)
+    assert unknown.state == "ejected"
+    assert unknown.restore(2.5) and unknown.usable(2.5)  # its probes answer again: lifted

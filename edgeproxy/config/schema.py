@@ -5,6 +5,7 @@ Nothing here parses text; ``load`` builds these, and the rest of edgeproxy reads
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 from dataclasses import dataclass, field
 from typing import Final
@@ -111,16 +112,84 @@ _RETRY_ON_DEFAULT: Final = frozenset({"connect", "reset", "timeout", "429", "500
 
 
 @dataclass(frozen=True, slots=True)
+class EjectionConfig:
+    """`failover.ejection`: when real attempts take a path (or a model at an endpoint) out of
+    rotation, and for how long (base_time, doubling per ejection up to max_time)."""
+
+    origin_errors: int = 5  # 5xx, timeouts with a healthy line, stalls: in a row, per model
+    local_failures: int = 3  # connect refused or timed out, reset: in a row, per path
+    base_time: float = 2.0
+    max_time: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelTimeouts:
+    """`failover.models.<pattern>`: a model's own timeouts (None: the upstream's)."""
+
+    first_byte_timeout: float | None = None
+    stream_first_byte_timeout: float | None = None
+    first_event_timeout: float | None = None
+    stream_idle_timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """The timeouts one request runs with (its model's, streaming or not)."""
+
+    first_byte: float  # response headers
+    first_event: float  # an SSE answer's first event, before commit
+    stream_idle: float  # between bytes of a streamed answer, after commit
+
+
+# Reasoning models think before their first token, for minutes at high effort, and on some
+# APIs (OpenAI Chat Completions, Gemini) say nothing meanwhile: the first event (and a
+# non-streaming answer) may take as long as the SDKs wait (600 s). Their headers come at once
+# like any model's. A config's `failover.models` patterns are matched before these.
+BUILTIN_MODEL_TIMEOUTS: Final = tuple(
+    (pattern, ModelTimeouts(first_byte_timeout=600.0, first_event_timeout=600.0))
+    for pattern in ("o1*", "o3*", "o4*", "gpt-5*", "gemini-2.5-pro*", "*reasoner*", "*thinking*")
+)
+
+
+@dataclass(frozen=True, slots=True)
 class FailoverConfig:
     retries: int = 2
     retry_on: frozenset[str] = _RETRY_ON_DEFAULT
     first_byte_timeout: float = 300.0
+    # A streaming request's headers: every major API sends them once it accepts the request,
+    # before generating; silence this long is an origin that will not answer.
+    stream_first_byte_timeout: float = 30.0
     first_event_timeout: float = 30.0
     stream_idle_timeout: float = 60.0
     hedge: float | None = None
     # Every key of the upstream rate-limited: how long a request may wait for one to free up
     # before it gets a 429 with Retry-After.
     queue_timeout: float = 2.0
+    ejection: EjectionConfig = EjectionConfig()
+    # Per-model timeouts: (fnmatch pattern, overrides), the config's first, then the built-in.
+    models: tuple[tuple[str, ModelTimeouts], ...] = BUILTIN_MODEL_TIMEOUTS
+
+    def timeouts(self, model: str | None, streaming: bool) -> Timeouts:
+        """The timeouts of a request for ``model`` (the first pattern that matches it)."""
+        over = ModelTimeouts()
+        if model is not None:
+            for pattern, timeouts in self.models:
+                if fnmatch.fnmatchcase(model, pattern):
+                    over = timeouts
+                    break
+        if streaming:
+            first_byte = _first(over.stream_first_byte_timeout, self.stream_first_byte_timeout)
+        else:
+            first_byte = _first(over.first_byte_timeout, self.first_byte_timeout)
+        return Timeouts(
+            first_byte,
+            _first(over.first_event_timeout, self.first_event_timeout),
+            _first(over.stream_idle_timeout, self.stream_idle_timeout),
+        )
+
+
+def _first(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 @dataclass(frozen=True, slots=True)

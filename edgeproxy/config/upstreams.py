@@ -12,7 +12,16 @@ from typing import Any, Final
 from .context import _BAD, _Ctx, _join, _str_list
 from .hosts import norm_host
 from .lines import _NAME_RE, _split_url
-from .schema import EndpointConfig, FailoverConfig, KeyConfig, UpstreamConfig, key_id
+from .schema import (
+    BUILTIN_MODEL_TIMEOUTS,
+    EjectionConfig,
+    EndpointConfig,
+    FailoverConfig,
+    KeyConfig,
+    ModelTimeouts,
+    UpstreamConfig,
+    key_id,
+)
 from .units import _tname, parse_duration
 
 _PROVIDERS = ("openai", "anthropic", "gemini")
@@ -29,11 +38,16 @@ _FAILOVER_KEYS = (
     "retries",
     "retry_on",
     "first_byte_timeout",
+    "stream_first_byte_timeout",
     "first_event_timeout",
     "stream_idle_timeout",
     "hedge",
     "queue_timeout",
+    "ejection",
+    "models",
 )
+_EJECTION_KEYS = ("origin_errors", "local_failures", "base_time", "max_time")
+_MODEL_TIMEOUT_KEYS = ("first_byte_timeout", "stream_first_byte_timeout", "first_event_timeout", "stream_idle_timeout")
 
 
 def _failover(ctx: _Ctx, raw: object, path: str, base: FailoverConfig) -> FailoverConfig:
@@ -74,11 +88,57 @@ def _failover(ctx: _Ctx, raw: object, path: str, base: FailoverConfig) -> Failov
         retries=ctx.int_(m, "retries", path, base.retries, 0, 10),
         retry_on=retry_on,
         first_byte_timeout=ctx.duration(m, "first_byte_timeout", path, base.first_byte_timeout),
+        stream_first_byte_timeout=ctx.duration(m, "stream_first_byte_timeout", path, base.stream_first_byte_timeout),
         first_event_timeout=ctx.duration(m, "first_event_timeout", path, base.first_event_timeout),
         stream_idle_timeout=ctx.duration(m, "stream_idle_timeout", path, base.stream_idle_timeout),
         hedge=hedge,
         queue_timeout=ctx.duration(m, "queue_timeout", path, base.queue_timeout, zero_ok=True),
+        ejection=_ejection(ctx, m.get("ejection"), f"{path}.ejection", base.ejection),
+        models=_model_timeouts(ctx, m.get("models"), f"{path}.models", base.models),
     )
+
+
+def _ejection(ctx: _Ctx, raw: object, path: str, base: EjectionConfig) -> EjectionConfig:
+    if raw is None:
+        return base  # (inherited: checked where it was written)
+    m = ctx.section(raw, path, _EJECTION_KEYS)
+    ejection = EjectionConfig(
+        origin_errors=ctx.int_(m, "origin_errors", path, base.origin_errors, 1, 1000),
+        local_failures=ctx.int_(m, "local_failures", path, base.local_failures, 1, 1000),
+        base_time=ctx.duration(m, "base_time", path, base.base_time),
+        max_time=ctx.duration(m, "max_time", path, base.max_time),
+    )
+    if ejection.max_time < ejection.base_time:
+        ctx.err(f"{path}.max_time", f"must be at least base_time ({ejection.base_time:g}s)")
+    return ejection
+
+
+def _model_timeouts(
+    ctx: _Ctx, raw: object, path: str, base: tuple[tuple[str, ModelTimeouts], ...]
+) -> tuple[tuple[str, ModelTimeouts], ...]:
+    """`failover.models`: {pattern: {timeouts}}; matched in order, before the built-in ones."""
+    if raw is None or raw is _BAD:
+        return base
+    if not isinstance(raw, dict):
+        ctx.err(
+            path,
+            f"expected a mapping of model patterns to timeouts (e.g. o3*: {{first_event_timeout: 10m}}),"
+            f" got {_tname(raw)}",
+        )
+        return base
+    out = []
+    for pattern, spec in raw.items():
+        mp = f"{path}.{pattern}"
+        if not isinstance(pattern, str) or not pattern.strip():
+            ctx.err(mp, "a model name or pattern (fnmatch: * and ?) is expected")
+            continue
+        m = ctx.section(spec, mp, _MODEL_TIMEOUT_KEYS)
+        if not m and spec is not _BAD:
+            ctx.err(mp, "set at least one of " + ", ".join(_MODEL_TIMEOUT_KEYS))
+            continue
+        values = {k: ctx.duration(m, k, mp, 0.0) if m.get(k) is not None else None for k in _MODEL_TIMEOUT_KEYS}
+        out.append((pattern, ModelTimeouts(**values)))
+    return (*out, *BUILTIN_MODEL_TIMEOUTS)
 
 
 _KEY_FIELDS = ("key", "id", "rpm", "tpm")

@@ -18,8 +18,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from ..proto.errors import PathDown, ProxyError, UpstreamReset
+from ..proto.errors import PathDown, ProxyError, UpstreamReset, UpstreamTimeout
+from ..proto.models import wants_stream
 from ..proto.providers import retry_wait
+from ..routing.events import report_line, report_origin
 from .ctx import Attempt
 from .filter import AGAIN, SendAgain
 from .head import request_head
@@ -63,9 +65,11 @@ class Failover:
         upstream.budget.on_request(time.monotonic())
         hedge = upstream.config.failover.hedge
         retry_on = upstream.config.failover.retry_on
+        streaming = wants_stream(ctx.body, ctx.raw_path, ctx.request.headers.get("Accept"))
+        ctx.timeouts = upstream.timeouts(ctx.model, streaming)
         while True:
             retry = ctx.retrying
-            path = upstream.plan(ctx.tried, retry, only=ctx.pin)
+            path = _plan(ctx, upstream, retry)
             if path is None or (chain.path and not _taken(ctx, chain, path)):
                 await _wait_for_path(ctx, chain)  # something is short (keys): wait, or raise
                 continue
@@ -85,8 +89,12 @@ class Failover:
                 self._note_attempt(ctx, upstream, path, exc.kind, started, ctx.attempt)
                 path.on_failure(exc)
                 ctx.error = exc.kind
-                if exc.outcome and exc.blames_line:
-                    self._health(upstream, path, "local", started)
+                if isinstance(exc, UpstreamTimeout) and path.health.answers():
+                    # Silence on a line that answers probes is the origin's: that model at
+                    # that endpoint failed, and this request goes elsewhere if it can.
+                    self._origin_failed(ctx, upstream, path, exc.kind, started)
+                elif exc.outcome and exc.blames_line:
+                    self._line(upstream, path, "local", started)
                 if not self._may_retry(ctx, upstream, exc.outcome, exc.kind):
                     raise
                 ctx.retrying = True
@@ -117,7 +125,7 @@ class Failover:
             if verdict is AGAIN:
                 continue
             if status != 429 and status < 500 and str(status) not in retry_on:
-                self._health(upstream, path, "ok")
+                self._answered(ctx, upstream, path)
                 self._note_attempt(ctx, upstream, path, "ok", started, attempt)
                 ctx.error = None  # what failed before is in attempt_log; this request did not
                 return resp
@@ -127,11 +135,11 @@ class Failover:
             wait = None
             if status == 429:
                 wait = retry_wait(resp.headers)
-                upstream.cool_down(path.endpoint, DEFAULT_COOL_DOWN if wait is None else wait)
+                upstream.cool_down(path.endpoint.url, ctx.model, DEFAULT_COOL_DOWN if wait is None else wait)
             elif status >= 500:
-                self._health(upstream, path, "5xx", started)
+                self._origin_failed(ctx, upstream, path, f"status {status}", started)
             else:
-                self._health(upstream, path, "ok")  # (a 4xx the operator retries says nothing of health)
+                self._answered(ctx, upstream, path)  # (a 4xx the operator retries says nothing of health)
             if self._may_retry(ctx, upstream, str(status), f"status_{status}"):
                 resp.release()
                 ctx.error = f"status_{status}"
@@ -144,20 +152,32 @@ class Failover:
                 ctx.waited = True
                 await asyncio.sleep(max(wait, MIN_WAIT))
                 ctx.tried.remove(path)
-                path.cooldown_until = 0.0
-                upstream.reselect()
+                upstream.end_cool_down(path.endpoint.url, ctx.model)
                 continue
             return resp
 
-    def _health(self, upstream: Upstream, path: Path, outcome: str, started: float | None = None) -> None:
-        if upstream.on_attempt(path, outcome, started):
-            self.metrics.ejections.inc((upstream.name, path.line.name))
-            log.warning(
-                "ejected %s after %s failures (until +%.1fs)",
-                path.label,
-                outcome,
-                path.health.ejected_until - time.monotonic(),
-            )
+    # -- health feedback: the line per path, the origin per endpoint and model ---------------
+    def _line(self, upstream: Upstream, path: Path, outcome: str, started: float | None = None) -> None:
+        event = upstream.on_attempt(path, outcome, started)
+        if event is not None:
+            why = "local failures in a row" if event == "ejected" else "a trial request worked"
+            report_line(self.metrics, upstream, path, event, why)
+
+    def _answered(self, ctx: Ctx, upstream: Upstream, path: Path) -> None:
+        """The origin answered (not with an error of its own): good news for both."""
+        self._line(upstream, path, "ok")
+        for model, event in upstream.on_origin(path, ctx.model, True):
+            report_origin(self.metrics, upstream, path, model, event, "a trial request worked")
+
+    def _origin_failed(self, ctx: Ctx, upstream: Upstream, path: Path, why: str, started: float) -> None:
+        """The origin failed this request (a 5xx, silence): counted for its model there, and
+        the next attempt prefers another endpoint over the same one on another line."""
+        self._line(upstream, path, "ok")  # (the line carried the request: it is not to blame)
+        for model, event in upstream.on_origin(path, ctx.model, False, started):
+            report_origin(self.metrics, upstream, path, model, event, f"origin errors in a row (last: {why})")
+        if ctx.avoid is None:
+            ctx.avoid = set()
+        ctx.avoid.add(path.endpoint.url)
 
     async def _hedged(
         self, ctx: Ctx, upstream: Upstream, chain: Chain, path: Path, delay: float, started: float
@@ -175,7 +195,7 @@ class Failover:
         winner: asyncio.Future[Attempt] | None = None
         try:
             done, pending = await asyncio.wait(pending, timeout=delay)
-            second_path = None if done else upstream.plan(ctx.tried, retry=True, only=ctx.pin)
+            second_path = None if done else _plan(ctx, upstream, retry=True)
             if second_path is not None and not _taken(ctx, chain, second_path):
                 second_path = None  # what it needs (a key) is not ready: no hedge
             if second_path is not None and upstream.budget.try_retry(time.monotonic()):
@@ -225,7 +245,7 @@ class Failover:
         failover = upstream.config.failover
         if not (outcome in failover.retry_on and ctx.body_stream is None and len(ctx.tried) <= failover.retries):
             return False
-        following = upstream.plan(ctx.tried, retry=True, take=False, only=ctx.pin)
+        following = _plan(ctx, upstream, retry=True, take=False)
         if following is None:
             return False
         # The budget keeps failing origins from being hammered. It is charged for retries after
@@ -233,7 +253,9 @@ class Failover:
         # that is healthy: that one takes the request instead, it is not a second copy piled
         # on a failing origin. A line that failed to carry the request costs nothing.
         now = time.monotonic()
-        moving_on = following.endpoint.url != ctx.tried[-1].endpoint.url and following.is_usable(now)
+        moving_on = following.endpoint.url != ctx.tried[-1].endpoint.url and upstream.is_usable(
+            following, ctx.model, now
+        )
         charged = outcome not in LINE_OUTCOMES and not moving_on
         if charged and not upstream.budget.try_retry(now):
             self.metrics.budget_exhausted.inc((upstream.name,))
@@ -268,7 +290,7 @@ class Failover:
 
     async def _attempt(self, ctx: Ctx, upstream: Upstream, chain: Chain, attempt: Attempt) -> Attempt:
         """One try on one path: send, then wait for headers (and for SSE, the first event)."""
-        failover = upstream.config.failover
+        timeouts = ctx.timeouts or upstream.timeouts(ctx.model, False)
         path = attempt.path
         hooks = chain.at(path)
         fresh = False
@@ -304,13 +326,13 @@ class Failover:
                             raise
                         # The origin answered (and closed) before the upload ended: its answer
                         # (a 413, a 401) is what the client should see.
-                await resp.wait_head(failover.first_byte_timeout)
+                await resp.wait_head(timeouts.first_byte)
                 suspect.cancel()
                 for upstream_response in hooks.upstream_response:
                     upstream_response(ctx, attempt, resp)
                 if resp.status == 200 and _is_sse(resp) and resp.header(b"content-encoding") is None:
                     # (a compressed stream's events cannot be seen: its first byte commits it)
-                    await resp.wait_event(failover.first_event_timeout)
+                    await resp.wait_event(timeouts.first_event)
                 return attempt
             except SendAgain:
                 resp.release()
@@ -331,6 +353,11 @@ class Failover:
             finally:
                 suspect.cancel()
                 path.waiting.pop(resp, None)
+
+
+def _plan(ctx: Ctx, upstream: Upstream, retry: bool, take: bool = True) -> Path | None:
+    """The next path for this request (``Upstream.plan`` with what the request knows)."""
+    return upstream.plan(ctx.tried, retry, take, ctx.pin, ctx.model, ctx.avoid)
 
 
 def _target(ctx: Ctx, upstream: Upstream, path: Path) -> str:
@@ -397,5 +424,5 @@ def may_move(ctx: Ctx) -> bool:
     return (
         "reset" in failover.retry_on
         and len(ctx.tried) <= failover.retries
-        and upstream.plan(ctx.tried, retry=True, take=False, only=ctx.pin) is not None
+        and _plan(ctx, upstream, retry=True, take=False) is not None
     )

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from ..config import Timeouts
     from ..net.client import Response
     from ..proto.codec import Decoder
     from ..routing.lines import Path
@@ -67,6 +68,7 @@ class Ctx:
         "attempt",
         "attempt_log",
         "auth",
+        "avoid",
         "body",
         "body_coding",
         "body_length",
@@ -91,6 +93,7 @@ class Ctx:
         "status",
         "streamed",
         "target",
+        "timeouts",
         "tried",
         "ttfb",
         "upstream",
@@ -121,6 +124,10 @@ class Ctx:
         # Gemini URL's), read once the body is in; a filter that changes it says so here.
         self.model: str | None = None
         self.tried: list[Path] = []
+        # Endpoints this request prefers not to go back to: their origin failed it (a 5xx,
+        # silence on a line that answers probes). Used only when nothing else is left.
+        self.avoid: set[str] | None = None
+        self.timeouts: Timeouts | None = None  # its model's, streaming or not (set when planned)
         self.path: Path | None = None
         self.attempt: Attempt | None = None
         self.retrying = False

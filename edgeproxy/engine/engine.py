@@ -271,7 +271,7 @@ class Engine(Failover):
         if reply.sse:
             out.headers["X-Accel-Buffering"] = "no"
             ctx.streamed = True
-        idle = upstream.config.failover.stream_idle_timeout
+        idle = (ctx.timeouts or upstream.timeouts(ctx.model, True)).stream_idle
         streams = self.metrics.active_streams if reply.sse else None
         stream_labels = (upstream.name,)
         transform = _one_transform(reply.transforms)

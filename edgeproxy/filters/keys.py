@@ -129,7 +129,7 @@ class KeyPools(Filter):
         """If keys are only busy (rate-limited, out of local headroom), wait for the first to
         free up within `failover.queue_timeout` of the request's arrival; else raise
         RateLimited, whose Retry-After says how long until one is free."""
-        wait = self._wait(ctx.tried, ctx.pin)
+        wait = self._wait(ctx.tried, ctx.pin, ctx.model)
         if wait is None:
             raise KeysRefused(
                 f"the origin refused every API key of upstream {self.name} (401/403);"
@@ -148,7 +148,7 @@ class KeyPools(Filter):
         await asyncio.sleep(max(wait, MIN_WAIT))
         return True
 
-    def _wait(self, tried: list[Path], only: str | None) -> float | None:
+    def _wait(self, tried: list[Path], only: str | None, model: str | None) -> float | None:
         """Seconds until a key of an untried endpoint is ready (0: now), or None if no untried
         endpoint has a pool that will ever be (all disabled). ``only``: that endpoint URL."""
         now = time.monotonic()
@@ -157,7 +157,7 @@ class KeyPools(Filter):
             pool = self.pools.get(path.endpoint.url)
             if pool is None or path in tried or (only is not None and path.endpoint.url != only):
                 continue
-            w = max(pool.available_in(now), path.cooldown_until - now)
+            w = max(pool.available_in(now), self.upstream.cooling(path.endpoint.url, model, now))
             wait = w if wait is None else min(wait, w)
         return None if wait is None or wait == float("inf") else wait
 
@@ -260,8 +260,8 @@ class KeyPools(Filter):
             return False
         others = [p for p in ctx.tried if p is not path]  # the path may serve again: it was the key
         return (
-            self.upstream.plan(others, ctx.retrying, take=False, only=ctx.pin) is not None
-            or self._wait(others, ctx.pin) is not None
+            self.upstream.plan(others, ctx.retrying, False, ctx.pin, ctx.model, ctx.avoid) is not None
+            or self._wait(others, ctx.pin, ctx.model) is not None
         )
 
     def _again(self, ctx: Ctx, status: int) -> Verdict:

@@ -30,6 +30,7 @@ from ..filters.deltas import edge_bases
 from ..net.dns import Resolver
 from ..proto.errors import PathDown
 from ..proto.providers import client_credential, token_matches
+from ..routing.events import report_origin
 from ..routing.lines import Path
 from ..routing.probe import Prober
 from ..routing.state import State, Upstream, describe_changes
@@ -295,10 +296,14 @@ class Proxy:
         self.resolver.close()
         await self.access.close()
 
-    def _on_probe(self, path: Path, ok: bool) -> None:
+    def _on_probe(self, path: Path, ok: bool, changed: str | None) -> None:
         """A probe finished: re-rank that path's upstream. A failed probe fails over the
-        attempts waiting on the path now, not at their own timeouts."""
+        attempts waiting on the path now, not at their own timeouts. A path back up lifts
+        its endpoint's origin ejections (the outage was the whole origin's, and it is over)."""
         upstream = self.state.upstream(path.upstream)
+        if changed == "up" and upstream is not None:
+            for model in upstream.origin_recovered(path.endpoint.url):
+                report_origin(self.metrics, upstream, path, model, "restored", "its probes answer again")
         if not ok and path.waiting:
             # Late senders too; and only requests that have somewhere else to go: the others
             # keep their chance here, and their own timeouts.
@@ -326,7 +331,8 @@ class Proxy:
             labels = (path.upstream, path.endpoint.url, path.line.name)
             if path.estimator.srtt is not None:
                 rtt[labels] = path.estimator.srtt
-            up[labels] = 1.0 if path.is_usable(now) else 0.0
+            upstream = self.state.upstream(path.upstream)
+            up[labels] = 1.0 if upstream is not None and upstream.is_usable(path, None, now) else 0.0
         self.metrics.key_disabled.values.clear()
         self.metrics.key_headroom.values.clear()
         for chain in self.pipeline.chains.values():
@@ -415,6 +421,8 @@ class Proxy:
             "switches": u.switches,
             "retry_budget_exhausted": u.budget.exhausted,
             "paths": [p.status() for p in u.order],  # in try order: the first takes traffic
+            # models (or whole endpoints: model "*") the origin is failing or pausing for
+            "origins": u.origin_status(),
             "keys": {},
         }
         for f in self.pipeline.chain(u).all_filters():

@@ -14,12 +14,14 @@ from typing import Final
 
 import orjson
 
-__all__ = ["request_model"]
+__all__ = ["request_model", "wants_stream"]
 
 _KEY: Final = b'"model"'
 # The key, then a string value without escapes (model names have none), bounded.
 _VALUE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
 _GEMINI = re.compile(r"/models/([^/:?]{1,200}):")
+_STREAM_KEY: Final = b'"stream"'
+_STREAM_ON = re.compile(rb'"stream"\s*:\s*true')
 MAX_NAME: Final = 200
 
 
@@ -33,9 +35,9 @@ def request_model(body: bytes | None, target: str) -> str | None:
                 return m.group(1).decode("utf-8", "replace") if m is not None else None
             return _parsed(body)
     if "/models/" in target:
-        m = _GEMINI.search(target)
-        if m is not None:
-            return m.group(1)
+        found = _GEMINI.search(target)
+        if found is not None:
+            return found.group(1)
     return None
 
 
@@ -47,3 +49,13 @@ def _parsed(body: bytes) -> str | None:
         return None
     model = doc.get("model") if isinstance(doc, dict) else None
     return model if isinstance(model, str) and 0 < len(model) <= MAX_NAME else None
+
+
+def wants_stream(body: bytes | None, target: str, accept: str | None) -> bool:
+    """Does the request ask for a streamed answer (``"stream": true``, Gemini's streaming
+    method, or an SSE ``Accept``)? Its timeouts differ (see FailoverConfig)."""
+    if body and _STREAM_KEY in body and _STREAM_ON.search(body) is not None:
+        return True
+    if ":streamGenerateContent" in target:
+        return True
+    return accept is not None and "text/event-stream" in accept

@@ -1,20 +1,30 @@
-"""Who is healthy: per-path state from active probes and from real attempts.
+"""Who is healthy: a path's line (probes, local failures) and an endpoint's models (origin
+outcomes of real attempts).
 
 Health says yes or no and when to look again; it never picks a path (that is ``select``).
 
-Probes: a failed probe makes the path suspect and it is probed again soon (QUICK_REPROBE,
-doubling up to the probe interval); a second failure in a row marks it ``down``. One slow
-probe (a 1 s spike) therefore moves no traffic. An *urgent* probe (sent because a real
-request already waits too long on the path) counts the same; its failure also has the
-requests waiting on the path sent elsewhere at once (the server does that), and the next
-urgent probe follows within a quarter second, so a dead line is down within about a second.
+Two things fail apart, and are tracked apart:
 
-Attempts (passive outlier detection, as Envoy does it): locally originated failures
-(connect refused or timed out, reset, no response headers in time) and origin errors (5xx)
-are counted apart, each in a run of consecutive failures. A run of EJECT_AFTER_LOCAL, or of
-EJECT_AFTER_5XX, ejects the path for a time that doubles with each ejection. It comes back
-through a successful probe, or when the time is up, through one trial request (half-open): a
-success restores it, a failure ejects it again for longer.
+- **The line** (``Health``, one per path): probes, and locally originated failures of real
+  attempts (connect refused or timed out, reset). A failed probe makes the path suspect and it
+  is probed again soon (QUICK_REPROBE, doubling up to DOWN_REPROBE); a second failure in a row
+  marks it ``down``. One slow probe (a 1 s spike) therefore moves no traffic. An *urgent* probe
+  (a real request already waits too long on the path) counts the same; its failure also has the
+  requests waiting on the path sent elsewhere at once (the server does that). A probe answered
+  with a 5xx fails too: the origin answers nothing useful there, whatever the model. A run of
+  ``failover.ejection.local_failures`` ejects the path.
+- **The origin, per model** (``OriginHealth``, one per endpoint and model, kept by the upstream
+  only while something is wrong): 5xx answers, timeouts on a line that probes healthy, stalled
+  streams, and 429 cool-downs. A run of ``origin_errors`` for one model ejects that model at
+  that endpoint; the other models keep it. The endpoint as a whole (the entry for model None) is
+  ejected when its run of errors spans two models or more (everything fails), or when the
+  model is unknown.
+
+An ejection lasts ``base_time``, doubling per ejection up to ``max_time``. When it is up, one
+request is the half-open trial: a success restores at once, a failure ejects again for longer.
+A probe that answers restores an ejected line, and a path that comes back up from ``down`` clears
+its endpoint's origin ejections (the outage was the whole origin's). A path or model that works
+for RESET_AFTER after its restore has its back-off forgotten.
 """
 
 from __future__ import annotations
@@ -22,51 +32,91 @@ from __future__ import annotations
 import random
 from typing import Final
 
-__all__ = ["Health"]
+from ..config import EjectionConfig
+
+__all__ = ["Health", "OriginHealth"]
 
 QUICK_REPROBE: Final = 0.5  # seconds until the first re-probe after a failure
+# A path that is down is probed at least this often: its recovery is seen within it.
+DOWN_REPROBE: Final = 2.0
 DOWN_AFTER: Final = 2  # failed probes in a row that mark a path down
 JITTER: Final = 0.1  # +-10% on the probe interval, so paths don't probe in lockstep
-EJECT_AFTER_LOCAL: Final = 3
-EJECT_AFTER_5XX: Final = 5
-BASE_EJECTION: Final = 2.0  # seconds; doubles per ejection
-MAX_EJECTION: Final = 120.0
-# A path that has worked this long after its last ejection has one ejection forgiven.
-DECAY_AFTER: Final = 60.0
+# Working this long after a restore: the back-off starts again from base_time.
+RESET_AFTER: Final = 60.0
+
+DEFAULT_EJECTION: Final = EjectionConfig()
 
 UNKNOWN: Final = "unknown"
 UP: Final = "up"
-DOWN: Final = "down"  # the last probe failed
+DOWN: Final = "down"  # the last probes failed
 EJECTED: Final = "ejected"  # real attempts kept failing
+COOLING: Final = "cooling"  # the origin asked for a pause (429)
 
 
-class Health:
-    """State of one path: unknown -> up | down | ejected."""
+class _Ejection:
+    """Ejection with a growing back-off and a half-open trial; shared by the line's health and
+    the origin's."""
+
+    __slots__ = ("ejected_at", "ejected_until", "ejections", "restored_at", "trial")
+
+    def __init__(self) -> None:
+        self.ejections = 0  # ejections since the back-off was last forgotten
+        self.ejected_at = 0.0  # when the last ejection happened
+        self.ejected_until = 0.0
+        self.restored_at = 0.0
+        self.trial = False  # a half-open trial request is out
+
+    def is_ejected(self) -> bool:
+        raise NotImplementedError
+
+    def may_take_trial(self, now: float) -> bool:
+        """Could a request go here now (without claiming anything)?"""
+        return not self.is_ejected() or (now >= self.ejected_until and not self.trial)
+
+    def take_trial(self, now: float) -> bool:
+        """May a request go here now? Once ejected and the time is up: that request is the
+        half-open trial (the rest wait for its outcome)."""
+        if not self.may_take_trial(now):
+            return False
+        if self.is_ejected():
+            self.trial = True
+        return True
+
+    def _stale(self, trial: bool, started: float | None) -> bool:
+        """A failure that says nothing new: ejected and not the trial, or sent before the
+        last ejection."""
+        return (self.is_ejected() and not trial) or (started is not None and started < self.ejected_at)
+
+    def _eject(self, now: float, ejection: EjectionConfig) -> None:
+        if self.ejections and self.restored_at and now - self.restored_at > RESET_AFTER:
+            self.ejections = 0  # it worked for long enough since the last time: start afresh
+        self.ejections += 1
+        self.ejected_at = now
+        self.ejected_until = now + min(ejection.base_time * 2 ** (self.ejections - 1), ejection.max_time)
+
+    def _forgive(self, now: float) -> None:
+        if self.ejections and now - self.restored_at > RESET_AFTER and now - self.ejected_until > RESET_AFTER:
+            self.ejections = 0
+
+
+class Health(_Ejection):
+    """The line of one path: unknown -> up | down | ejected."""
 
     __slots__ = (
         "consecutive_failures",
-        "ejected_at",
-        "ejected_until",
-        "ejections",
         "last_error",
         "last_probe_at",
         "last_probe_ok",
         "local_failures",
-        "origin_failures",
         "probes",
         "state",
-        "trial",
     )
 
     def __init__(self) -> None:
+        super().__init__()
         self.state = UNKNOWN
         self.consecutive_failures = 0  # failed probes in a row
         self.local_failures = 0  # locally originated attempt failures in a row
-        self.origin_failures = 0  # 5xx answers in a row
-        self.ejections = 0
-        self.ejected_until = 0.0
-        self.ejected_at = 0.0  # when the last ejection happened
-        self.trial = False  # a half-open trial request is out
         self.last_probe_at: float | None = None
         self.last_probe_ok: bool | None = None
         self.last_error: str | None = None
@@ -75,6 +125,9 @@ class Health:
     def __repr__(self) -> str:
         return f"<Health {self.state} probe_fails={self.consecutive_failures} local={self.local_failures}>"
 
+    def is_ejected(self) -> bool:
+        return self.state == EJECTED
+
     def is_healthy(self, now: float) -> bool:
         if self.state == DOWN:
             return False
@@ -82,77 +135,138 @@ class Health:
             return now >= self.ejected_until and not self.trial  # half-open: one trial may go
         return True
 
-    def may_take_trial(self, now: float) -> bool:
-        """Could a request go to this path now (without claiming anything)?"""
-        return self.state != EJECTED or (now >= self.ejected_until and not self.trial)
-
-    def take_trial(self, now: float) -> bool:
-        """May a request go to this path now? For an ejected path whose time is up, once:
-        that request is the half-open trial (the rest wait for its outcome)."""
-        if not self.may_take_trial(now):
-            return False
-        if self.state == EJECTED:
-            self.trial = True
-        return True
+    def answers(self) -> bool:
+        """Does the line answer probes right now (up, its last probe ok)? A timeout on it is
+        then the origin's silence, not the line's."""
+        return self.state == UP and self.last_probe_ok is True
 
     def badness(self) -> int:
         """For ranking when nothing is healthy: failures in a row, of any kind."""
-        return self.consecutive_failures + self.local_failures + self.origin_failures
+        return self.consecutive_failures + self.local_failures
 
-    def on_probe(self, ok: bool, now: float, error: str | None = None) -> bool:
-        """Record a probe result; True if the state changed."""
+    def on_probe(self, ok: bool, now: float, error: str | None = None) -> str | None:
+        """Record a probe result; the new state if it changed ("up" after "down" or
+        "ejected": restored), else None."""
         before = self.state
         self.probes += 1
         self.last_probe_at = now
         self.last_probe_ok = ok
         if ok:
             self.consecutive_failures = 0
-            if self.state != EJECTED or now >= self.ejected_until or self.local_failures:
-                # A probe proves the line works; an ejection for 5xx (the origin misbehaving
-                # on real requests while answering probes) serves out its time.
-                self.state = UP
-                self.local_failures = 0
+            self.local_failures = 0
+            if self.state == EJECTED:
+                self.restored_at = now  # the line answers: what ejected it is gone
+            self.state = UP
         else:
             self.consecutive_failures += 1
             self.last_error = error
             if self.consecutive_failures >= DOWN_AFTER:
                 self.state = DOWN
-        return self.state != before
+        return self.state if self.state != before else None
 
-    def on_attempt(self, outcome: str, now: float, started: float | None = None) -> bool:
-        """Record a real attempt: "ok", "local" (connect/reset/timeout) or "5xx".
-
-        True if the path was ejected (or restored) by it.
-        """
-        before = self.state
+    def on_attempt(
+        self, outcome: str, now: float, started: float | None = None, ejection: EjectionConfig = DEFAULT_EJECTION
+    ) -> str | None:
+        """Record a real attempt: "ok" or "local" (connect, reset). "ejected" or "restored"
+        if that changed the state, else None."""
         trial, self.trial = self.trial, False
         if outcome == "ok":
-            self.local_failures = self.origin_failures = 0
-            if self.ejections and now - self.ejected_until > DECAY_AFTER:
-                self.ejections -= 1
+            self.local_failures = 0
+            self._forgive(now)
             if self.state == EJECTED:
                 self.state = UP
-            return self.state != before
-        if (self.state == EJECTED and not trial) or (started is not None and started < self.ejected_at):
-            return False  # a request sent before the last ejection: it says nothing new
-        if outcome == "local":
-            self.local_failures += 1
-            run, limit = self.local_failures, EJECT_AFTER_LOCAL
-        else:
-            self.origin_failures += 1
-            run, limit = self.origin_failures, EJECT_AFTER_5XX
-        if run >= limit or trial:  # a failed half-open trial ejects again, for longer
-            self.ejections += 1
-            self.ejected_at = now
-            self.ejected_until = now + min(BASE_EJECTION * 2 ** (self.ejections - 1), MAX_EJECTION)
+                self.restored_at = now
+                return "restored"
+            return None
+        if self._stale(trial, started):
+            return None
+        self.local_failures += 1
+        if self.local_failures >= ejection.local_failures or trial:  # a failed trial ejects again
+            self._eject(now, ejection)
             if self.state != DOWN:
                 self.state = EJECTED
-            return True
-        return False
+            return "ejected"
+        return None
 
     def next_probe_in(self, interval: float, rng: random.Random | None = None) -> float:
         """Seconds until this path should be probed again."""
         if self.consecutive_failures:
-            return min(interval, QUICK_REPROBE * 2 ** (self.consecutive_failures - 1))
+            return min(interval, DOWN_REPROBE, QUICK_REPROBE * 2 ** (self.consecutive_failures - 1))
         r = (rng or random).uniform(-JITTER, JITTER)
         return interval * (1 + r)
+
+
+class OriginHealth(_Ejection):
+    """One model at one endpoint (or, for model None, the whole endpoint): origin errors in a
+    row, ejection, and the pause a 429 asked for."""
+
+    __slots__ = ("cooldown_until", "errors", "models", "state", "wide")
+
+    def __init__(self, wide: bool) -> None:
+        super().__init__()
+        self.wide = wide  # the whole endpoint's entry
+        self.state = UP
+        self.errors = 0  # origin errors in a row
+        self.models: set[str] = set()  # (the endpoint's entry) the models the run spans, up to 2
+        self.cooldown_until = 0.0  # monotonic
+
+    def __repr__(self) -> str:
+        return f"<OriginHealth {self.state} errors={self.errors} ejections={self.ejections}>"
+
+    def is_ejected(self) -> bool:
+        return self.state == EJECTED
+
+    def usable(self, now: float) -> bool:
+        """Would a request go here now, trials aside?"""
+        return self.cooldown_until <= now and (self.state != EJECTED or (now >= self.ejected_until and not self.trial))
+
+    def idle(self, now: float) -> bool:
+        """Nothing to remember: the upstream may drop this entry."""
+        return self.state == UP and not self.errors and not self.ejections and self.cooldown_until <= now
+
+    def on_ok(self, now: float) -> bool:
+        """A good answer; True if it restored an ejection."""
+        self.trial = False
+        self.errors = 0
+        self.models.clear()
+        self._forgive(now)
+        if self.state == EJECTED:
+            self.state = UP
+            self.restored_at = now
+            return True
+        return False
+
+    def on_error(self, now: float, started: float | None, ejection: EjectionConfig, model: str | None) -> bool:
+        """An origin error for ``model``; True if it ejected. On the endpoint's own entry
+        (``model`` is then who failed), a run ejects only if it spans two models or more,
+        or a model that could not be told."""
+        trial, self.trial = self.trial, False
+        if self._stale(trial, started):
+            return False
+        self.errors += 1
+        if self.wide and len(self.models) < 2:
+            self.models.add(model or "")
+        everything = not self.wide or len(self.models) > 1 or "" in self.models
+        if trial or (self.errors >= ejection.origin_errors and everything):
+            self._eject(now, ejection)
+            self.state = EJECTED
+            return True
+        return False
+
+    def restore(self, now: float) -> bool:
+        """The origin answers again (a probe after an outage): lift the ejection now."""
+        self.errors = 0
+        self.models.clear()
+        self.trial = False
+        if self.state == EJECTED:
+            self.state = UP
+            self.restored_at = now
+            return True
+        return False
+
+    def status(self, now: float) -> str:
+        if self.state == EJECTED and now < self.ejected_until:
+            return EJECTED
+        if self.cooldown_until > now:
+            return COOLING
+        return self.state

@@ -217,7 +217,6 @@ class Path:
         "last_error",
         "last_error_at",
         "connect_rtt",
-        "cooldown_until",
         "waiting",
         "host_header",
         "edge_rtt",
@@ -264,7 +263,6 @@ class Path:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.connect_rtt: float | None = None
-        self.cooldown_until = 0.0  # monotonic; the endpoint asked us to wait (429) until then
         # Attempts sent on this path and not yet committed: failed over if the line dies.
         self.waiting: dict[Response, Any] = {}  # -> the engine's Ctx
 
@@ -339,10 +337,6 @@ class Path:
             return ceiling
         return min(max(2 * (est.srtt + 4 * est.rttvar), SUSPECT_FLOOR), ceiling)
 
-    def is_usable(self, now: float) -> bool:
-        """Healthy and not cooling down: a path a request should go to."""
-        return self.cooldown_until <= now and self.health.is_healthy(now)
-
     def is_full(self) -> bool:
         return self.inflight >= self.pool.max_size
 
@@ -370,7 +364,7 @@ class Path:
             "endpoint": self.endpoint.url,
             "line": self.line.name,
             "priority": self.endpoint.priority,
-            "state": "cooling" if self.cooldown_until > now and health.state == "up" else health.state,
+            "state": health.state,  # the line's; the origin's per model: the upstream's "origins"
             "srtt_ms": _ms(est.srtt),
             "rttvar_ms": _ms(est.rttvar),
             "last_rtt_ms": _ms(est.last_sample),

@@ -48,9 +48,11 @@ def _edge_answer(resp: Response) -> float:
 
 class Prober:
     """Runs one probe loop per path; reports each result to the path and to
-    ``on_result(path, ok)``."""
+    ``on_result(path, ok, changed)`` (changed: the path's new state, if it changed)."""
 
-    def __init__(self, config: ProbeConfig, metrics: Metrics, on_result: Callable[[Path, bool], None]) -> None:
+    def __init__(
+        self, config: ProbeConfig, metrics: Metrics, on_result: Callable[[Path, bool, str | None], None]
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self.on_result = on_result
@@ -121,6 +123,10 @@ class Prober:
                 sent = loop.time()
                 await resp.wait_head(timeout)
                 rtt = loop.time() - sent
+                if resp.status >= 500 and path.hop is None:
+                    # The line works, but the origin answers nothing useful here, whatever
+                    # the model (the models list failing is the whole origin failing).
+                    raise ProxyError(f"the origin answered the probe with {resp.status}")
                 if path.hop is not None:
                     path.edge_rtt = _edge_answer(resp)
                     rtt += path.edge_rtt
@@ -143,7 +149,7 @@ class Prober:
             path.estimator.add(rtt, now)
         changed = path.health.on_probe(ok, now, error)
         if changed:
-            log.info("path %s is %s%s", path.label, path.health.state, f": {error}" if error else "")
+            log.info("path %s is %s%s", path.label, changed, f": {error}" if error else "")
         self.metrics.probes.inc((path.upstream, path.line.name, "ok" if ok else "fail"))
-        self.on_result(path, ok)
+        self.on_result(path, ok, changed)
         return ok

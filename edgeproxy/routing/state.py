@@ -18,18 +18,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from .budget import RetryBudget
+from .health import OriginHealth
 from .lines import Line, Path, PathKey, same_connections
 from .select import Candidate, order
 
 if TYPE_CHECKING:
-    from ..config import Config, EndpointConfig, UpstreamConfig
+    from ..config import Config, EndpointConfig, Timeouts, UpstreamConfig
     from ..net.dns import Resolver
 
 __all__ = ["State", "Upstream", "describe_changes"]
+
+# Origin health entries per upstream (endpoint x model) at most; also the memo of timeouts.
+MAX_ORIGINS = 256
 
 
 class Upstream:
@@ -48,6 +52,8 @@ class Upstream:
         "injects_keys",
         "budget",
         "gate",
+        "origins",
+        "_timeouts",
     )
 
     def __init__(self, config: UpstreamConfig, paths: list[Path], tolerance: float) -> None:
@@ -68,6 +74,10 @@ class Upstream:
         # Set by a filter that can tell a path cannot take a request now whatever its health
         # (every key of its endpoint busy): plan() passes such paths over.
         self.gate: Callable[[Path, float], bool] | None = None
+        # The origin's health per (endpoint URL, model; None: the whole endpoint), only while
+        # something is wrong there (empty: nothing to check on the hot path).
+        self.origins: dict[tuple[str, str | None], OriginHealth] = {}
+        self._timeouts: dict[tuple[str | None, bool], Timeouts] = {}
         self.reselect()
 
     def __repr__(self) -> str:
@@ -77,42 +87,68 @@ class Upstream:
         prefix = self.prefix
         return raw_path.startswith(prefix) and (len(raw_path) == len(prefix) or raw_path[len(prefix)] in "/?")
 
-    def plan(self, tried: list[Path], retry: bool = False, take: bool = True, only: str | None = None) -> Path | None:
-        """The next path to try: the first untried one in ``order`` that has room.
+    def plan(
+        self,
+        tried: list[Path],
+        retry: bool = False,
+        take: bool = True,
+        only: str | None = None,
+        model: str | None = None,
+        avoid: Collection[str] | None = None,
+    ) -> Path | None:
+        """The next path to try for a request for ``model``: the first untried one in
+        ``order`` that has room, whose line and whose origin (for that model) are healthy.
 
         A path whose in-flight requests fill its pool is passed over (spill to the next);
-        it is still returned when every other path was tried or is full too. A retry never
-        goes to an endpoint that asked us to wait (429). ``take=False`` only looks: it does
-        not claim an ejected path's half-open trial. ``only``: paths of that endpoint URL
-        only (a hop request names its endpoint; an edge never swaps it for another).
+        it is still returned when every other path was tried or is full too. A path whose
+        line or origin is ejected (or cooling down after a 429, or of an endpoint in ``avoid``:
+        its origin failed this request) is returned only when nothing else is left; a
+        retry never goes to an endpoint that asked us to wait. ``take=False`` only looks:
+        it does not claim a half-open trial. ``only``: paths of that endpoint URL only (a
+        hop request names its endpoint; an edge never swaps it for another).
         """
         spill = fallback = None
         now = time.monotonic()
         gate = self.gate
+        origins = self.origins
         for path in self.order:
-            if (
-                path in tried
-                or (retry and path.cooldown_until > now)
-                or (only is not None and path.endpoint.url != only)
-            ):
+            url = path.endpoint.url
+            if path in tried or (only is not None and url != only):
                 continue
             if gate is not None and not gate(path, now):
                 continue  # what it needs is short (every key busy): the gate's filter waits
+            origin_ok = True
+            if origins:
+                if retry and self.cooling(url, model, now) > 0:
+                    continue
+                origin_ok = self._origin_usable(url, model, now)
             if path.inflight >= path.pool.max_size:
                 spill = spill or path
                 continue
             health = path.health
-            if not (health.take_trial(now) if take else health.may_take_trial(now)):
-                fallback = fallback or path  # ejected: only if nothing else is left
+            if not (origin_ok and (avoid is None or url not in avoid) and health.may_take_trial(now)):
+                fallback = fallback or path  # only if nothing else is left
                 continue
+            if take:
+                health.take_trial(now)
+                if origins:
+                    self._take_origin_trial(url, model, now)
             return path
         return spill or fallback
 
     def reselect(self) -> bool:
         """Recompute ``order`` from the paths' estimates and health; True if the first changed."""
         now = time.monotonic()
+        origins = self.origins
         candidates = [
-            Candidate(p.key, p.endpoint.priority, p.score(), p.is_usable(now), i, p.health.badness())
+            Candidate(
+                p.key,
+                p.endpoint.priority,
+                p.score(),
+                p.health.is_healthy(now) and (not origins or self._origin_usable(p.endpoint.url, None, now)),
+                i,
+                p.health.badness(),
+            )
             for i, p in enumerate(self.paths)
         ]
         by_key = {p.key: p for p in self.paths}
@@ -129,26 +165,149 @@ class Upstream:
         delay = max(0.0, when - time.monotonic()) + 0.001
         asyncio.get_running_loop().call_later(delay, self.reselect)
 
-    def on_attempt(self, path: Path, outcome: str, started: float | None = None) -> bool:
-        """Feed a real attempt's outcome ("ok", "local", "5xx") to the path's health; True
-        if that ejected the path. ``started``: when the attempt began (monotonic)."""
-        now = time.monotonic()
-        if not path.health.on_attempt(outcome, now, started):
-            return False
-        self.reselect()
-        if path.health.state == "ejected":
-            self.reselect_at(path.health.ejected_until)
-            return True
-        return False
+    def is_usable(self, path: Path, model: str | None, now: float) -> bool:
+        """Would a request for ``model`` go to ``path`` now (line and origin healthy)?"""
+        return path.health.is_healthy(now) and (not self.origins or self._origin_usable(path.endpoint.url, model, now))
 
-    def cool_down(self, endpoint: EndpointConfig, seconds: float) -> None:
-        """The origin asked for a pause (429): no path of this endpoint gets traffic for it."""
+    # -- the line: probes and local failures (per path) ----------------------------------------
+    def on_attempt(self, path: Path, outcome: str, started: float | None = None) -> str | None:
+        """Feed a real attempt's line outcome ("ok", "local") to the path's health; "ejected"
+        or "restored" if that changed it. ``started``: when the attempt began (monotonic)."""
+        now = time.monotonic()
+        health = path.health
+        event = health.on_attempt(outcome, now, started, self.config.failover.ejection)
+        if event is not None:
+            self.reselect()
+            if event == "ejected":
+                self.reselect_at(health.ejected_until)
+        return event
+
+    # -- the origin: per endpoint and model --------------------------------------------------------
+    def on_origin(
+        self, path: Path, model: str | None, ok: bool, started: float | None = None
+    ) -> list[tuple[str | None, str]]:
+        """Feed an origin outcome (ok: a good answer; else a 5xx, a timeout on a healthy line,
+        a stall) for ``model`` at ``path``'s endpoint. What changed: (model, "ejected" or
+        "restored"), model None meaning the whole endpoint."""
+        origins = self.origins
+        if ok and not origins:
+            return []  # the common case: nothing is wrong anywhere
+        now = time.monotonic()
+        url = path.endpoint.url
+        changed: list[tuple[str | None, str]] = []
+        keys = [(url, None)] if model is None else [(url, model), (url, None)]
+        if ok:
+            for key in keys:
+                entry = origins.get(key)
+                if entry is None:
+                    continue
+                if entry.on_ok(now):
+                    changed.append((key[1], "restored"))
+                if entry.idle(now):
+                    del origins[key]
+        else:
+            ejection = self.config.failover.ejection
+            for key in keys:
+                entry = self._origin(key)
+                if entry is not None and entry.on_error(now, started, ejection, model):
+                    changed.append((key[1], "ejected"))
+                    self.reselect_at(entry.ejected_until)
+        if changed:
+            self.reselect()
+        return changed
+
+    def origin_recovered(self, url: str) -> list[str | None]:
+        """A path of endpoint ``url`` answers probes again after being down: the outage was
+        the origin's, and it is over; lift its ejections (models too). Those lifted."""
+        now = time.monotonic()
+        lifted = [model for (u, model), entry in self.origins.items() if u == url and entry.restore(now)]
+        if lifted:
+            self.reselect()
+        return lifted
+
+    def cool_down(self, url: str, model: str | None, seconds: float) -> None:
+        """The origin asked for a pause (429) for ``model`` (None: for everything): no
+        request for it goes to endpoint ``url`` meanwhile, unless nothing else is left."""
+        entry = self._origin((url, model))
+        if entry is None:
+            return
         until = time.monotonic() + seconds
-        for path in self.paths:
-            if path.endpoint.url == endpoint.url:
-                path.cooldown_until = max(path.cooldown_until, until)
+        entry.cooldown_until = max(entry.cooldown_until, until)
         self.reselect()
         self.reselect_at(until)
+
+    def end_cool_down(self, url: str, model: str | None) -> None:
+        entry = self.origins.get((url, model))
+        if entry is not None:
+            entry.cooldown_until = 0.0
+            self.reselect()
+
+    def cooling(self, url: str, model: str | None, now: float) -> float:
+        """Seconds until endpoint ``url`` takes requests for ``model`` again after a 429 (0: now)."""
+        origins = self.origins
+        if not origins:
+            return 0.0
+        wide = origins.get((url, None))
+        until = wide.cooldown_until if wide is not None else 0.0
+        if model is not None:
+            entry = origins.get((url, model))
+            if entry is not None:
+                until = max(until, entry.cooldown_until)
+        return max(0.0, until - now)
+
+    def _origin_usable(self, url: str, model: str | None, now: float) -> bool:
+        origins = self.origins
+        wide = origins.get((url, None))
+        if wide is not None and not wide.usable(now):
+            return False
+        if model is not None:
+            entry = origins.get((url, model))
+            if entry is not None and not entry.usable(now):
+                return False
+        return True
+
+    def _take_origin_trial(self, url: str, model: str | None, now: float) -> None:
+        for key in ((url, None), (url, model)):
+            entry = self.origins.get(key)
+            if entry is not None:
+                entry.take_trial(now)
+
+    def _origin(self, key: tuple[str, str | None]) -> OriginHealth | None:
+        """The entry for (endpoint, model), made if need be; None past MAX_ORIGINS (a storm
+        of distinct failing models is then seen by the endpoint's own entry only)."""
+        entry = self.origins.get(key)
+        if entry is None:
+            if len(self.origins) >= MAX_ORIGINS and key[1] is not None:
+                return None
+            entry = self.origins[key] = OriginHealth(wide=key[1] is None)
+        return entry
+
+    def origin_status(self) -> list[dict[str, object]]:
+        """What /-/status shows of the origins' health: only what is not plainly up."""
+        now = time.monotonic()
+        out: list[dict[str, object]] = []
+        for (url, model), entry in self.origins.items():
+            state = entry.status(now)
+            if state == "up" and not entry.errors:
+                continue
+            row: dict[str, object] = {"endpoint": url, "model": model or "*", "state": state, "errors": entry.errors}
+            if state == "ejected":
+                row["for_s"] = round(entry.ejected_until - now, 1)
+            elif state == "cooling":
+                row["for_s"] = round(entry.cooldown_until - now, 1)
+            out.append(row)
+        return out
+
+    # -- timeouts ---------------------------------------------------------------------------------
+    def timeouts(self, model: str | None, streaming: bool) -> Timeouts:
+        """The timeouts of a request for ``model`` (``failover.models``), memoized."""
+        key = (model, streaming)
+        found = self._timeouts.get(key)
+        if found is None:
+            if len(self._timeouts) >= MAX_ORIGINS:
+                self._timeouts.clear()  # (many distinct model names: start over)
+            found = self._timeouts[key] = self.config.failover.timeouts(model, streaming)
+        return found
 
     def endpoint(self, url: str) -> EndpointConfig:
         for ep in self.config.endpoints:
@@ -214,6 +373,8 @@ class State:
                     previous.switches,
                     previous.budget,
                 )
+                urls = {ep.url for ep in uc.endpoints}
+                upstream.origins = {k: v for k, v in previous.origins.items() if k[0] in urls}
                 # (ranked again by commit(), once the kept paths have their new priorities)
             upstreams.append(upstream)
         state = cls(config, upstreams, paths, lines)

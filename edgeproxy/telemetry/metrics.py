@@ -109,7 +109,18 @@ class Metrics(Collector):
         self.stream_errors = Counter(
             "edgeproxy_stream_errors", "Streams ended with an in-band error after commit", ("upstream", "reason")
         )
-        self.ejections = Counter("edgeproxy_ejections", "Paths ejected after failing attempts", ("upstream", "line"))
+        # A line's ejection has model "*"; an origin's (one model at an endpoint, or "*": all of
+        # them) has line "*".
+        self.ejections = Counter(
+            "edgeproxy_ejections",
+            "Lines or models taken out of rotation after failing attempts",
+            ("upstream", "endpoint", "line", "model"),
+        )
+        self.restores = Counter(
+            "edgeproxy_restores",
+            "Ejected lines or models back in rotation (a trial or a probe worked)",
+            ("upstream", "endpoint", "line", "model"),
+        )
         self.rescues = Counter(
             "edgeproxy_rescues", "Waiting attempts failed over: a probe found the line dead", ("upstream", "line")
         )

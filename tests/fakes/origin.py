@@ -257,13 +257,15 @@ def _go_duration(seconds: float) -> str:
 class ModelFailure:
     """How one model fails: ``status`` with the provider's error ``code`` (OpenAI's
     ``error.code``, Anthropic's ``error.type``; None: the status's usual one), an optional
-    Retry-After; or ``silent``: the request is accepted and never answered."""
+    Retry-After; or ``silent``: the request is accepted and never answered. ``delay``: the
+    answer (the error, or with ``status`` None the normal answer) comes that much later."""
 
-    status: int = 503
+    status: int | None = 503
     code: str | None = None
     message: str = "fake model failure"
     retry_after: str | None = None
     silent: bool = False
+    delay: float = 0.0
 
 
 def _model_of(request: web.Request, body: bytes) -> str | None:
@@ -594,8 +596,10 @@ class FakeOrigin(Threaded):
                     return refused
             if self.model_failures:
                 failure = self.model_failures.get(_model_of(request, body) or "")
-                if failure is not None:
+                if failure is not None and (failure.status is not None or failure.silent):
                     return await self._model_failure(request, k, failure)
+                if failure is not None:
+                    await asyncio.sleep(failure.delay)  # slow, then served
             status = self.fail_status
             if status is not None:
                 if self.fail_times > 0:
@@ -675,7 +679,9 @@ class FakeOrigin(Threaded):
     async def _model_failure(self, request: web.Request, kind: str, failure: ModelFailure) -> web.StreamResponse:
         if failure.silent:  # accepts the request, never answers (until the client gives up)
             await asyncio.sleep(3600)
+        await asyncio.sleep(failure.delay)
         await self._latency(request)
+        assert failure.status is not None
         if failure.code is None:
             return self._error(kind, failure.status, failure.message, failure.retry_after)
         resp = self._error(kind, failure.status, failure.message, failure.retry_after)

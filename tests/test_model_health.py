@@ -224,3 +224,19 @@ async def test_the_access_log_names_the_model(origin: FakeOrigin, make_proxy: An
         assert (await ask(p.url, "gpt-4o-mini"))[0] == 200
         await asyncio.sleep(0.05)  # the log flushes on the next loop turn
     assert orjson.loads(log_path.read_bytes().splitlines()[-1])["model"] == "gpt-4o-mini"
+
+
+async def test_stalled_streams_count_against_their_model(
+    origin: FakeOrigin, fallback: FakeOrigin, make_proxy: Any
+) -> None:
+    failover = {"stream_idle_timeout": "300ms", "ejection": {"origin_errors": 2}}
+    p = await make_proxy(primary_and_fallback(origin.url, fallback.url, failover=failover))
+    origin.stall_after_events = 2  # the stream starts, then the origin goes quiet (after commit)
+    for _ in range(2):
+        status, body, _ = await ask(p.url, "model-x", stream=True)
+        assert status == 200 and b"upstream_timeout" in body and b"[DONE]" not in body  # honest
+    origin.stall_after_events = None
+    assert (await ask(p.url, "model-x", stream=True))[0] == 200
+    assert models_served(fallback) == ["model-x"]  # ejected at the primary for that model
+    rows = p.proxy.status()["upstreams"][0]["origins"]
+    assert [(r["model"], r["state"]) for r in rows if r["state"] == "ejected"] == [("model-x", "ejected")]

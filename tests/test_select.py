@@ -237,3 +237,12 @@ def test_origin_errors_eject_one_model_and_the_endpoint_only_when_every_model_fa
         unknown.on_error(float(t), None, ejection, None)
     assert unknown.state == "ejected"
     assert unknown.restore(2.5) and unknown.usable(2.5)  # its probes answer again: lifted
+
+
+def test_a_trial_whose_client_went_away_is_not_waited_for_ever() -> None:
+    h = Health()
+    for t in (1.0, 1.1, 1.2):
+        h.on_attempt("local", t)
+    assert h.take_trial(3.3)  # the trial goes out, and its client leaves: no outcome, ever
+    assert not h.take_trial(10.0)  # meanwhile the others wait for it
+    assert h.take_trial(3.3 + 30.1)  # then it is forgotten: another request may try

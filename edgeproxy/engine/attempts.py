@@ -125,7 +125,7 @@ class Failover:
             if verdict is AGAIN:
                 continue
             if status != 429 and status < 500 and str(status) not in retry_on:
-                self._answered(ctx, upstream, path)
+                self._answered(ctx, upstream, path, resp)
                 self._note_attempt(ctx, upstream, path, "ok", started, attempt)
                 ctx.error = None  # what failed before is in attempt_log; this request did not
                 return resp
@@ -139,7 +139,7 @@ class Failover:
             elif status >= 500:
                 self._origin_failed(ctx, upstream, path, f"status {status}", started)
             else:
-                self._answered(ctx, upstream, path)  # (a 4xx the operator retries says nothing of health)
+                self._answered(ctx, upstream, path, resp)  # (a 4xx the operator retries says nothing of health)
             if self._may_retry(ctx, upstream, str(status), f"status_{status}"):
                 resp.release()
                 ctx.error = f"status_{status}"
@@ -163,11 +163,24 @@ class Failover:
             why = "local failures in a row" if event == "ejected" else "a trial request worked"
             report_line(self.metrics, upstream, path, event, why)
 
-    def _answered(self, ctx: Ctx, upstream: Upstream, path: Path) -> None:
-        """The origin answered (not with an error of its own): good news for both."""
-        self._line(upstream, path, "ok")
+    def _answered(self, ctx: Ctx, upstream: Upstream, path: Path, resp: Response | None) -> None:
+        """The origin answered (not with an error of its own): good news for the line; for the
+        origin too, unless it is a stream (that is good news once it ends: ``resp`` None)."""
+        if resp is not None:
+            self._line(upstream, path, "ok")
+            if resp.status == 200 and _is_sse(resp):
+                return
         for model, event in upstream.on_origin(path, ctx.model, True):
             report_origin(self.metrics, upstream, path, model, event, "a trial request worked")
+
+    def _stream_failed(self, ctx: Ctx, upstream: Upstream, path: Path, exc: ProxyError) -> None:
+        """A stream broke after commit: a stall on a line that answers probes is the origin's
+        (that model's), anything else the line's, as before commit."""
+        if isinstance(exc, UpstreamTimeout) and path.health.answers():
+            for model, event in upstream.on_origin(path, ctx.model, False):
+                report_origin(self.metrics, upstream, path, model, event, "stalled streams in a row")
+        elif exc.blames_line:
+            path.on_failure(exc)
 
     def _origin_failed(self, ctx: Ctx, upstream: Upstream, path: Path, why: str, started: float) -> None:
         """The origin failed this request (a 5xx, silence): counted for its model there, and

@@ -284,6 +284,8 @@ class Engine(Failover):
             try:
                 await push_body(ctx.request, out, resp, idle, reply.framed, transform, tap)
                 reply.clean = True
+                if reply.sse and ctx.path is not None:
+                    self._answered(ctx, upstream, ctx.path, None)  # the stream ended as it should
             except ProxyError as exc:
                 return await self._broken_stream(ctx, upstream, out, exc, reply.sse, transform)
             finally:
@@ -311,8 +313,8 @@ class Engine(Failover):
         """The origin failed after commit: tell the client honestly, never fake an end."""
         ctx.error = f"{exc.kind}_after_commit"
         self.metrics.stream_errors.inc((upstream.name, exc.kind))
-        if ctx.path is not None and exc.blames_line:
-            ctx.path.on_failure(exc)
+        if ctx.path is not None:
+            self._stream_failed(ctx, upstream, ctx.path, exc)
         if is_sse:
             message = f"upstream stream broke: {exc.message}" if exc.source == "upstream" else exc.message
             event = sse_error_event(upstream.provider, exc.kind, message)

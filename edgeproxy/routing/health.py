@@ -41,6 +41,8 @@ QUICK_REPROBE: Final = 0.5  # seconds until the first re-probe after a failure
 DOWN_REPROBE: Final = 2.0
 DOWN_AFTER: Final = 2  # failed probes in a row that mark a path down
 JITTER: Final = 0.1  # +-10% on the probe interval, so paths don't probe in lockstep
+# A half-open trial with no outcome this long (its client went away first) is forgotten.
+TRIAL_LOST: Final = 30.0
 # Working this long after a restore: the back-off starts again from base_time.
 RESET_AFTER: Final = 60.0
 
@@ -57,7 +59,7 @@ class _Ejection:
     """Ejection with a growing back-off and a half-open trial; shared by the line's health and
     the origin's."""
 
-    __slots__ = ("ejected_at", "ejected_until", "ejections", "restored_at", "trial")
+    __slots__ = ("ejected_at", "ejected_until", "ejections", "restored_at", "trial", "trial_at")
 
     def __init__(self) -> None:
         self.ejections = 0  # ejections since the back-off was last forgotten
@@ -65,13 +67,18 @@ class _Ejection:
         self.ejected_until = 0.0
         self.restored_at = 0.0
         self.trial = False  # a half-open trial request is out
+        self.trial_at = 0.0
 
     def is_ejected(self) -> bool:
         raise NotImplementedError
 
+    def _trial_out(self, now: float) -> bool:
+        # A trial whose outcome never came (its client left first) is forgotten after a while.
+        return self.trial and now - self.trial_at < TRIAL_LOST
+
     def may_take_trial(self, now: float) -> bool:
         """Could a request go here now (without claiming anything)?"""
-        return not self.is_ejected() or (now >= self.ejected_until and not self.trial)
+        return not self.is_ejected() or (now >= self.ejected_until and not self._trial_out(now))
 
     def take_trial(self, now: float) -> bool:
         """May a request go here now? Once ejected and the time is up: that request is the
@@ -79,7 +86,7 @@ class _Ejection:
         if not self.may_take_trial(now):
             return False
         if self.is_ejected():
-            self.trial = True
+            self.trial, self.trial_at = True, now
         return True
 
     def _stale(self, trial: bool, started: float | None) -> bool:
@@ -132,7 +139,7 @@ class Health(_Ejection):
         if self.state == DOWN:
             return False
         if self.state == EJECTED:
-            return now >= self.ejected_until and not self.trial  # half-open: one trial may go
+            return now >= self.ejected_until and not self._trial_out(now)  # half-open: one trial may go
         return True
 
     def answers(self) -> bool:
@@ -218,7 +225,7 @@ class OriginHealth(_Ejection):
 
     def usable(self, now: float) -> bool:
         """Would a request go here now, trials aside?"""
-        return self.cooldown_until <= now and (self.state != EJECTED or (now >= self.ejected_until and not self.trial))
+        return self.cooldown_until <= now and self.may_take_trial(now)
 
     def idle(self, now: float) -> bool:
         """Nothing to remember: the upstream may drop this entry."""

@@ -121,6 +121,9 @@ class FailoverConfig:
     # Every key of the upstream rate-limited: how long a request may wait for one to free up
     # before it gets a 429 with Retry-After.
     queue_timeout: float = 2.0
+    # A stream broken after commit goes on from another endpoint where the API can continue
+    # an answer (Anthropic Messages: an assistant prefill); filters/resume.py.
+    resume: bool = False
 
 
 @dataclass(frozen=True, slots=True)

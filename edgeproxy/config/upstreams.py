@@ -33,6 +33,7 @@ _FAILOVER_KEYS = (
     "stream_idle_timeout",
     "hedge",
     "queue_timeout",
+    "resume",
 )
 
 
@@ -78,6 +79,7 @@ def _failover(ctx: _Ctx, raw: object, path: str, base: FailoverConfig) -> Failov
         stream_idle_timeout=ctx.duration(m, "stream_idle_timeout", path, base.stream_idle_timeout),
         hedge=hedge,
         queue_timeout=ctx.duration(m, "queue_timeout", path, base.queue_timeout, zero_ok=True),
+        resume=ctx.switch(m, "resume", path, base.resume),
     )
 
 

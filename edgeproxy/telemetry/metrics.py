@@ -109,6 +109,13 @@ class Metrics(Collector):
         self.stream_errors = Counter(
             "edgeproxy_stream_errors", "Streams ended with an in-band error after commit", ("upstream", "reason")
         )
+        self.resumes = Counter(
+            "edgeproxy_resumes",
+            "Streams broken after commit that failover.resume tried to continue elsewhere, by result"
+            " (ok: continued; refused: the continuation was answered with an error; unavailable: no path"
+            " or no answer)",
+            ("upstream", "result"),
+        )
         self.ejections = Counter("edgeproxy_ejections", "Paths ejected after failing attempts", ("upstream", "line"))
         self.rescues = Counter(
             "edgeproxy_rescues", "Waiting attempts failed over: a probe found the line dead", ("upstream", "line")

@@ -148,8 +148,8 @@ async def test_the_whitespace_the_prefill_cannot_end_with_is_not_sent_twice(
 async def test_a_break_anywhere_before_the_end_resumes_exactly(
     origin: FakeOrigin, origin2: FakeOrigin, make_proxy: Any, after: int
 ) -> None:
-    """After message_start only, after the block's start, after the ping, after one delta;
-    after the block's end, after the last delta."""
+    """After message_start only, after the block's start, after the ping, after one delta,
+    after all deltas but one, after every delta (3 frames come before the first delta)."""
     p = await make_proxy(anthropic_config([origin.url, origin2.url], resume="on"))
     breaking(origin, after=after)
     origin2.events = 20
@@ -157,6 +157,20 @@ async def test_a_break_anywhere_before_the_end_resumes_exactly(
     assert text == FULL
     assert [b.type for b in final.content] == ["text"] and final.stop_reason == "end_turn"
     assert p.proxy.metrics.resumes.values == {("anthropic", "ok"): 1}
+
+
+async def test_a_break_after_the_blocks_end_goes_on_in_a_new_block(
+    origin: FakeOrigin, origin2: FakeOrigin, make_proxy: Any
+) -> None:
+    """The client has the block's content_block_stop: the continuation's text is a block of
+    its own, numbered after it (here empty: the fake had nothing more to say)."""
+    p = await make_proxy(anthropic_config([origin.url, origin2.url], resume="on"))
+    breaking(origin, after=24)
+    origin2.events = 20
+    text, final = await sdk_stream(p.url)
+    assert text == FULL
+    assert [b.text for b in final.content] == [FULL, ""]  # type: ignore[union-attr]
+    assert final.stop_reason == "end_turn"
 
 
 async def test_a_stalled_stream_goes_on_from_the_other_endpoint(

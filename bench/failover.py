@@ -29,6 +29,14 @@ settings; edgeproxy's default interval is 5 s):
             frames (both endpoints; then one normal request and stream must succeed), 400
             context_length_exceeded.
 
+A third, "resume": its own edgeproxy with `failover.resume: on` in front of two fake origins as
+the endpoints of an anthropic upstream (priority 1 and 2); ``--streams`` Anthropic streams
+start at once, the preferred origin cuts every one after 40 frames and the other is sent the
+continuation (an assistant prefill). Each stream must end with message_stop and exactly the
+reply's text, one block (nothing repeated, nothing missing), the final usage covering it, and
+no client error; the added silence at the splice is reported (it includes the
+continuation's first events, which the fake origin paces like any).
+
 Per fault: client-visible errors (non-200, exceptions, broken streams: no [DONE] and no
 in-band error; in-band errors on streams the fault cut after commit are listed apart, they are
 the honest outcome), added latency p50/p99 of the requests the fault hit (in flight at the
@@ -66,7 +74,7 @@ import uvloop
 
 sys.path.insert(0, str(c.ROOT))
 from tests.fakes.linesim import LineSim
-from tests.fakes.origin import PROBE_AGENT, FakeOrigin
+from tests.fakes.origin import PROBE_AGENT, FakeOrigin, reply_for
 
 EDGE_PY = c.EDGE_PY
 PROMPT = [{"role": "user", "content": "failover bench"}]
@@ -1243,6 +1251,156 @@ def recovery_row(su: Setup, res: Res) -> list[Any]:
     return ["line recovers (back to pass)", "-", "-", "-", txt, "traffic back <= 3 probe intervals (3 s)", mark(met)]
 
 
+# --------------------------------------------------------------------------- resume
+
+
+class Spliced:
+    """One Anthropic stream as the client assembled it."""
+
+    __slots__ = ("blocks", "done", "error", "exc", "gap", "index_error", "output", "status")
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.blocks: list[str] = []  # text per content block, by the indices the client saw
+        self.index_error = False  # a delta for a block never started, or a start out of order
+        self.done = False  # message_stop
+        self.error: str | None = None  # an in-band error event
+        self.exc: str | None = None
+        self.output: int | None = None  # the final message_delta's output_tokens
+        self.gap = 0.0  # the longest silence between two events (the splice)
+
+
+async def spliced_stream(s: aiohttp.ClientSession, port: int, prompt: str, rid: str) -> Spliced:
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 1000, "stream": True}
+    body["messages"] = [{"role": "user", "content": prompt}]
+    st = Spliced()
+    last = None
+    try:
+        async with s.post(
+            f"http://127.0.0.1:{port}/anthropic/v1/messages",
+            json=body,
+            headers={"x-api-key": "sk-ant-bench", "anthropic-version": "2023-06-01", "x-request-id": rid},
+        ) as r:
+            st.status = r.status
+            async for line in r.content:
+                if not line.startswith(b"data: "):
+                    continue
+                now = time.monotonic()
+                st.gap = max(st.gap, now - last) if last is not None else 0.0
+                last = now
+                ev = orjson.loads(line[6:])
+                kind = ev.get("type")
+                if kind == "content_block_start":
+                    st.index_error |= ev["index"] != len(st.blocks)
+                    st.blocks.append("")
+                elif kind == "content_block_delta":
+                    i = ev["index"]
+                    if i >= len(st.blocks):
+                        st.index_error = True
+                        continue
+                    st.blocks[i] += ev["delta"].get("text", "")
+                elif kind == "message_delta":
+                    st.output = ev.get("usage", {}).get("output_tokens")
+                elif kind == "message_stop":
+                    st.done = True
+                elif kind == "error":
+                    st.error = ev.get("error", {}).get("type")
+    except Exception as e:
+        st.exc = type(e).__name__
+    return st
+
+
+async def resume_bench(a: argparse.Namespace, tmp: Path, procs: c.Procs, res: Res) -> list[Any]:
+    """The "resume" row: ``a.streams`` Anthropic streams at once through an edgeproxy with
+    failover.resume on and two endpoints; the preferred one (A, priority 1) cuts every stream
+    after CUT_AFTER frames, the other (B) is sent the continuation. Each stream must end with
+    message_stop and exactly the reply's text (nothing repeated, nothing missing), usage
+    covering it, and no client error."""
+    origins = {"A": Origin(), "B": Origin()}
+    for o in origins.values():
+        o.events = CONTENT_EVENTS
+        o.event_interval = a.event_interval
+        o.start_in_thread()
+    origins["A"].drop_after_events = CUT_AFTER
+    port, admin_port = c.free_port(), c.free_port()
+    access, log = tmp / "access-resume.log", tmp / "edgeproxy-resume.log"
+    eps = ", ".join(f'{{url: "{o.url}", priority: {i + 1}}}' for i, o in enumerate(origins.values()))
+    cfg = tmp / "edgeproxy-resume.yaml"
+    cfg.write_text(
+        f"listen: 127.0.0.1:{port}\nadmin: {{listen: 127.0.0.1:{admin_port}}}\nlog: {{access: json}}\n"
+        f"probe: {{interval: {PROBE_INTERVAL:g}s, timeout: {round(PROBE_TIMEOUT * 1000)}ms}}\ndrain_timeout: 1s\n"
+        f"failover: {{resume: on, stream_idle_timeout: {STREAM_IDLE_TIMEOUT:g}s}}\n"
+        f"upstreams: {{anthropic: {{prefix: /anthropic, provider: anthropic, endpoints: [{eps}]}}}}\n"
+    )
+    proc = procs.start("edgeproxy-resume", [EDGE_PY, "-m", "edgeproxy", "run", "-c", str(cfg)], log=log, stdout=access)
+    n = a.streams
+    prompts = [f"resume bench {i:04d}: " + "a stream that breaks and goes on " * 4 for i in range(n)]
+    t0 = time.monotonic()
+    try:
+        await asyncio.to_thread(c.wait_http, f"http://127.0.0.1:{admin_port}/-/ready", proc)
+        await asyncio.to_thread(c.wait_port, port, proc)
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as s:
+            got = await asyncio.gather(*(spliced_stream(s, port, p, f"resume-{i:04d}") for i, p in enumerate(prompts)))
+            samples = list(await c.AdminClient(s, admin_port).samples())
+        await asyncio.sleep(0.2)  # the access log's last lines
+    finally:
+        procs.stop(proc)
+        for o in origins.values():
+            o.stop_thread()
+    took = time.monotonic() - t0
+    resumes = {lb.get("result", ""): int(v) for name, lb, v in samples if name == "edgeproxy_resumes_total"}
+    logged = Counter(str(rec.get("resume")) for rid, rec in read_access(access).items() if rid.startswith("resume-"))
+    errors: Counter[str] = Counter()
+    exact = repeated = missing = usage_ok = 0
+    gaps = []
+    for st, prompt in zip(got, prompts, strict=True):
+        want = reply_for(prompt)
+        text = "".join(st.blocks)
+        if st.exc or st.status != 200:
+            errors[st.exc or f"status {st.status}"] += 1
+        elif st.error or not st.done or st.index_error:
+            errors[f"in-band {st.error}" if st.error else "index" if st.index_error else "no message_stop"] += 1
+        if text == want and len(st.blocks) == 1:
+            exact += 1
+        elif len(text) > len(want) or (text != want and want in text):
+            repeated += 1
+        else:
+            missing += 1
+        usage_ok += st.output is not None and abs(st.output - (len(want) // 4 + 1)) <= 2
+        gaps.append(st.gap * 1000 - a.event_interval * 1000)
+    n_err = sum(errors.values())
+    met = n_err == 0 and exact == n and resumes.get("ok") == n and usage_ok == n
+    d = {
+        "streams": n,
+        "seconds": round(took, 2),
+        "errors": dict(errors),
+        "exact": exact,
+        "repeated": repeated,
+        "missing": missing,
+        "usage_covers_text": usage_ok,
+        "splice_added_ms": {"p50": fmt(pctl(gaps, 50)), "p99": fmt(pctl(gaps, 99))},
+        "resumes_total": resumes,
+        "access_log_resume": dict(logged),
+        "cut_by_A": origins["A"].streams_dropped,
+        "prefilled_at_B": sum(1 for r in origins["B"].requests if r.json()["messages"][-1]["role"] == "assistant"),
+        "edgeproxy_log_problems": log_problems(log)[:6],
+        "met": met,
+    }
+    res["resume"] = d
+    return [
+        f"resume: anthropic streams cut after {CUT_AFTER} frames (failover.resume on)",
+        err_text(errors),
+        f"{d['splice_added_ms']['p50']} / {d['splice_added_ms']['p99']} (splice, n {n})",
+        fmt(took, 3),
+        f"{exact}/{n} streams complete with the exact text ({repeated} repeated, {missing} missing); "
+        f"usage covers it {usage_ok}/{n}; A cut {d['cut_by_A']}, B continued {d['prefilled_at_B']} prefilled; "
+        f"resumes_total {resumes}; access log resume {dict(logged)}",
+        "every stream completes, text exact (no repeat, no gap), usage covers it; 0 client errors",
+        mark(met),
+    ]
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -1313,6 +1471,11 @@ async def bench(a: argparse.Namespace, tmp: Path, procs: c.Procs, res: Res) -> l
             "edgeproxy_log_problems": log_problems(su.log)[:12],
             "edgeproxy_log_problem_lines": len(log_problems(su.log)),
         }
+    try:
+        rows.append(await resume_bench(a, tmp, procs, res))
+    except Exception as e:
+        res.setdefault("errors", []).append(f"resume: {type(e).__name__}: {e}")
+        rows.append(["resume", f"ERROR {type(e).__name__}: {e}", "-", "-", "-", "-", "MISSED"])
     return rows
 
 
@@ -1341,6 +1504,8 @@ def details(res: Res) -> None:
         )
         for ln in s["edgeproxy_log_problems"][:6]:
             print("    ", ln)
+    if "resume" in res:
+        print(f"resume: {res['resume']}")
     for e in res.get("errors", []):
         print("ERROR", e)
 
@@ -1428,6 +1593,7 @@ def main() -> None:
     print(f"elapsed {res['elapsed_s']} s")
     res["targets"] = {k: v.get("met") for k, v in res.get("faults", {}).items()}
     res["targets"]["recovery"] = res.get("recovery", {}).get("met")
+    res["targets"]["resume"] = res.get("resume", {}).get("met")
     for d in res.get("faults", {}).values():
         d.pop("direct_body", None)
     c.final_json(res)

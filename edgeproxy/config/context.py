@@ -32,6 +32,8 @@ class _Bad:
 
 _BAD: Final = _Bad()
 _INT_RE = re.compile(r"[+-]?[0-9]+")
+_ON: Final = frozenset({"on", "true", "yes"})
+_OFF: Final = frozenset({"off", "false", "no"})
 
 
 def _join(path: str, key: object) -> str:
@@ -134,6 +136,22 @@ class _Ctx:
             self.err(p, f"{_fmt_size(n)} is too small (at least {_fmt_size(minimum)})")
             return default
         return n
+
+    def switch(self, m: Mapping[str, object], key: str, path: str, default: bool) -> bool:
+        """An on/off key: YAML booleans (a bare on, off, true, false, yes, no) or those words
+        as strings (from ${ENV}, or quoted)."""
+        v, p = m.get(key), _join(path, key)
+        if v is None or v is _BAD:
+            return default
+        if isinstance(v, bool):
+            return v
+        text = v.strip().lower() if isinstance(v, str) else None
+        if text in _ON:
+            return True
+        if text in _OFF:
+            return False
+        self.err(p, f"expected on or off, got {v!r}" if isinstance(v, str) else f"expected on or off, got {_tname(v)}")
+        return default
 
     def choice(self, m: Mapping[str, object], key: str, path: str, default: str, choices: Sequence[str]) -> str:
         v, p = m.get(key), _join(path, key)

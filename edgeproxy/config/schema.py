@@ -168,6 +168,9 @@ class FailoverConfig:
     ejection: EjectionConfig = EjectionConfig()
     # Per-model timeouts: (fnmatch pattern, overrides), the config's first, then the built-in.
     models: tuple[tuple[str, ModelTimeouts], ...] = BUILTIN_MODEL_TIMEOUTS
+    # A stream broken after commit goes on from another endpoint where the API can continue
+    # an answer (Anthropic Messages: an assistant prefill); filters/resume.py.
+    resume: bool = False
 
     def timeouts(self, model: str | None, streaming: bool) -> Timeouts:
         """The timeouts of a request for ``model`` (the first pattern that matches it)."""

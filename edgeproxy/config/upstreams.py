@@ -45,6 +45,7 @@ _FAILOVER_KEYS = (
     "queue_timeout",
     "ejection",
     "models",
+    "resume",
 )
 _EJECTION_KEYS = ("origin_errors", "local_failures", "base_time", "max_time")
 _MODEL_TIMEOUT_KEYS = ("first_byte_timeout", "stream_first_byte_timeout", "first_event_timeout", "stream_idle_timeout")
@@ -95,6 +96,7 @@ def _failover(ctx: _Ctx, raw: object, path: str, base: FailoverConfig) -> Failov
         queue_timeout=ctx.duration(m, "queue_timeout", path, base.queue_timeout, zero_ok=True),
         ejection=_ejection(ctx, m.get("ejection"), f"{path}.ejection", base.ejection),
         models=_model_timeouts(ctx, m.get("models"), f"{path}.models", base.models),
+        resume=ctx.switch(m, "resume", path, base.resume),
     )
 
 

@@ -3,11 +3,11 @@
 What a filter may import (the public interface; see docs/architecture.md):
 ``Filter``, ``Chain``, ``PathChain``, ``Pipeline``, the verdicts ``ACCEPT`` and ``AGAIN``,
 ``SendAgain``, and the per-request objects ``Ctx``, ``Attempt``, ``Reply``, ``Transform``,
-``Usage``. The engine imports no filter: whatever assembles a pipeline wires them
+``Usage``, ``Continuation``. The engine imports no filter: whatever assembles a pipeline wires them
 (``filters.assemble``).
 """
 
-from .ctx import Attempt, Ctx, Reply, Transform, Usage
+from .ctx import Attempt, Continuation, Ctx, Reply, Transform, Usage
 from .filter import ACCEPT, AGAIN, Chain, Filter, PathChain, Pipeline, SendAgain, Verdict
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "AGAIN",
     "Attempt",
     "Chain",
+    "Continuation",
     "Ctx",
     "Filter",
     "PathChain",

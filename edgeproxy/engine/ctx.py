@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ..routing.state import State, Upstream
     from .auth import ListenerAuth
 
-__all__ = ["Attempt", "Ctx", "Reply", "Transform", "Usage"]
+__all__ = ["Attempt", "Continuation", "Ctx", "Reply", "Transform", "Usage"]
 
 # RFC 9110 7.6.1 hop-by-hop fields, plus what we always set ourselves (host, framing). Our own
 # x-edgeproxy-* headers (the token among them) are never passed on either: head.py drops them
@@ -215,6 +215,23 @@ class Transform:
     def finish(self) -> bytes:
         """The last bytes, at the end of the stream (clean or broken)."""
         raise NotImplementedError
+
+
+class Continuation:
+    """What ``on_stream_break`` returns: the broken stream goes on from a new attempt.
+
+    The filter has already made the request the new attempt sends (``ctx.body``) and chosen
+    where it may go (``ctx.tried``). ``events`` rewrites the new stream's whole events into
+    what the client has not got yet (its ``process`` may return b""); the reply's taps and
+    transforms then see them as they go out. The engine sets ``result``: "ok" (the new
+    stream is being relayed), "refused" (an answer that cannot continue the stream: not a
+    200 event stream), "unavailable" (no attempt answered); None if the client left first."""
+
+    __slots__ = ("events", "result")
+
+    def __init__(self, events: Transform) -> None:
+        self.events = events
+        self.result: str | None = None
 
 
 class Reply:

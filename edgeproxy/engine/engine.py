@@ -232,7 +232,7 @@ class Engine(Failover):
                     reply.headers.append(("Content-Length", str(reply.length)))
                 return web.Response(status=reply.status, headers=reply.headers)
             return web.Response(status=reply.status, headers=reply.headers, body=body)
-        return await self._stream(ctx, upstream, reply)
+        return await self._stream(ctx, upstream, chain, reply)
 
     def _reply(self, ctx: Ctx, resp: Response) -> Reply:
         """The answer's status and headers as they go to the client (a plain list: aiohttp
@@ -263,8 +263,7 @@ class Engine(Failover):
             headers.append(("x-request-id", ctx.request_id))
         return Reply(resp, headers, length, ctype, encoded)
 
-    async def _stream(self, ctx: Ctx, upstream: Upstream, reply: Reply) -> web.StreamResponse:
-        resp = reply.resp
+    async def _stream(self, ctx: Ctx, upstream: Upstream, chain: Chain, reply: Reply) -> web.StreamResponse:
         out = web.StreamResponse(status=reply.status, headers=reply.headers)
         if reply.length is not None:
             out.content_length = reply.length
@@ -274,32 +273,84 @@ class Engine(Failover):
         idle = (ctx.timeouts or upstream.timeouts(ctx.model, True)).stream_idle
         streams = self.metrics.active_streams if reply.sse else None
         stream_labels = (upstream.name,)
-        transform = _one_transform(reply.transforms)
+        outer = transform = _one_transform(reply.transforms)
         tap = _one_tap(reply.taps) if reply.framed else None
         ctx.committed = True  # the first byte goes out now
         ctx.ttfb = time.monotonic() - ctx.started
         if streams is not None:
             streams.inc(stream_labels)
+        relayed = 0
         try:
-            try:
-                await push_body(ctx.request, out, resp, idle, reply.framed, transform, tap)
-                reply.clean = True
-                if reply.sse and ctx.path is not None:
-                    self._answered(ctx, upstream, ctx.path, None)  # the stream ended as it should
-            except ProxyError as exc:
-                return await self._broken_stream(ctx, upstream, out, exc, reply.sse, transform)
-            finally:
-                ctx.bytes_out = resp.bytes_read
-            return out
+            while True:
+                resp = reply.resp
+                try:
+                    await push_body(ctx.request, out, resp, idle, reply.framed, transform, tap)
+                    reply.clean = True
+                    if reply.sse and ctx.path is not None:
+                        self._answered(ctx, upstream, ctx.path, None)  # the stream ended as it should
+                    return out
+                except ProxyError as exc:
+                    if ctx.path is not None:
+                        self._stream_failed(ctx, upstream, ctx.path, exc)
+                    events = await self._resume(ctx, upstream, chain, reply, exc) if chain.stream_break else None
+                    if events is None:
+                        return await self._broken_stream(ctx, upstream, out, exc, reply.sse, outer)
+                    # A filter continues the stream from a new attempt (reply.resp is its answer):
+                    # its events go out rewritten, then seen by the taps, then transformed.
+                    transform, tap = _Continued(events, tap, outer), None
+                finally:
+                    relayed += resp.bytes_read
+                    ctx.bytes_out = relayed
         except ConnectionResetError:
             # The client went away mid-response; releasing closes the upstream connection,
             # so the origin stops generating.
             ctx.status, ctx.error = STATUS_CLIENT_CLOSED, "client_disconnected"
             return out
         finally:
-            resp.release()
+            reply.resp.release()
             if streams is not None:
                 streams.inc(stream_labels, -1)
+
+    async def _resume(
+        self, ctx: Ctx, upstream: Upstream, chain: Chain, reply: Reply, exc: ProxyError
+    ) -> Transform | None:
+        """A framed stream broke after commit: may a filter continue it (``on_stream_break``,
+        failover.resume)? If one returns a continuation, the attempt loop runs again for the
+        request it made; an answer that is a 200 event stream becomes ``reply.resp``, and its
+        events' rewrite is returned. None: the break stands (the caller writes its error)."""
+        if not reply.framed:
+            return None
+        continuation = None
+        for on_stream_break in chain.stream_break:
+            try:
+                continuation = on_stream_break(ctx, reply, exc)
+            except Exception:
+                log.exception("filter %r failed on a broken stream", on_stream_break)
+                continuation = None
+            if continuation is not None:
+                break
+        else:
+            return None
+        broken = reply.resp
+        broken.release()  # its connection closes: that origin stops generating
+        path, attempt = ctx.path, ctx.attempt
+        if path is not None:
+            took = 0.0 if attempt is None else time.monotonic() - attempt.started
+            entry = {"line": path.line.name, "endpoint": path.endpoint.host, "outcome": f"{exc.kind}_after_commit"}
+            ctx.attempt_log.append({**entry, "ms": round(took * 1000, 3)})
+        ctx.retrying = True
+        try:
+            resp = await self._attempts(ctx, upstream, chain)
+        except ProxyError:
+            continuation.result = "unavailable"
+            return None
+        if resp.status != 200 or not _is_event_stream(resp):
+            resp.release()
+            continuation.result = "refused"
+            return None
+        reply.resp = resp
+        continuation.result = "ok"
+        return continuation.events
 
     async def _broken_stream(
         self,
@@ -313,8 +364,6 @@ class Engine(Failover):
         """The origin failed after commit: tell the client honestly, never fake an end."""
         ctx.error = f"{exc.kind}_after_commit"
         self.metrics.stream_errors.inc((upstream.name, exc.kind))
-        if ctx.path is not None:
-            self._stream_failed(ctx, upstream, ctx.path, exc)
         if is_sse:
             message = f"upstream stream broke: {exc.message}" if exc.source == "upstream" else exc.message
             event = sse_error_event(upstream.provider, exc.kind, message)
@@ -428,6 +477,39 @@ class _Transforms(Transform):
         for t in self._all:
             tail = t.process(tail) + t.finish() if tail else t.finish()
         return tail
+
+
+class _Continued(Transform):
+    """A continued stream's events on their way out: the resuming filter's rewrite, then the
+    reply's taps (they see what the client gets), then its transforms (a hop's compression
+    goes on in the same compressed stream)."""
+
+    __slots__ = ("_events", "_tap", "_then")
+
+    def __init__(self, events: Transform, tap: Callable[[bytes], None] | None, then: Transform | None) -> None:
+        self._events, self._tap, self._then = events, tap, then
+
+    def process(self, data: bytes) -> bytes:
+        data = self._events.process(data)
+        if data and self._tap is not None:
+            self._tap(data)
+        then = self._then
+        return data if then is None or not data else then.process(data)
+
+    def finish(self) -> bytes:
+        tail = self._events.finish()
+        if tail and self._tap is not None:
+            self._tap(tail)
+        then = self._then
+        if then is None:
+            return tail
+        return then.process(tail) + then.finish() if tail else then.finish()
+
+
+def _is_event_stream(resp: Response) -> bool:
+    """An answer whose events can be seen (and so continue a stream): SSE, not content-coded."""
+    ctype = resp.header(b"content-type")
+    return ctype is not None and ctype[:17].lower() == b"text/event-stream" and resp.header(b"content-encoding") is None
 
 
 def _one_tap(taps: list[Callable[[bytes], None]]) -> Callable[[bytes], None] | None:

@@ -21,7 +21,7 @@ Rules every filter keeps:
 
 - Before commit (the first byte of content to the client) a hook may refuse by raising a
   ``ProxyError`` (the client gets it in the provider's error shape). After commit only
-  ``on_chunk``-style taps, stream transforms and ``on_end`` run, and none may raise.
+  taps, stream transforms, ``on_stream_break`` and ``on_end`` run, and none may raise.
 - Hooks never block the event loop: CPU-heavy work on big bodies goes to a thread.
 - Secrets (keys, tokens) never go into ``attempt.credential``, notes, logs or status: ids only.
 """
@@ -36,10 +36,11 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from ..net.client import Response
+    from ..proto.errors import ProxyError
     from ..routing.lines import Path
     from ..routing.state import State, Upstream
     from ..telemetry.metrics import Metrics
-    from .ctx import Attempt, Ctx, Reply
+    from .ctx import Attempt, Continuation, Ctx, Reply
 
 __all__ = ["ACCEPT", "AGAIN", "Chain", "Filter", "PathChain", "Pipeline", "SendAgain", "Verdict"]
 
@@ -137,6 +138,15 @@ class Filter:
         ``reply.headers``, replace ``reply.body`` (a whole body), add a stream transform
         (``reply.transforms``) or an SSE event tap (``reply.taps``)."""
 
+    def on_stream_break(self, ctx: Ctx, reply: Reply, exc: ProxyError) -> Continuation | None:
+        """A framed event stream failed after commit (``exc``: the origin reset, fell silent
+        for ``stream_idle_timeout``, or the drain ended it), before the engine writes the
+        in-band error. Return a ``Continuation`` to go on from a new attempt instead: first
+        rewrite ``ctx.body`` into the request that continues the answer, and leave in
+        ``ctx.tried`` the paths it must not go to. None: the break stands. Must not block
+        or raise; the first filter that returns a continuation wins."""
+        return None
+
     def on_end(self, ctx: Ctx, reply: Reply | None) -> None:
         """The request is over (answered, refused, broken or abandoned by the client);
         ``reply`` is None when no upstream answer was relayed. Release, meter, store."""
@@ -205,6 +215,7 @@ class Chain:
         "paths",
         "request",
         "request_body",
+        "stream_break",
         "_plain",
     )
 
@@ -216,6 +227,7 @@ class Chain:
         self.path = _overriding(fs, "path_filter")
         self.no_path = _overriding(fs, "no_path_filter")
         self.answer = _overriding(fs, "on_answer")
+        self.stream_break = _overriding(fs, "on_stream_break")
         self.logging = _overriding(fs, "logging_filter")
         self._plain = PathChain(fs)
         # Paths with filters of their own get a chain of their own; the rest share one.

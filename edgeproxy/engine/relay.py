@@ -128,7 +128,8 @@ def _transforming(emit: Callable[[bytes], bool], transform: Transform) -> Callab
     # Each write goes out transformed at once (a hop's compression flushes per write): an SSE
     # event is decodable at the other end as soon as it arrives.
     def transformed(data: bytes) -> bool:
-        return emit(transform.process(data))
+        data = transform.process(data)
+        return emit(data) if data else True  # (nothing to send: never an empty chunk, it ends the body)
 
     return transformed
 

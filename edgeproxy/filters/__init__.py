@@ -5,6 +5,7 @@
 | ``EdgeRole`` | edge.py | route filter of every listener; first on the chains of hop requests |
 | ``KeyPools`` | keys.py (+ keypool.py, keycheck.py) | upstreams with an endpoint that has ``keys`` |
 | ``UsageMeter`` | metering.py | every upstream |
+| ``Resume`` | resume.py (+ prefill.py) | Anthropic upstreams with ``failover.resume: on`` |
 | ``Renames`` | renames.py | paths of endpoints with a ``models`` map |
 | ``ViaHop`` | hop.py | paths on a `via` line |
 
@@ -24,13 +25,14 @@ from .hop import ViaHop, sidecar_bases
 from .keys import KeyPools
 from .metering import UsageMeter
 from .renames import Renames
+from .resume import Resume
 
 if TYPE_CHECKING:
     from ..routing.lines import Line, Path
     from ..routing.state import State, Upstream
     from ..telemetry.metrics import Metrics
 
-__all__ = ["EdgeRole", "FilterFactory", "KeyPools", "Renames", "UsageMeter", "ViaHop", "assemble"]
+__all__ = ["EdgeRole", "FilterFactory", "KeyPools", "Renames", "Resume", "UsageMeter", "ViaHop", "assemble"]
 
 
 # Builds an extra filter for an upstream (None: not on that one); called at every load and
@@ -59,6 +61,8 @@ def assemble(
         if any(ep.keys for ep in upstream.config.endpoints):
             filters.append(KeyPools(upstream, metrics, old_keys.get(upstream.name)))
         filters.append(UsageMeter(upstream.name, metrics))
+        if upstream.config.failover.resume and upstream.provider == "anthropic":
+            filters.append(Resume(upstream, metrics))  # (the only API whose answers can be continued)
         filters.extend(f for f in (factory(upstream) for factory in extra) if f is not None)
         per_path: dict[Path, list[Filter]] = {}
         for path in upstream.paths:

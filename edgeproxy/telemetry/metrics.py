@@ -121,6 +121,13 @@ class Metrics(Collector):
             "Ejected lines or models back in rotation (a trial or a probe worked)",
             ("upstream", "endpoint", "line", "model"),
         )
+        self.resumes = Counter(
+            "edgeproxy_resumes",
+            "Streams broken after commit that failover.resume tried to continue elsewhere, by result"
+            " (ok: continued; refused: the continuation was answered with an error; unavailable: no path"
+            " or no answer)",
+            ("upstream", "result"),
+        )
         self.rescues = Counter(
             "edgeproxy_rescues", "Waiting attempts failed over: a probe found the line dead", ("upstream", "line")
         )

@@ -25,6 +25,13 @@ Stream framing notes:
   equal to the total number of frames drops/stalls after the last frame but
   before the end of the chunked body.  0 means right after the headers.
 * ``event_interval`` is slept before every frame except the first one.
+* ``drop_times`` > 0: ``drop_after_events`` applies to that many streams, then clears
+  itself (like ``fail_times``).
+
+Anthropic prefill: a Messages request whose last message is the assistant's is answered
+with the rest of the reply after that text (the reply as usual if it does not start with
+it). Like the API, a prefill ending in whitespace is refused (400); ``refuse_prefill`` makes
+every prefill refused (400), as models without prefill support do.
 """
 
 from __future__ import annotations
@@ -381,6 +388,8 @@ class FakeOrigin(Threaded):
         self.fail_times: int = 0
         self.retry_after: str | None = None
         self.drop_after_events: int | None = None
+        self.drop_times: int = 0
+        self.refuse_prefill: bool = False
         self.stall_after_events: int | None = None
         self.require_key: str | None = None
         self.reply: str | None = None  # if set: the reply text for every completion (instead of "echo: ...")
@@ -759,6 +768,10 @@ class FakeOrigin(Threaded):
                 drop = self.drop_after_events
                 if drop is not None and i >= drop:
                     self.streams_dropped += 1
+                    if self.drop_times > 0:
+                        self.drop_times -= 1
+                        if self.drop_times == 0:
+                            self.drop_after_events = None
                     _abort(request)
                     return resp
                 stall = self.stall_after_events
@@ -1030,6 +1043,24 @@ class FakeOrigin(Threaded):
         user_text, input_tokens = self._anthropic_prompt(data)
         model = data.get("model") or "claude-sonnet-4-5"
         reply = self._reply(user_text)
+        messages = data["messages"]
+        last = messages[-1] if messages else None
+        if isinstance(last, dict) and last.get("role") == "assistant":
+            prefill = _text_of(last.get("content"))
+            if self.refuse_prefill:
+                await self._latency(request)
+                return self._error(
+                    _ANTHROPIC,
+                    400,
+                    "This model does not support assistant message prefill."
+                    " The conversation must end with a user message.",
+                )
+            if prefill != prefill.rstrip():
+                return self._error(
+                    _ANTHROPIC, 400, "messages: final assistant content cannot end with trailing whitespace"
+                )
+            if reply.startswith(prefill):
+                reply = reply[len(prefill) :]
         output_tokens = _tokens(reply)
         mid = f"msg_fake{next(self._ids):08d}"
         if not data.get("stream"):

@@ -262,6 +262,19 @@ async def test_fallback_model_on_another_endpoint_is_renamed_there(
     assert "gpt-4.1-b" not in models_seen(origin)
 
 
+async def test_the_fallback_models_timeouts_apply(origin: FakeOrigin, make_proxy: Any) -> None:
+    """Timeouts are per model (failover.models): the fallback's, not the asked model's."""
+    fallbacks = [{"on": "context_length_exceeded", "model": "slow-model"}]
+    failover = {"retries": 0, "models": {"slow-*": {"first_byte_timeout": "300ms"}}}
+    p = await make_proxy(with_fallbacks(origin.url, fallbacks, failover=failover))
+    origin.model_failures["gpt-4o-mini"] = CTX
+    origin.model_failures["slow-model"] = ModelFailure(status=None, delay=3.0)
+    started = asyncio.get_running_loop().time()
+    status, body = await post(p.url, chat())
+    assert status == 504 and asyncio.get_running_loop().time() - started < 2.0, body
+    assert models_seen(origin) == ["gpt-4o-mini", "slow-model"]
+
+
 async def test_chains_are_bounded(origin: FakeOrigin, make_proxy: Any, access_log: Path) -> None:
     fallbacks = [
         {"on": "context_length_exceeded", "model": "gpt-4.1"},

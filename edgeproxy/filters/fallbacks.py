@@ -11,7 +11,8 @@ code the body also gives.
 
 A match sends the request again at once with the entry's model (``AGAIN``: the plan starts
 over, so any endpoint may serve it, renamed there by its ``models``); the body's top-level
-``model`` is replaced (Gemini: the URL's), and ``ctx.model`` follows. Each entry applies at
+``model`` is replaced (Gemini: the URL's), and ``ctx.model`` (and with it the request's
+timeouts and the per-model health the plan reads) follows. Each entry applies at
 most once per request, and never to a model the request already tried: a chain of fallbacks
 ends. A fallback is not a retry: it does not count against ``failover.retries`` and is not
 charged to the retry budget (the list bounds it). A body edgeproxy does not hold whole as plain
@@ -27,6 +28,7 @@ import orjson
 
 from ..engine import AGAIN, Filter
 from ..proto import codec
+from ..proto.models import wants_stream
 from ..proto.providers import CONTENT_POLICY_CODES, error_codes
 
 if TYPE_CHECKING:
@@ -112,6 +114,9 @@ class Fallbacks(Filter):
         used.entries.add(i)
         used.models.add(entry.model)
         ctx.model = entry.model
+        if ctx.upstream is not None:  # timeouts are per model too
+            accept = ctx.request.headers.get("Accept")
+            ctx.timeouts = ctx.upstream.timeouts(entry.model, wants_stream(ctx.body, ctx.raw_path, accept))
         attempt.note("fallback", entry.note)
         self.metrics.fallbacks.inc((self.upstream, entry.label, entry.model))
         return AGAIN

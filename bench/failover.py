@@ -27,7 +27,10 @@ settings; edgeproxy's default interval is 5 s):
             models list at once: only first_byte_timeout can tell), silent (the fake's latency
             knob as is: probes hang too), stream cut after 40 frames and stream stall after 20
             frames (both endpoints; then one normal request and stream must succeed), 400
-            context_length_exceeded.
+            context_length_exceeded, and a context-length fallback: both origins answer the load's
+            model (gpt-4o-mini) 400 context_length_exceeded, and the upstream's
+            `fallbacks: [{on: context_length_exceeded, model: gpt-4.1}]` must turn every one of
+            those into gpt-4.1's answer.
 
 A third, "resume": its own edgeproxy with `failover.resume: on` in front of two fake origins as
 the endpoints of an anthropic upstream (priority 1 and 2); ``--streams`` Anthropic streams
@@ -58,6 +61,7 @@ import contextlib
 import itertools
 import json
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -74,10 +78,11 @@ import uvloop
 
 sys.path.insert(0, str(c.ROOT))
 from tests.fakes.linesim import LineSim
-from tests.fakes.origin import PROBE_AGENT, FakeOrigin, reply_for
+from tests.fakes.origin import PROBE_AGENT, FakeOrigin, ModelFailure, reply_for
 
 EDGE_PY = c.EDGE_PY
 PROMPT = [{"role": "user", "content": "failover bench"}]
+FALLBACK_MODEL = "gpt-4.1"  # the endpoints setup's fallback for context_length_exceeded
 CHAT = json.dumps({"model": "gpt-4o-mini", "messages": PROMPT}).encode()
 STREAM = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": PROMPT}).encode()
 FRAMES = 60  # per stream, [DONE] included
@@ -126,8 +131,17 @@ class Origin(FakeOrigin):
 # --------------------------------------------------------------------------- the load
 
 
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+
+
+def model_of(data: bytes) -> str | None:
+    """The answer's own model (near the start of a body or a stream chunk)."""
+    m = _MODEL.search(data, 0, 1024)
+    return m.group(1).decode() if m is not None else None
+
+
 class Req:
-    __slots__ = ("body", "exc", "kind", "rid", "status", "t0", "t_end")
+    __slots__ = ("body", "exc", "kind", "model", "rid", "status", "t0", "t_end")
 
     def __init__(self, rid: str, t0: float) -> None:
         self.rid = rid
@@ -137,6 +151,7 @@ class Req:
         self.exc: str | None = None
         self.body = b""  # kept for non-200 answers
         self.kind: str | None = None  # x-edgeproxy-error
+        self.model: str | None = None  # the model that answered (200s)
 
     @property
     def latency(self) -> float | None:
@@ -147,7 +162,7 @@ class Req:
 
 
 class Stream:
-    __slots__ = ("body", "code", "done", "exc", "frames", "rid", "status", "t0", "t_end", "t_err", "t_head")
+    __slots__ = ("body", "code", "done", "exc", "frames", "model", "rid", "status", "t0", "t_end", "t_err", "t_head")
 
     def __init__(self, rid: str, t0: float) -> None:
         self.rid = rid
@@ -161,6 +176,7 @@ class Stream:
         self.code: str | None = None
         self.exc: str | None = None
         self.body = b""
+        self.model: str | None = None  # the model of its first chunk
 
     @property
     def outcome(self) -> str:
@@ -240,6 +256,8 @@ class Load:
                 if resp.status != 200:
                     r.body = body[:4000]
                     r.kind = resp.headers.get("x-edgeproxy-error")
+                else:
+                    r.model = model_of(body)
         except Exception as e:
             r.exc = type(e).__name__
         r.t_end = time.monotonic()
@@ -281,6 +299,8 @@ class Load:
                         st.frames.append(now)
                         if line.startswith(b"data: [DONE]"):
                             st.done = True
+                        elif st.model is None:
+                            st.model = model_of(line)
         except asyncio.CancelledError:
             st.exc = st.exc or "cancelled"
             raise
@@ -325,6 +345,7 @@ WATCHED = (
     "edgeproxy_probes_total",
     "edgeproxy_route_switches_total",
     "edgeproxy_hedges_total",
+    "edgeproxy_fallbacks_total",
 )
 # the label that matters for each watched metric (upstream is always openai here)
 KEY_LABELS = {
@@ -334,6 +355,7 @@ KEY_LABELS = {
     "edgeproxy_attempts_total": ("line", "outcome"),
     "edgeproxy_stream_errors_total": ("reason",),
     "edgeproxy_probes_total": ("line", "result"),
+    "edgeproxy_fallbacks_total": ("on", "model"),
 }
 
 
@@ -525,11 +547,13 @@ class Setup:
                 head + f"lines: {{near: {{}}, far: {{}}}}\nupstreams: {{openai: {{prefix: /v1, endpoints: [{eps}]}}}}\n"
             )
         eps = ", ".join(f'{{url: "{o.url}/v1", lines: [{ln}]}}' for ln, o in self.by_line.items())
+        fallbacks = f"[{{on: context_length_exceeded, model: {FALLBACK_MODEL}}}]"
         return (
             head
             + f"failover: {{first_byte_timeout: {FIRST_BYTE_TIMEOUT:g}s, "
             + f"stream_idle_timeout: {STREAM_IDLE_TIMEOUT:g}s}}\n"
-            + f"lines: {{a: {{}}, b: {{}}}}\nupstreams: {{openai: {{prefix: /v1, endpoints: [{eps}]}}}}\n"
+            + "lines: {a: {}, b: {}}\n"
+            + f"upstreams: {{openai: {{prefix: /v1, endpoints: [{eps}], fallbacks: {fallbacks}}}}}\n"
         )
 
     async def run(self, faults: list[tuple[str, Callable[[Setup, Phase], Awaitable[None]]]]) -> None:
@@ -735,6 +759,15 @@ ENDPOINT_FAULTS = [
         ),
     ),
     ("400", knob_fault("short_fault_s", set_fail(400), unset_fail)),
+    (
+        "fallback",
+        knob_fault(
+            "short_fault_s",
+            set_attr("model_failures", {"gpt-4o-mini": ModelFailure(status=400, code="context_length_exceeded")}),
+            set_attr("model_failures", {}),
+            True,
+        ),
+    ),
 ]
 
 
@@ -1213,6 +1246,43 @@ def row_400(v: View, d: Res) -> list[Any]:
     ]
 
 
+def row_fallback(v: View, d: Res) -> list[Any]:
+    """Both origins refuse the load's model with context_length_exceeded: every request and
+    stream started during the fault gets the fallback model's answer, and no client error."""
+    errs = v.req_errors()
+    sbad, _ = unexpected_stream_errors(v, expect_cut=False)
+    errs.update(sbad)
+    t0, t1 = v.ph.t_fault + 0.05, v.ph.t_clear - 0.05
+    core = [r for r in v.reqs if t0 < r.t0 < t1]
+    core_st = [st for st in v.streams if t0 < st.t0 < t1]
+    models = Counter(str(r.model) for r in core) + Counter(str(st.model) for st in core_st)
+    answered = sum(1 for r in core if r.ok()) + sum(1 for st in core_st if st.outcome == "done")
+    from_fallback = sum(1 for r in core if r.ok() and r.model == FALLBACK_MODEL) + sum(
+        1 for st in core_st if st.outcome == "done" and st.model == FALLBACK_MODEL
+    )
+    att = Counter(v.n(x) for x in [r.rid for r in core] + [st.rid for st in core_st])
+    counted = sum(n for k, n in d["metrics"].items() if k.startswith("fallbacks{"))
+    n = len(core) + len(core_st)
+    d["requests_in_fault"] = len(core)
+    d["streams_in_fault"] = len(core_st)
+    d["answer_models"] = dict(models)
+    d["from_fallback_model"] = from_fallback
+    d["origin_attempts_per_request"] = dict(att)
+    d["fallbacks_counted"] = counted
+    d["errors"] = dict(errs)
+    d["met"] = sum(errs.values()) == 0 and n > 0 and from_fallback == answered == n
+    return [
+        f"context-length fallback (-> {FALLBACK_MODEL})",
+        f"{len(core)} req + {len(core_st)} streams; " + err_text(errs),
+        f"{fmt(d['added_ms']['p50'])} / {fmt(d['added_ms']['p99'])} (n {d['added_ms']['n']})",
+        fmt(d["answered_by_s"], 3),
+        f"from {FALLBACK_MODEL}: {from_fallback}/{n}; origin attempts per req {dict(att)}; "
+        f"edgeproxy_fallbacks_total +{counted}",
+        f"0 errors; every answer from {FALLBACK_MODEL}",
+        mark(d["met"]),
+    ]
+
+
 FAULT_ROWS: dict[str, Callable[[View, Res], list[Any]]] = {
     "refuse": row_refuse,
     "reset+refuse": row_reset_refuse,
@@ -1225,6 +1295,7 @@ FAULT_ROWS: dict[str, Callable[[View, Res], list[Any]]] = {
     "cut": row_cut,
     "stall": row_stall,
     "400": row_400,
+    "fallback": row_fallback,
 }
 
 

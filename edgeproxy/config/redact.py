@@ -78,6 +78,7 @@ def dump_redacted(cfg: Config) -> dict[str, Any]:
                 "provider": u.provider,
                 "endpoints": [endpoint(e) for e in u.endpoints],
                 "failover": failover(u.failover),
+                "fallbacks": [{"on": f.on, "model": f.model, "from": f.from_model} for f in u.fallbacks],
             }
             for u in cfg.upstreams
         },

@@ -196,12 +196,29 @@ def _first(value: float | None, default: float) -> float:
 
 
 @dataclass(frozen=True, slots=True)
+class FallbackConfig:
+    """One entry of an upstream's ``fallbacks``: an error answer matching ``on`` (the origin's
+    error code as written, or a status as three digits) sends the request again with ``model``;
+    only while the request asks for ``from_model``, if set."""
+
+    on: str
+    model: str
+    from_model: str | None = None
+
+    @property
+    def status(self) -> int | None:
+        """The status ``on`` names, or None when it names an error code."""
+        return int(self.on) if self.on.isdigit() else None
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     prefix: str
     provider: str
     endpoints: tuple[EndpointConfig, ...]
     failover: FailoverConfig
+    fallbacks: tuple[FallbackConfig, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

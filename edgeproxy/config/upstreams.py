@@ -17,6 +17,7 @@ from .schema import (
     EjectionConfig,
     EndpointConfig,
     FailoverConfig,
+    FallbackConfig,
     KeyConfig,
     ModelTimeouts,
     UpstreamConfig,
@@ -257,6 +258,99 @@ def _endpoint(ctx: _Ctx, raw: object, path: str, all_lines: Sequence[str]) -> En
     )
 
 
+_FALLBACK_FIELDS = ("on", "model", "from")
+# An error code as the APIs write them: OpenAI's context_length_exceeded, Anthropic's
+# overloaded_error, Gemini's RESOURCE_EXHAUSTED.
+_CODE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,99}")
+# A model name as a request body carries it; a Gemini model also goes into the URL's path.
+_MODEL_RE = re.compile(r'[^\s"\\]{1,200}')
+_GEMINI_MODEL_RE = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
+
+def _fallback_on(ctx: _Ctx, v: object, p: str) -> str | None:
+    """An entry's `on`: an error code, or a status 400-599 (a number or a string) as 3 digits."""
+    if v is _BAD:
+        return None
+    if v is None:
+        ctx.err(p, "required: the origin's error code (e.g. context_length_exceeded) or an HTTP status 400-599")
+        return None
+    text = str(v).strip() if isinstance(v, (int, str)) and not isinstance(v, bool) else None
+    if text is None:
+        ctx.err(p, f"expected an error code or an HTTP status 400-599, got {_tname(v)}")
+        return None
+    if text.isascii() and text.isdigit():
+        if len(text) == 3 and 400 <= int(text) <= 599:
+            return text
+        ctx.err(p, f"{text} is not a status 400-599 (only error answers are rerouted)")
+        return None
+    if not _CODE_RE.fullmatch(text):
+        ctx.err(
+            p,
+            f"{text!r} is not an error code (letters, digits, _ . : -, starting with a letter, e.g."
+            " context_length_exceeded) nor a status 400-599",
+        )
+        return None
+    return text
+
+
+def _fallback_model(ctx: _Ctx, v: object, p: str, provider: str) -> str | None:
+    if v is _BAD:
+        return None
+    if not isinstance(v, str):
+        ctx.err(p, f"expected a model name, got {_tname(v)} (quote names YAML reads as numbers)")
+        return None
+    gemini = provider == "gemini"
+    if not (_GEMINI_MODEL_RE if gemini else _MODEL_RE).fullmatch(v):
+        allowed = "letters, digits, _ . -" if gemini else "no spaces, quotes or backslashes"
+        ctx.err(p, f"{v!r} is not a model name (1-200 characters: {allowed})")
+        return None
+    return v
+
+
+def _fallbacks(ctx: _Ctx, raw: object, path: str, provider: str) -> tuple[FallbackConfig, ...]:
+    """`fallbacks`: a list of {on, model, from}. Checked statically: a fallback to the model it
+    falls back from, and an entry listed twice."""
+    if raw is None or raw is _BAD:
+        return ()
+    if not isinstance(raw, list):
+        ctx.err(path, f"expected a list of {{on: <error code or status>, model: <model>}}, got {_tname(raw)}")
+        return ()
+    out: list[FallbackConfig] = []
+    seen: dict[tuple[str, str | None, str], str] = {}
+    for i, item in enumerate(raw):
+        ip = f"{path}[{i}]"
+        if item is _BAD:
+            continue
+        if not isinstance(item, dict):
+            ctx.err(ip, f"expected a mapping like {{on: context_length_exceeded, model: gpt-4.1}}, got {_tname(item)}")
+            continue
+        if True in item:
+            # YAML 1.1 reads a bare `on` key as the boolean true: that is the `on` key.
+            if "on" in item:
+                ctx.err(f"{ip}.on", "given twice")
+            item = {("on" if k is True else k): v for k, v in item.items()}
+        m = ctx.section(item, ip, _FALLBACK_FIELDS)
+        on = _fallback_on(ctx, m.get("on"), f"{ip}.on")
+        model = None
+        if m.get("model") is None:
+            ctx.err(f"{ip}.model", "required: the model the request is sent again with (e.g. model: gpt-4.1)")
+        else:
+            model = _fallback_model(ctx, m["model"], f"{ip}.model", provider)
+        source = _fallback_model(ctx, m["from"], f"{ip}.from", provider) if m.get("from") is not None else None
+        if on is None or model is None or (m.get("from") is not None and source is None):
+            continue
+        if source == model:
+            ctx.err(f"{ip}.model", f"{model!r} is the model it falls back from (from: {source})")
+            continue
+        key = (on.lower(), source, model)
+        if key in seen:
+            ctx.err(ip, f"the same fallback as {seen[key]}")
+            continue
+        seen[key] = ip
+        out.append(FallbackConfig(on, model, source))
+    return tuple(out)
+
+
 def _infer_provider(name: str, endpoints: Sequence[EndpointConfig]) -> str:
     if name in _PROVIDERS:
         return name
@@ -299,7 +393,7 @@ def _upstreams(ctx: _Ctx, raw: object, all_lines: Sequence[str], base: FailoverC
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             ctx.err(path, "an upstream name uses only a-z, 0-9, _ and -")
             continue
-        m = ctx.section(spec, path, ("prefix", "provider", "endpoints", "failover"))
+        m = ctx.section(spec, path, ("prefix", "provider", "endpoints", "failover", "fallbacks"))
         if not isinstance(spec, dict):
             if spec is None:
                 ctx.err(path, "missing settings (prefix and endpoints)")
@@ -340,6 +434,7 @@ def _upstreams(ctx: _Ctx, raw: object, all_lines: Sequence[str], base: FailoverC
         if m.get("provider") is not None:
             provider = ctx.choice(m, "provider", path, provider, _PROVIDERS)
         failover = _failover(ctx, m.get("failover"), f"{path}.failover", base)
+        fallbacks = _fallbacks(ctx, m.get("fallbacks"), f"{path}.fallbacks", provider)
         if prefix is not None:
-            out.append(UpstreamConfig(name, prefix, provider, tuple(endpoints), failover))
+            out.append(UpstreamConfig(name, prefix, provider, tuple(endpoints), failover, fallbacks))
     return tuple(out)

@@ -299,6 +299,9 @@ class Failover:
         }
         if attempt is not None and attempt.path is path and attempt.credential is not None:
             entry["key"] = attempt.credential
+        if attempt is not None and attempt.path is path and attempt.notes:
+            for field, value in attempt.notes.items():  # what filters noted (attempt.note)
+                entry.setdefault(field, value)
         ctx.attempt_log.append(entry)
 
     async def _attempt(self, ctx: Ctx, upstream: Upstream, chain: Chain, attempt: Attempt) -> Attempt:

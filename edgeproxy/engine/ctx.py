@@ -169,6 +169,7 @@ class Attempt:
         "credential",
         "decide",
         "lines",
+        "notes",
         "origin",
         "path",
         "resp",
@@ -188,6 +189,14 @@ class Attempt:
         self.skip: frozenset[bytes] = REQUEST_SKIP
         self.lines: list[bytes] = []
         self.decide: Callable[[list[tuple[bytes, bytes]]], Decoder | None] | None = None
+        self.notes: dict[str, object] | None = None  # fields a filter adds to its attempt_log entry
+
+    def note(self, field: str, value: object) -> None:
+        """Add ``field`` to this attempt's entry in the access log's attempt_log (why a filter
+        did what it did; never a secret)."""
+        if self.notes is None:
+            self.notes = {}
+        self.notes[field] = value
 
     def _reset(self, body: bytes | None, target: str) -> None:
         """The head and body from scratch, before the filters run (again)."""

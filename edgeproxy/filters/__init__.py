@@ -5,6 +5,7 @@
 | ``EdgeRole`` | edge.py | route filter of every listener; first on the chains of hop requests |
 | ``KeyPools`` | keys.py (+ keypool.py, keycheck.py) | upstreams with an endpoint that has ``keys`` |
 | ``UsageMeter`` | metering.py | every upstream |
+| ``Fallbacks`` | fallbacks.py | upstreams with ``fallbacks`` (``GeminiFallbacks`` on a Gemini upstream) |
 | ``Resume`` | resume.py (+ prefill.py) | Anthropic upstreams with ``failover.resume: on`` |
 | ``Renames`` | renames.py | paths of endpoints with a ``models`` map |
 | ``ViaHop`` | hop.py | paths on a `via` line |
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 from ..engine import Chain, Filter, Pipeline
 from .deltas import Bases
 from .edge import EdgeRole
+from .fallbacks import Fallbacks, fallbacks_for
 from .hop import ViaHop, sidecar_bases
 from .keys import KeyPools
 from .metering import UsageMeter
@@ -32,7 +34,17 @@ if TYPE_CHECKING:
     from ..routing.state import State, Upstream
     from ..telemetry.metrics import Metrics
 
-__all__ = ["EdgeRole", "FilterFactory", "KeyPools", "Renames", "Resume", "UsageMeter", "ViaHop", "assemble"]
+__all__ = [
+    "EdgeRole",
+    "Fallbacks",
+    "FilterFactory",
+    "KeyPools",
+    "Renames",
+    "Resume",
+    "UsageMeter",
+    "ViaHop",
+    "assemble",
+]
 
 
 # Builds an extra filter for an upstream (None: not on that one); called at every load and
@@ -61,6 +73,9 @@ def assemble(
         if any(ep.keys for ep in upstream.config.endpoints):
             filters.append(KeyPools(upstream, metrics, old_keys.get(upstream.name)))
         filters.append(UsageMeter(upstream.name, metrics))
+        fallbacks = fallbacks_for(upstream.config, metrics)
+        if fallbacks is not None:
+            filters.append(fallbacks)
         if upstream.config.failover.resume and upstream.provider == "anthropic":
             filters.append(Resume(upstream, metrics))  # (the only API whose answers can be continued)
         filters.extend(f for f in (factory(upstream) for factory in extra) if f is not None)

@@ -50,7 +50,8 @@ class UsageMeter(Filter):
         ctx.usage = used
         attempt = ctx.attempt
         credential = attempt.credential if attempt is not None else None
-        labels = (self.upstream, used.model or "-", credential or "client")
+        # (the answer's own model; else the one asked for, a fallback's once one was sent)
+        labels = (self.upstream, used.model or ctx.model or "-", credential or "client")
         tokens = self.metrics.tokens
         if used.input:
             tokens.inc((*labels, "input"), used.input)

@@ -95,6 +95,35 @@ class Waits:
         finally:
             timer.cancel()
 
+    async def wait_body(self, limit: int, timeout: float) -> bytes | None:
+        """Wait for the whole body and return it, left in place: ``read``, ``buffered`` and
+        ``push_to`` still see all of it (a filter reads an error answer before the engine
+        decides what to do with it). None when it is more than ``limit`` bytes, has not
+        ended within ``timeout`` seconds, or broke: nothing is failed here, the relay goes
+        on with its own timeouts and reports what broke."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if self._exc is not None or self._buffered > limit:
+                return None
+            if self.complete:
+                chunks = self._chunks
+                if len(chunks) > 1:
+                    joined = b"".join(chunks)
+                    chunks.clear()
+                    chunks.append(joined)
+                return chunks[0] if chunks else b""
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(left, _wake_up, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+
     def _has_block(self) -> bool:
         chunks = self._chunks
         if not chunks:
@@ -184,3 +213,8 @@ class Waits:
             self.fail(UpstreamTimeout(f"origin sent nothing for {timeout:g}s mid-response"))
         else:  # data came meanwhile: look again when the silence could first reach the limit
             asyncio.get_running_loop().call_later(timeout - quiet, self._on_push_idle, waiter, timeout)
+
+
+def _wake_up(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

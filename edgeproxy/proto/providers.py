@@ -20,10 +20,12 @@ from .errors import ERRORS
 
 __all__ = [
     "AUTH_HEADERS",
+    "CONTENT_POLICY_CODES",
     "auth_header",
     "auth_value",
     "client_credential",
     "error_body",
+    "error_codes",
     "probe_target",
     "retry_wait",
     "sse_error_event",
@@ -89,6 +91,45 @@ def sse_error_event(provider: str, kind: str, message: str) -> bytes:
         return b"event: error\ndata: " + data + b"\n\n"
     data = orjson.dumps({"error": {"message": message, "type": etype, "code": code}})
     return b"data: " + data + b"\n\n"
+
+
+# Error codes that say the origin refused the request's content (a safety system), in any of
+# the APIs' shapes: OpenAI's content_policy_violation, invalid_prompt ("flagged as potentially
+# violating our usage policy") and moderation_blocked, Azure OpenAI's content_filter and its
+# innererror ResponsibleAIPolicyViolation. Compared lower-case.
+CONTENT_POLICY_CODES: Final = frozenset(
+    {
+        "content_policy_violation",
+        "content_filter",
+        "invalid_prompt",
+        "moderation_blocked",
+        "responsibleaipolicyviolation",
+    }
+)
+
+
+def error_codes(body: bytes) -> frozenset[str]:
+    """The codes an error answer's JSON body gives, lower-case: OpenAI's ``error.code`` and
+    ``error.type``, Anthropic's ``error.type``, Gemini's ``error.status`` and its details'
+    ``reason``, Azure's ``error.innererror.code``. Empty when the body is not such JSON. A
+    Gemini stream's error comes as a one-element array: that element is read."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return frozenset()
+    if isinstance(doc, list) and doc:
+        doc = doc[0]
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(error, dict):
+        return frozenset()
+    found = [error.get("code"), error.get("type"), error.get("status")]
+    inner = error.get("innererror")
+    if isinstance(inner, dict):
+        found.append(inner.get("code"))
+    details = error.get("details")
+    if isinstance(details, list):
+        found.extend(d.get("reason") for d in details[:8] if isinstance(d, dict))
+    return frozenset(c.lower() for c in found if isinstance(c, str) and 0 < len(c) <= 100)
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")

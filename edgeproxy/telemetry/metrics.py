@@ -102,6 +102,12 @@ class Metrics(Collector):
         self.failovers = Counter(
             "edgeproxy_failovers", "Attempts retried on another path, by reason", ("upstream", "reason")
         )
+        self.fallbacks = Counter(
+            "edgeproxy_fallbacks",
+            "Requests sent again with another model by upstreams.X.fallbacks (on: the entry's error"
+            " code or status; model: its model)",
+            ("upstream", "on", "model"),
+        )
         self.hedges = Counter("edgeproxy_hedges", "Second attempts started by failover.hedge", ("upstream",))
         self.budget_exhausted = Counter(
             "edgeproxy_retry_budget_exhausted", "Retries refused by the retry budget", ("upstream",)

@@ -240,3 +240,16 @@ async def test_stalled_streams_count_against_their_model(
     assert models_served(fallback) == ["model-x"]  # ejected at the primary for that model
     rows = p.proxy.status()["upstreams"][0]["origins"]
     assert [(r["model"], r["state"]) for r in rows if r["state"] == "ejected"] == [("model-x", "ejected")]
+
+
+async def test_a_503_sent_on_by_a_fallback_still_counts_against_its_model(origin: FakeOrigin, make_proxy: Any) -> None:
+    cfg = proxy_config(origin.url, failover={"ejection": {"origin_errors": 2}})
+    cfg["upstreams"]["openai"]["fallbacks"] = [{"on": 503, "model": "model-y"}]
+    p = await make_proxy(cfg)
+    origin.model_failures["model-x"] = ModelFailure(status=503)
+    for _ in range(2):
+        status, body, _ = await ask(p.url, "model-x")
+        assert status == 200 and b'"model":"model-y"' in body  # the fallback model's answer
+    (openai,) = [u for u in p.proxy.status()["upstreams"] if u["name"] == "openai"]
+    rows = openai["origins"]
+    assert [(r["model"], r["state"]) for r in rows if r["state"] == "ejected"] == [("model-x", "ejected")]

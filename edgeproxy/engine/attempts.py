@@ -103,6 +103,7 @@ class Failover:
             resp = attempt.resp
             assert resp is not None
             status = resp.status
+            asked = ctx.model  # (a filter may send the request on with another model)
             for on_answer in chain.answer:
                 try:
                     verdict = await on_answer(ctx, attempt, resp)
@@ -115,6 +116,8 @@ class Failover:
                 if verdict is AGAIN:
                     resp.release()
                     ctx.tried.remove(path)  # the path may serve again: it was not the line
+                    if status >= 500:  # (sent on by a filter, but still that model's failure there)
+                        self._origin_failed(ctx, upstream, path, f"status {status}", started, asked, avoid=False)
                     break
                 if isinstance(verdict, Exception):
                     resp.release()
@@ -182,12 +185,24 @@ class Failover:
         elif exc.blames_line:
             path.on_failure(exc)
 
-    def _origin_failed(self, ctx: Ctx, upstream: Upstream, path: Path, why: str, started: float) -> None:
+    def _origin_failed(
+        self,
+        ctx: Ctx,
+        upstream: Upstream,
+        path: Path,
+        why: str,
+        started: float,
+        model: str | None = None,
+        avoid: bool = True,
+    ) -> None:
         """The origin failed this request (a 5xx, silence): counted for its model there, and
         the next attempt prefers another endpoint over the same one on another line."""
         self._line(upstream, path, "ok")  # (the line carried the request: it is not to blame)
-        for model, event in upstream.on_origin(path, ctx.model, False, started):
-            report_origin(self.metrics, upstream, path, model, event, f"origin errors in a row (last: {why})")
+        asked = ctx.model if model is None else model
+        for which, event in upstream.on_origin(path, asked, False, started):
+            report_origin(self.metrics, upstream, path, which, event, f"origin errors in a row (last: {why})")
+        if not avoid:
+            return
         if ctx.avoid is None:
             ctx.avoid = set()
         ctx.avoid.add(path.endpoint.url)

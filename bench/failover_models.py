@@ -48,6 +48,7 @@ import itertools
 import json
 import random
 import statistics
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -57,6 +58,7 @@ import _common as c
 import aiohttp
 import orjson
 
+sys.path.insert(0, str(c.ROOT))
 from tests.fakes.origin import FakeOrigin, ModelFailure
 
 Res = dict[str, Any]

@@ -47,7 +47,11 @@ fault or started in its first second) against the same load's requests in the se
 it, the time until every affected request was answered, the attempts the origin(s) saw per
 client request, and edgeproxy's own counters (/metrics deltas: failovers, rescues, ejections).
 
-Usage: .venv/bin/python bench/failover.py [--quick] [--rate R] [--streams N] [--keep]
+Issue 13 rows (one model failing at the primary: 503, 429; a flapping primary, N runs at once;
+a silent primary over two lines with the default config; stale keep-alive replays of POSTs):
+bench/failover_models.py, run after these; --models-only runs them alone, --no-models skips them.
+
+Usage: .venv/bin/python bench/failover.py [--quick] [--rate R] [--streams N] [--keep] [--models-only]
 (full: 200 req/s + 50 streams, about 1.5 min; --quick: 100 req/s + 20 streams at 0.05 s, about 1 min)
 Output: a table with MET/MISSED per target, details, a noise note, and as the last line one
 JSON object {"bench": "failover", ...}. Exit status 0 whatever the targets say.
@@ -73,6 +77,7 @@ from typing import Any
 
 import _common as c
 import aiohttp
+import failover_models
 import orjson
 import uvloop
 
@@ -1594,6 +1599,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, help="non-stream requests/s (default 200; quick 100)")
     ap.add_argument("--streams", type=int, help="open streams (default 50; quick 20)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (edgeproxy logs, access logs, configs)")
+    failover_models.add_args(ap)  # --models-only, --no-models, --flap-runs, --model-rate
     a = ap.parse_args()
     q = a.quick
     a.rate = a.rate or (100.0 if q else 200.0)
@@ -1633,7 +1639,8 @@ def main() -> None:
             else stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-failover-"))
         )
         procs = stack.enter_context(c.Procs())
-        rows = uvloop.run(bench(a, Path(td), procs, res))
+        rows = [] if a.models_only else uvloop.run(bench(a, Path(td), procs, res))
+        rows += uvloop.run(failover_models.bench(a, Path(td), procs, res))
     if a.keep:
         print(f"kept: {td}")
         res["kept_dir"] = td
@@ -1645,6 +1652,7 @@ def main() -> None:
         ["fault", "client errors", "added p50/p99 ms", "all answered s", "attempts / detail", "target", "result"], rows
     )
     details(res)
+    failover_models.details(res)
     print(
         f"added latency: requests in flight at the fault or started in its first {AFFECT_S:g} s, minus the same "
         f"percentile of the requests in the {a.pre:g} s before it; 'all answered': the longest any request (or "
@@ -1665,6 +1673,7 @@ def main() -> None:
     res["targets"] = {k: v.get("met") for k, v in res.get("faults", {}).items()}
     res["targets"]["recovery"] = res.get("recovery", {}).get("met")
     res["targets"]["resume"] = res.get("resume", {}).get("met")
+    res["targets"].update(failover_models.targets(res))
     for d in res.get("faults", {}).values():
         d.pop("direct_body", None)
     c.final_json(res)

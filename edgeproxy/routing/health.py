@@ -53,6 +53,7 @@ UP: Final = "up"
 DOWN: Final = "down"  # the last probes failed
 EJECTED: Final = "ejected"  # real attempts kept failing
 COOLING: Final = "cooling"  # the origin asked for a pause (429)
+HALF_OPEN: Final = "half-open"  # the ejection is over: the next request is a trial
 
 
 class _Ejection:
@@ -272,8 +273,8 @@ class OriginHealth(_Ejection):
         return False
 
     def status(self, now: float) -> str:
-        if self.state == EJECTED and now < self.ejected_until:
-            return EJECTED
+        if self.state == EJECTED:
+            return EJECTED if now < self.ejected_until else HALF_OPEN
         if self.cooldown_until > now:
             return COOLING
         return self.state

@@ -37,6 +37,7 @@ from ..proto.errors import (
 from ..proto.models import request_model
 from ..proto.providers import error_body, sse_error_event
 from ..proto.target import has_unsafe_segment
+from ..routing.state import release_trials
 from .attempts import Failover
 from .auth import AuthThrottle, ListenerAuth
 from .body import BodyBudget, read_body
@@ -154,6 +155,8 @@ class Engine(Failover):
             response = self._error_response(ctx, "internal", "edgeproxy internal error")
             return response
         finally:
+            if ctx.trials:
+                release_trials(ctx.trials)
             if ctx.held:
                 self.bodies.give_back(ctx)
             chain = self._inflight.pop(ctx, None)

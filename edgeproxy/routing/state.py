@@ -291,9 +291,15 @@ class Upstream:
 
     def _origin(self, key: tuple[str, str | None]) -> OriginHealth | None:
         """The entry for (endpoint, model), made if need be; None past MAX_ORIGINS (a storm
-        of distinct failing models is then seen by the endpoint's own entry only)."""
+        of distinct failing models is then seen by the endpoint's own entry only). Entries are
+        dropped only by a good answer for the same model there: at the cap, those neither
+        ejected nor cooling (what is left of a pause, a short run of errors) make room."""
         entry = self.origins.get(key)
         if entry is None:
+            if len(self.origins) >= MAX_ORIGINS and key[1] is not None:
+                now = time.monotonic()
+                for k in [k for k, e in self.origins.items() if k[1] is not None and e.status(now) == "up"]:
+                    del self.origins[k]
             if len(self.origins) >= MAX_ORIGINS and key[1] is not None:
                 return None
             entry = self.origins[key] = OriginHealth(wide=key[1] is None)

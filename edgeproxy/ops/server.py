@@ -301,7 +301,9 @@ class Proxy:
         attempts waiting on the path now, not at their own timeouts. A path back up lifts
         its endpoint's origin ejections (the outage was the whole origin's, and it is over)."""
         upstream = self.state.upstream(path.upstream)
-        if changed == "up" and upstream is not None:
+        if changed == "up" and path.health.recovered and upstream is not None:
+            # (from down only: a new or rebuilt path's first probe, or a line's own ejection
+            # ending, says nothing about the origin's models)
             for model in upstream.origin_recovered(path.endpoint.url):
                 report_origin(self.metrics, upstream, path, model, "restored", "its probes answer again")
         if not ok and path.waiting:

@@ -26,7 +26,12 @@ MAX_NAME: Final = 200
 
 
 def request_model(body: bytes | None, target: str) -> str | None:
-    """The model ``body`` (plain JSON, or None) or the ``target`` URL names; None if neither."""
+    """The model the ``target`` URL (Gemini) or ``body`` (plain JSON, or None) names; None if
+    neither. The URL first: a Gemini body's history says "role": "model" on every answer."""
+    if "/models/" in target:
+        found = _GEMINI.search(target)
+        if found is not None:
+            return found.group(1)
     if body:
         first = body.find(_KEY)
         if first >= 0:
@@ -34,10 +39,6 @@ def request_model(body: bytes | None, target: str) -> str | None:
                 m = _VALUE.match(body, first)
                 return m.group(1).decode("utf-8", "replace") if m is not None else None
             return _parsed(body)
-    if "/models/" in target:
-        found = _GEMINI.search(target)
-        if found is not None:
-            return found.group(1)
     return None
 
 

@@ -34,6 +34,7 @@ from ..proto.errors import (
     UnsafePath,
     VersionNotSupported,
 )
+from ..proto.codec import THREAD_MIN
 from ..proto.models import request_model
 from ..proto.providers import error_body, sse_error_event
 from ..proto.target import has_unsafe_segment
@@ -185,7 +186,12 @@ class Engine(Failover):
         await read_body(ctx, self.bodies)
         for request_body_filter in chain.request_body:
             await request_body_filter(ctx)
-        ctx.model = request_model(ctx.body if ctx.body_coding is None else None, ctx.raw_path)
+        body = ctx.body if ctx.body_coding is None else None
+        if body is not None and len(body) >= THREAD_MIN:
+            # (a body naming "model" twice is parsed whole: megabytes take tens of ms)
+            ctx.model = await asyncio.to_thread(request_model, body, ctx.raw_path)
+        else:
+            ctx.model = request_model(body, ctx.raw_path)
         resp = await self._attempts(ctx, upstream, chain)
         return await self._relay(ctx, upstream, chain, resp)
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
+from ..proto.codec import THREAD_MIN
 from ..proto.errors import (
     BodyTimeout,
     BrowserRefused,
@@ -34,7 +35,6 @@ from ..proto.errors import (
     UnsafePath,
     VersionNotSupported,
 )
-from ..proto.codec import THREAD_MIN
 from ..proto.models import request_model
 from ..proto.providers import error_body, sse_error_event
 from ..proto.target import has_unsafe_segment

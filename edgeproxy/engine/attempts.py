@@ -388,7 +388,7 @@ class Failover:
 
 def _plan(ctx: Ctx, upstream: Upstream, retry: bool, take: bool = True) -> Path | None:
     """The next path for this request (``Upstream.plan`` with what the request knows)."""
-    return upstream.plan(ctx.tried, retry, take, ctx.pin, ctx.model, ctx.avoid)
+    return upstream.plan(ctx.tried, retry, take, ctx.pin, ctx.model, ctx.avoid, ctx.trials if take else None)
 
 
 def _target(ctx: Ctx, upstream: Upstream, path: Path) -> str:

@@ -94,6 +94,7 @@ class Ctx:
         "streamed",
         "target",
         "timeouts",
+        "trials",
         "tried",
         "ttfb",
         "upstream",
@@ -124,6 +125,8 @@ class Ctx:
         # Gemini URL's), read once the body is in; a filter that changes it says so here.
         self.model: str | None = None
         self.tried: list[Path] = []
+        # Half-open trials its plans claimed (health entry, when): let go at its end.
+        self.trials: list[tuple[Any, float]] = []
         # Endpoints this request prefers not to go back to: their origin failed it (a 5xx,
         # silence on a line that answers probes). Used only when nothing else is left.
         self.avoid: set[str] | None = None

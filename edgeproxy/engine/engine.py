@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
+from ..proto.codec import THREAD_MIN
 from ..proto.errors import (
     BodyTimeout,
     BrowserRefused,
@@ -37,6 +38,7 @@ from ..proto.errors import (
 from ..proto.models import request_model
 from ..proto.providers import error_body, sse_error_event
 from ..proto.target import has_unsafe_segment
+from ..routing.state import release_trials
 from .attempts import Failover
 from .auth import AuthThrottle, ListenerAuth
 from .body import BodyBudget, read_body
@@ -154,6 +156,8 @@ class Engine(Failover):
             response = self._error_response(ctx, "internal", "edgeproxy internal error")
             return response
         finally:
+            if ctx.trials:
+                release_trials(ctx.trials)
             if ctx.held:
                 self.bodies.give_back(ctx)
             chain = self._inflight.pop(ctx, None)
@@ -182,7 +186,12 @@ class Engine(Failover):
         await read_body(ctx, self.bodies)
         for request_body_filter in chain.request_body:
             await request_body_filter(ctx)
-        ctx.model = request_model(ctx.body if ctx.body_coding is None else None, ctx.raw_path)
+        body = ctx.body if ctx.body_coding is None else None
+        if body is not None and len(body) >= THREAD_MIN:
+            # (a body naming "model" twice is parsed whole: megabytes take tens of ms)
+            ctx.model = await asyncio.to_thread(request_model, body, ctx.raw_path)
+        else:
+            ctx.model = request_model(body, ctx.raw_path)
         resp = await self._attempts(ctx, upstream, chain)
         return await self._relay(ctx, upstream, chain, resp)
 

@@ -30,7 +30,7 @@ from ..filters.deltas import edge_bases
 from ..net.dns import Resolver
 from ..proto.errors import PathDown
 from ..proto.providers import client_credential, token_matches
-from ..routing.events import report_origin
+from ..routing.events import report_line, report_origin
 from ..routing.lines import Path
 from ..routing.probe import Prober
 from ..routing.state import State, Upstream, describe_changes
@@ -302,8 +302,13 @@ class Proxy:
         its endpoint's origin ejections (the outage was the whole origin's, and it is over)."""
         upstream = self.state.upstream(path.upstream)
         if changed == "up" and upstream is not None:
-            for model in upstream.origin_recovered(path.endpoint.url):
-                report_origin(self.metrics, upstream, path, model, "restored", "its probes answer again")
+            if path.health.previous == "ejected":  # (counted like the ejection was)
+                report_line(self.metrics, upstream, path, "restored", "its probes answer again")
+            elif path.health.previous == "down":
+                # (from down only: a new or rebuilt path's first probe, or a line's own
+                # ejection ending, says nothing about the origin's models)
+                for model in upstream.origin_recovered(path.endpoint.url):
+                    report_origin(self.metrics, upstream, path, model, "restored", "its probes answer again")
         if not ok and path.waiting:
             # Late senders too; and only requests that have somewhere else to go: the others
             # keep their chance here, and their own timeouts.

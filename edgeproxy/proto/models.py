@@ -17,8 +17,9 @@ import orjson
 __all__ = ["request_model", "wants_stream"]
 
 _KEY: Final = b'"model"'
-# The key, then a string value without escapes (model names have none), bounded.
-_VALUE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+# The key, then a string value without escapes or control characters (model names have
+# none, and a name goes into log lines), bounded.
+_VALUE = re.compile(rb'"model"\s*:\s*"([^"\\\x00-\x1f\x7f]{1,200})"')
 _GEMINI = re.compile(r"/models/([^/:?]{1,200}):")
 _STREAM_KEY: Final = b'"stream"'
 _STREAM_ON = re.compile(rb'"stream"\s*:\s*true')
@@ -26,18 +27,20 @@ MAX_NAME: Final = 200
 
 
 def request_model(body: bytes | None, target: str) -> str | None:
-    """The model ``body`` (plain JSON, or None) or the ``target`` URL names; None if neither."""
+    """The model the ``target`` URL (Gemini) or ``body`` (plain JSON, or None) names; None if
+    neither. The URL first: a Gemini body's history says "role": "model" on every answer."""
+    if "/models/" in target:
+        found = _GEMINI.search(target)
+        if found is not None:
+            return found.group(1)
     if body:
         first = body.find(_KEY)
         if first >= 0:
             if body.find(_KEY, first + len(_KEY)) < 0:
                 m = _VALUE.match(body, first)
-                return m.group(1).decode("utf-8", "replace") if m is not None else None
+                name = m.group(1).decode("utf-8", "replace") if m is not None else None
+                return name if name is not None and name.isprintable() else None
             return _parsed(body)
-    if "/models/" in target:
-        found = _GEMINI.search(target)
-        if found is not None:
-            return found.group(1)
     return None
 
 
@@ -48,7 +51,8 @@ def _parsed(body: bytes) -> str | None:
     except orjson.JSONDecodeError:
         return None
     model = doc.get("model") if isinstance(doc, dict) else None
-    return model if isinstance(model, str) and 0 < len(model) <= MAX_NAME else None
+    ok = isinstance(model, str) and 0 < len(model) <= MAX_NAME and model.isprintable()
+    return model if ok else None
 
 
 def wants_stream(body: bytes | None, target: str, accept: str | None) -> bool:

@@ -117,6 +117,7 @@ class Health(_Ejection):
         "last_probe_ok",
         "local_failures",
         "probes",
+        "previous",
         "state",
     )
 
@@ -129,6 +130,7 @@ class Health(_Ejection):
         self.last_probe_ok: bool | None = None
         self.last_error: str | None = None
         self.probes = 0
+        self.previous = UNKNOWN  # the state before the last probe
 
     def __repr__(self) -> str:
         return f"<Health {self.state} probe_fails={self.consecutive_failures} local={self.local_failures}>"
@@ -170,6 +172,7 @@ class Health(_Ejection):
             self.last_error = error
             if self.consecutive_failures >= DOWN_AFTER:
                 self.state = DOWN
+        self.previous = before
         return self.state if self.state != before else None
 
     def on_attempt(

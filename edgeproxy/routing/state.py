@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from .budget import RetryBudget
-from .health import OriginHealth
+from .health import OriginHealth, _Ejection
 from .lines import Line, Path, PathKey, same_connections
 from .select import Candidate, order
 
@@ -30,10 +30,19 @@ if TYPE_CHECKING:
     from ..config import Config, EndpointConfig, Timeouts, UpstreamConfig
     from ..net.dns import Resolver
 
-__all__ = ["State", "Upstream", "describe_changes"]
+__all__ = ["State", "Upstream", "describe_changes", "release_trials"]
 
 # Origin health entries per upstream (endpoint x model) at most; also the memo of timeouts.
 MAX_ORIGINS = 256
+
+
+def release_trials(claims: list[tuple[_Ejection, float]]) -> None:
+    """A request is over: the half-open trials it claimed and whose outcome never came (its
+    client left, a 429, a filter sent it on, a hedge lost, the line failed first) are let go,
+    so the next request is the trial instead of everything waiting for TRIAL_LOST."""
+    for entry, at in claims:
+        if entry.trial and entry.trial_at == at:
+            entry.trial = False
 
 
 class Upstream:
@@ -95,6 +104,7 @@ class Upstream:
         only: str | None = None,
         model: str | None = None,
         avoid: Collection[str] | None = None,
+        claims: list[tuple[_Ejection, float]] | None = None,
     ) -> Path | None:
         """The next path to try for a request for ``model``: the first untried one in
         ``order`` that has room, whose line and whose origin (for that model) are healthy.
@@ -104,7 +114,8 @@ class Upstream:
         line or origin is ejected (or cooling down after a 429, or of an endpoint in ``avoid``:
         its origin failed this request) is returned only when nothing else is left; a
         retry never goes to an endpoint that asked us to wait. ``take=False`` only looks:
-        it does not claim a half-open trial. ``only``: paths of that endpoint URL only (a
+        it does not claim a half-open trial; the trials it claims are added to ``claims``
+        (``release_trials`` lets go of those whose outcome never came). ``only``: paths of that endpoint URL only (a
         hop request names its endpoint; an edge never swaps it for another).
         """
         spill = fallback = None
@@ -131,8 +142,10 @@ class Upstream:
                 continue
             if take:
                 health.take_trial(now)
+                if claims is not None and health.trial and health.trial_at == now:
+                    claims.append((health, now))
                 if origins:
-                    self._take_origin_trial(url, model, now)
+                    self._take_origin_trial(url, model, now, claims)
             return path
         return spill or fallback
 
@@ -266,17 +279,27 @@ class Upstream:
                 return False
         return True
 
-    def _take_origin_trial(self, url: str, model: str | None, now: float) -> None:
+    def _take_origin_trial(
+        self, url: str, model: str | None, now: float, claims: list[tuple[_Ejection, float]] | None
+    ) -> None:
         for key in ((url, None), (url, model)):
             entry = self.origins.get(key)
             if entry is not None:
                 entry.take_trial(now)
+                if claims is not None and entry.trial and entry.trial_at == now:
+                    claims.append((entry, now))
 
     def _origin(self, key: tuple[str, str | None]) -> OriginHealth | None:
         """The entry for (endpoint, model), made if need be; None past MAX_ORIGINS (a storm
-        of distinct failing models is then seen by the endpoint's own entry only)."""
+        of distinct failing models is then seen by the endpoint's own entry only). Entries are
+        dropped only by a good answer for the same model there: at the cap, those neither
+        ejected nor cooling (what is left of a pause, a short run of errors) make room."""
         entry = self.origins.get(key)
         if entry is None:
+            if len(self.origins) >= MAX_ORIGINS and key[1] is not None:
+                now = time.monotonic()
+                for k in [k for k, e in self.origins.items() if k[1] is not None and e.status(now) == "up"]:
+                    del self.origins[k]
             if len(self.origins) >= MAX_ORIGINS and key[1] is not None:
                 return None
             entry = self.origins[key] = OriginHealth(wide=key[1] is None)

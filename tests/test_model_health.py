@@ -253,3 +253,19 @@ async def test_a_503_sent_on_by_a_fallback_still_counts_against_its_model(origin
     (openai,) = [u for u in p.proxy.status()["upstreams"] if u["name"] == "openai"]
     rows = openai["origins"]
     assert [(r["model"], r["state"]) for r in rows if r["state"] == "ejected"] == [("model-x", "ejected")]
+
+
+async def test_a_stream_begun_before_the_ejection_does_not_restore_it_by_ending(
+    origin: FakeOrigin, fallback: FakeOrigin, make_proxy: Any
+) -> None:
+    p = await make_proxy(primary_and_fallback(origin.url, fallback.url, failover={"ejection": {"max_time": "30s"}}))
+    origin.event_interval = 0.1  # a long stream of model-x, begun while all is well
+    long_stream = asyncio.ensure_future(ask(p.url, "model-x", stream=True))
+    await origin.wait_for(lambda: origin.active_streams == 1, 2.0, "the stream began")
+    origin.model_failures["model-x"] = ModelFailure(status=503)  # then model-x fails
+    for _ in range(5):
+        assert (await ask(p.url, "model-x"))[0] == 200
+    assert (await long_stream)[0] == 200  # it ends cleanly now, after the ejection
+    origin.requests.clear()
+    assert (await ask(p.url, "model-x"))[0] == 200
+    assert origin.requests == []  # still ejected: that stream's good end predates the outage

@@ -169,18 +169,22 @@ class Failover:
     def _answered(self, ctx: Ctx, upstream: Upstream, path: Path, resp: Response | None) -> None:
         """The origin answered (not with an error of its own): good news for the line; for the
         origin too, unless it is a stream (that is good news once it ends: ``resp`` None)."""
+        attempt = ctx.attempt
+        started = attempt.started if attempt is not None and attempt.path is path else None
         if resp is not None:
-            self._line(upstream, path, "ok")
+            self._line(upstream, path, "ok", started)
             if resp.status == 200 and _is_sse(resp):
                 return
-        for model, event in upstream.on_origin(path, ctx.model, True):
+        for model, event in upstream.on_origin(path, ctx.model, True, started):
             report_origin(self.metrics, upstream, path, model, event, "a trial request worked")
 
     def _stream_failed(self, ctx: Ctx, upstream: Upstream, path: Path, exc: ProxyError) -> None:
         """A stream broke after commit: a stall on a line that answers probes is the origin's
         (that model's), anything else the line's, as before commit."""
         if isinstance(exc, UpstreamTimeout) and path.health.answers():
-            for model, event in upstream.on_origin(path, ctx.model, False):
+            attempt = ctx.attempt
+            started = attempt.started if attempt is not None and attempt.path is path else None
+            for model, event in upstream.on_origin(path, ctx.model, False, started):
                 report_origin(self.metrics, upstream, path, model, event, "stalled streams in a row")
         elif exc.blames_line:
             path.on_failure(exc)

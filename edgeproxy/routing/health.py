@@ -180,6 +180,8 @@ class Health(_Ejection):
     ) -> str | None:
         """Record a real attempt: "ok" or "local" (connect, reset). "ejected" or "restored"
         if that changed the state, else None."""
+        if outcome == "ok" and started is not None and started < self.ejected_at:
+            return None  # sent before the last ejection: says nothing new
         trial, self.trial = self.trial, False
         if outcome == "ok":
             self.local_failures = 0
@@ -235,8 +237,11 @@ class OriginHealth(_Ejection):
         """Nothing to remember: the upstream may drop this entry."""
         return self.state == UP and not self.errors and not self.ejections and self.cooldown_until <= now
 
-    def on_ok(self, now: float) -> bool:
-        """A good answer; True if it restored an ejection."""
+    def on_ok(self, now: float, started: float | None = None) -> bool:
+        """A good answer; True if it restored an ejection. One to a request sent before the
+        last ejection says nothing new (a stream that began before the outage, ending now)."""
+        if started is not None and started < self.ejected_at:
+            return False
         self.trial = False
         self.errors = 0
         self.models.clear()

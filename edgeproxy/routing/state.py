@@ -214,7 +214,7 @@ class Upstream:
                 entry = origins.get(key)
                 if entry is None:
                     continue
-                if entry.on_ok(now):
+                if entry.on_ok(now, started):
                     changed.append((key[1], "restored"))
                 if entry.idle(now):
                     del origins[key]

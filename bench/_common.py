@@ -38,10 +38,21 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # --------------------------------------------------------------------------- machine
 
 
-def free_port() -> int:  # (a tiny race with other programs binding ports: acceptable here)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """A free port, never one this process handed out before: benches that start many
+    processes at once would otherwise get the same ephemeral port twice (two edgeproxies on one
+    admin port: the second exits, and the first answers the readiness check for both). A small
+    race with other programs binding ports remains: acceptable here."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def raise_nofile() -> int:

@@ -240,7 +240,9 @@ class Edge:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError, StopIteration):
                 up = await self.upstream(s)
                 if len(up["paths"]) == paths and all(p["state"] == "up" for p in up["paths"]):
-                    return
+                    await asyncio.sleep(0.2)  # (the admin that answered must be this process's)
+                    if proc.poll() is None:
+                        return
             await asyncio.sleep(0.1)
         raise RuntimeError(f"edgeproxy {self.tag}: paths not up after {timeout:g} s")
 

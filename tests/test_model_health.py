@@ -73,8 +73,8 @@ async def test_one_models_503s_eject_that_model_only(origin: FakeOrigin, fallbac
     (row,) = status["origins"]
     assert row["model"] == "model-x" and row["state"] == "ejected"
     assert all(path["state"] == "up" for path in status["paths"])  # the lines are fine
-    host = "127.0.0.1"
-    assert p.proxy.metrics.ejections.values[("openai", host, "*", "model-x")] == 1
+    primary = origin.url + "/v1"
+    assert p.proxy.metrics.ejections.values[("openai", primary, "*", "model-x")] == 1
 
 
 async def test_a_429_for_one_model_cools_only_that_model(
@@ -128,7 +128,7 @@ async def test_a_trial_restores_at_once_and_restores_are_counted(
     for _ in range(3):
         assert (await ask(p.url, "model-x"))[0] == 200
     assert models_served(origin) == ["model-x"] * 3
-    assert p.proxy.metrics.restores.values[("openai", "127.0.0.1", "*", "model-x")] == 1
+    assert p.proxy.metrics.restores.values[("openai", origin.url + "/v1", "*", "model-x")] == 1
     assert p.proxy.status()["upstreams"][0]["origins"] == []
 
 

@@ -225,7 +225,7 @@ async def test_a_line_ejection_lifted_by_a_probe_is_counted_as_a_restore(
     origin.drop_after_events, origin.drop_times = 0, 3  # reset before the first event: the line's
     for _ in range(3):
         assert (await ask(p.url, "model-x", stream=True))[0] == 200  # rescued by the fallback
-    labels = ("openai", "127.0.0.1", "direct", "*")
+    labels = ("openai", origin.url + "/v1", "direct", "*")
     assert p.proxy.metrics.ejections.values[labels] == 1
     await origin.wait_for(
         lambda: all(x["state"] == "up" for x in p.proxy.status()["upstreams"][0]["paths"]), 3.0, "a probe lifted it"

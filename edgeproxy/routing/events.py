@@ -23,7 +23,7 @@ log = logging.getLogger("edgeproxy")
 
 def report_line(metrics: Metrics, upstream: Upstream, path: Path, event: str, why: str) -> None:
     """``path``'s line was "ejected" or "restored"."""
-    labels = (upstream.name, path.endpoint.host, path.line.name, "*")
+    labels = (upstream.name, path.endpoint.url, path.line.name, "*")
     if event == "ejected":
         metrics.ejections.inc(labels)
         until = path.health.ejected_until - time.monotonic()
@@ -36,7 +36,7 @@ def report_line(metrics: Metrics, upstream: Upstream, path: Path, event: str, wh
 def report_origin(metrics: Metrics, upstream: Upstream, path: Path, model: str | None, event: str, why: str) -> None:
     """``model`` (None: every model) at ``path``'s endpoint was "ejected" or "restored"."""
     host = path.endpoint.host
-    labels = (upstream.name, host, "*", model or "*")
+    labels = (upstream.name, path.endpoint.url, "*", model or "*")
     what = f"model {model}" if model is not None else "every model"
     if event == "ejected":
         metrics.ejections.inc(labels)

@@ -253,6 +253,7 @@ class Reply:
         "body",
         "clean",
         "ctype",
+        "delivered",
         "encoded",
         "framed",
         "headers",
@@ -279,6 +280,12 @@ class Reply:
         self.transforms: list[Transform] = []
         self.taps: list[Callable[[bytes], None]] = []  # framed streams: called with whole events
         self.clean = False  # set at the end: the response went out whole
+        # Everything the client needs was written (the stream's end event, or the whole body),
+        # even if the client hung up before the response's last bytes.
+        self.delivered = False
+
+    def deliver(self) -> None:
+        self.delivered = True
 
     def is_json(self) -> bool:
         return self.ctype[:16].lower() == b"application/json"

@@ -147,7 +147,8 @@ class Engine(Failover):
                     await asyncio.sleep(delay)
             return response
         except asyncio.CancelledError:
-            ctx.status, ctx.error = STATUS_CLIENT_CLOSED, ctx.error or "client_disconnected"
+            if not _delivered(ctx):
+                ctx.status, ctx.error = STATUS_CLIENT_CLOSED, ctx.error or "client_disconnected"
             raise
         except Exception:
             log.exception("internal error on %s %s", ctx.method, ctx.raw_path.split("?", 1)[0])
@@ -293,7 +294,7 @@ class Engine(Failover):
             while True:
                 resp = reply.resp
                 try:
-                    await push_body(ctx.request, out, resp, idle, reply.framed, transform, tap)
+                    await push_body(ctx.request, out, resp, idle, reply.framed, transform, tap, reply.deliver)
                     reply.clean = True
                     if reply.sse and ctx.path is not None:
                         self._answered(ctx, upstream, ctx.path, None)  # the stream ended as it should
@@ -313,7 +314,8 @@ class Engine(Failover):
         except ConnectionResetError:
             # The client went away mid-response; releasing closes the upstream connection,
             # so the origin stops generating.
-            ctx.status, ctx.error = STATUS_CLIENT_CLOSED, "client_disconnected"
+            if not reply.delivered:
+                ctx.status, ctx.error = STATUS_CLIENT_CLOSED, "client_disconnected"
             return out
         finally:
             reply.resp.release()
@@ -458,6 +460,12 @@ class Engine(Failover):
             for logging_filter in chain.logging:
                 logging_filter(ctx, record)
         self.access.write(record)
+
+
+def _delivered(ctx: Ctx) -> bool:
+    """Did the client get its whole answer before it hung up (logged with its status)?"""
+    reply = ctx.reply
+    return reply is not None and reply.delivered
 
 
 def _one_transform(transforms: list[Transform]) -> Transform | None:

@@ -39,6 +39,7 @@ async def push_body(
     sse: bool,
     transform: Transform | None = None,
     tap: Callable[[bytes], None] | None = None,
+    delivered: Callable[[], None] | None = None,
 ) -> None:
     """Stream ``resp``'s body to the client; return at its end.
 
@@ -52,6 +53,10 @@ async def push_body(
     it says what is decodable at once (a compressor flushes per write: each event is usable
     as soon as it arrives; its window still spans events, which is what makes a stream
     shrink); at the end its last bytes go out.
+
+    ``delivered`` is called once everything the client needs has been written: the stream's
+    own end event, or the whole body (a client that hangs up after that, before the last empty
+    chunk, got its answer: it is not logged as gone).
 
     Raises ProxyError if the origin fails or falls silent for ``idle_timeout`` (the caller
     reports it in-band), ConnectionResetError if the client is gone.
@@ -95,7 +100,10 @@ async def push_body(
         last = data
         if tap is not None:
             tap(data)
-        return send(data)
+        more = send(data)
+        if delivered is not None and _ends_stream(data):
+            delivered()
+        return more
 
     resp.push_to(sse_sink if sse else send)
     while True:
@@ -121,6 +129,8 @@ async def push_body(
         resp.resume_push()
     if held:
         send(held)  # a last event without its blank line: passed on as the origin sent it
+    if delivered is not None:
+        delivered()
     await _end(out, write, transform, writer.chunked)  # type: ignore[attr-defined]
 
 

@@ -41,7 +41,7 @@ class UsageMeter(Filter):
 
     def on_end(self, ctx: Ctx, reply: Reply | None) -> None:
         tap: usage.StreamTap | None = ctx.local(self)
-        if tap is not None and reply is not None and reply.clean:
+        if tap is not None and reply is not None and (reply.clean or reply.delivered):
             self._meter(ctx, usage.from_stream(tap))
 
     def _meter(self, ctx: Ctx, used: Usage | None) -> None:

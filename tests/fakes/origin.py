@@ -391,6 +391,7 @@ class FakeOrigin(Threaded):
         self.drop_times: int = 0
         self.refuse_prefill: bool = False
         self.stall_after_events: int | None = None
+        self.hold_after_end: float = 0.0  # streams: seconds between the end event and the body's end
         self.require_key: str | None = None
         self.reply: str | None = None  # if set: the reply text for every completion (instead of "echo: ...")
         self.record: bool = True  # False: do not append to .requests (benchmarks)
@@ -808,6 +809,8 @@ class FakeOrigin(Threaded):
                     self._stream_gone()
                     return resp
                 i += 1
+            if self.hold_after_end:  # the stream's end event went out; the body's end comes later
+                await asyncio.sleep(self.hold_after_end)
             try:
                 await resp.write_eof()
             except (ConnectionError, RuntimeError):

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from edgeproxy.config import (
     ConfigError,
@@ -339,7 +340,7 @@ def test_zstd_requires_the_module(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_via_ca_needs_an_https_edge(tmp_path: Any) -> None:
     ca = tmp_path / "ca.pem"
-    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    trustme.CA().cert_pem.write_to_path(str(ca))
     (msg,) = errors({"lines": {"edge": {"via": "http://edge.example.com:8080", "token": TOKEN, "ca": str(ca)}}})
     assert msg == "lines.edge.ca: only applies to an https:// via URL (the hop is plain http)"
     cfg = load_dict({"lines": {"edge": {"via": "https://edge.example.com", "token": TOKEN, "ca": str(ca)}}})

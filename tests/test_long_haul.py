@@ -4,12 +4,19 @@ logs for clients that hang up as soon as they have their answer. Real sockets th
 from __future__ import annotations
 
 import asyncio
+import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import orjson
+import pytest
+import trustme
 
+from edgeproxy.config import ConfigError, load_dict
+from edgeproxy.routing.lines import tls_context
 from edgeproxy.telemetry.accesslog import AccessLog
 from tests.conftest import proxy_config
 from tests.fakes.origin import FakeOrigin
@@ -64,3 +71,68 @@ async def test_a_client_that_leaves_mid_stream_is_still_logged_499(
         await asyncio.sleep(0.1)
     record = orjson.loads(log_path.read_bytes().splitlines()[-1])
     assert record["status"] == 499 and record["error"] == "client_disconnected"
+
+
+# -- endpoints[].ca: an origin behind a private CA ----------------------------------------------
+
+
+@pytest.fixture
+async def tls_origin(tmp_path: Path) -> AsyncIterator[tuple[FakeOrigin, Path, Path]]:
+    """A fake origin serving TLS with a certificate from a private CA: (origin, that CA's PEM,
+    another CA's PEM)."""
+    ca, other = trustme.CA(), trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    other.cert_pem.write_to_path(str(tmp_path / "other.pem"))
+    origin = FakeOrigin(ssl_context=ctx)
+    await origin.start()
+    yield origin, tmp_path / "ca.pem", tmp_path / "other.pem"
+    await origin.stop()
+
+
+def endpoint_config(url: str, **endpoint: Any) -> dict[str, Any]:
+    cfg = proxy_config("")
+    cfg["upstreams"] = {"openai": {"prefix": "/v1", "endpoints": [{"url": url + "/v1", **endpoint}]}}
+    return cfg
+
+
+async def test_an_endpoint_trusts_its_private_ca(tls_origin: tuple[FakeOrigin, Path, Path], make_proxy: Any) -> None:
+    origin, ca, _ = tls_origin
+    assert origin.url.startswith("https://")
+    p = await make_proxy(endpoint_config(origin.url, ca=str(ca)))
+    client = openai.AsyncOpenAI(base_url=p.url + "/v1", api_key="sk-client", max_retries=0)
+    got = await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert got.choices[0].message.content and len(origin.requests) == 1
+
+
+async def test_an_endpoint_without_its_ca_or_with_another_is_refused_with_a_clear_error(
+    tls_origin: tuple[FakeOrigin, Path, Path], make_proxy: Any
+) -> None:
+    origin, _, other = tls_origin
+    for endpoint in ({}, {"ca": str(other)}):  # the system CAs alone, or a CA that did not sign it
+        p = await make_proxy(endpoint_config(origin.url, **endpoint))
+        async with aiohttp.ClientSession() as s, s.get(p.url + "/v1/models") as r:
+            body = await r.read()
+        assert r.status == 502 and b"certificate" in body.lower()
+    assert origin.requests == []
+
+
+def test_the_ca_is_added_to_the_system_cas_not_put_in_their_place(tmp_path: Path) -> None:
+    """A relay with its own CA must not cost the public endpoints their trust (SSL_CERT_FILE,
+    the only way before, replaced the system bundle)."""
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    system = tls_context().cert_store_stats()["x509_ca"]
+    assert tls_context(str(tmp_path / "ca.pem")).cert_store_stats()["x509_ca"] == system + 1
+
+
+def test_endpoint_ca_config_errors_name_the_key_path(tmp_path: Path) -> None:
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    for ca, url, expected in (
+        (str(tmp_path / "missing.pem"), "https://relay.example.com/v1", "does not exist"),
+        (str(tmp_path / "junk.pem"), "https://relay.example.com/v1", "not a PEM bundle"),
+        (str(tmp_path / "junk.pem"), "http://relay.example.com/v1", "only applies to an https"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            load_dict({"upstreams": {"openai": {"prefix": "/v1", "endpoints": [{"url": url, "ca": ca}]}}})
+        assert "upstreams.openai.endpoints[0].ca" in str(err.value) and expected in str(err.value)

@@ -10,7 +10,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from .context import _BAD, _Ctx, _join
 from .hosts import _ip_or_none, norm_host
-from .listeners import _readable_file, _token
+from .listeners import _ca_file, _token
 from .redact import _redact_url
 from .schema import LineConfig
 from .units import _tname
@@ -92,7 +92,7 @@ def _line(ctx: _Ctx, name: str, raw: object, path: str) -> LineConfig | None:
     compress = ctx.choice(m, "compress", path, "br", _COMPRESS)
     if compress == "zstd" and not _zstd_available():
         ctx.err(f"{path}.compress", "zstd needs the zstandard package (pip install zstandard), or pick br")
-    ca = _readable_file(ctx, m["ca"], f"{path}.ca") if m.get("ca") is not None else None
+    ca = _ca_file(ctx, m["ca"], f"{path}.ca") if m.get("ca") is not None else None
     if ca is not None and parts is not None and parts.scheme.lower() != "https":
         ctx.err(f"{path}.ca", "only applies to an https:// via URL (the hop is plain http)")
     if parts is None or token is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 from dataclasses import replace
 from typing import Final
 
@@ -50,6 +51,20 @@ def _readable_file(ctx: _Ctx, v: object, path: str) -> str | None:
     p = ctx.string(v, path, "a file path")
     if p is not None and not (os.path.isfile(p) and os.access(p, os.R_OK)):
         ctx.err(path, f"{p} does not exist or is not readable")
+    return p
+
+
+def _ca_file(ctx: _Ctx, v: object, path: str) -> str | None:
+    """A PEM bundle of CA certificates (trusted in addition to the system's): readable, and
+    loadable, so a wrong file is a config error here and not a failed handshake later."""
+    before = len(ctx.errors)
+    p = _readable_file(ctx, v, path)
+    if p is None or len(ctx.errors) > before:
+        return p
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=p)
+    except (ssl.SSLError, OSError, ValueError) as e:
+        ctx.err(path, f"{p} is not a PEM bundle of CA certificates ({e})")
     return p
 
 

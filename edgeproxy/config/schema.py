@@ -92,6 +92,8 @@ class EndpointConfig:
     # The pool behind ``keys`` (same order), with ids and local limits. Empty when the
     # endpoint was built by hand from bare keys: ``key_configs()`` fills it in.
     key_pool: tuple[KeyConfig, ...] = field(default=(), repr=False)
+    # A PEM bundle trusted for this endpoint's certificate, in addition to the system CAs.
+    ca: str | None = None
 
     @property
     def origin(self) -> str:

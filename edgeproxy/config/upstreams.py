@@ -12,6 +12,7 @@ from typing import Any, Final
 from .context import _BAD, _Ctx, _join, _str_list
 from .hosts import norm_host
 from .lines import _NAME_RE, _split_url
+from .listeners import _ca_file
 from .schema import (
     BUILTIN_MODEL_TIMEOUTS,
     EjectionConfig,
@@ -178,9 +179,11 @@ def _endpoint(ctx: _Ctx, raw: object, path: str, all_lines: Sequence[str]) -> En
     if raw is _BAD:
         return None
     if not isinstance(raw, (str, dict)):
-        ctx.err(path, f"expected a mapping with url (and keys, lines, priority, models) or a URL, got {_tname(raw)}")
+        ctx.err(
+            path, f"expected a mapping with url (and keys, lines, priority, models, ca) or a URL, got {_tname(raw)}"
+        )
         return None
-    fields = ("url", "keys", "lines", "priority", "models")
+    fields = ("url", "keys", "lines", "priority", "models", "ca")
     m: dict[str, object] = {"url": raw} if isinstance(raw, str) else ctx.section(raw, path, fields)
     url_path = path if isinstance(raw, str) else f"{path}.url"
     parts = None
@@ -236,6 +239,9 @@ def _endpoint(ctx: _Ctx, raw: object, path: str, all_lines: Sequence[str]) -> En
                 else:
                     models.append((src, dst))
     priority = ctx.int_(m, "priority", path, 1, 1)
+    ca = _ca_file(ctx, m["ca"], f"{path}.ca") if m.get("ca") is not None else None
+    if ca is not None and parts is not None and parts.scheme.lower() != "https":
+        ctx.err(f"{path}.ca", "only applies to an https:// endpoint (this one is plain http)")
     if parts is None or parts.hostname is None:
         return None
     scheme, host = parts.scheme.lower(), norm_host(parts.hostname)
@@ -255,6 +261,7 @@ def _endpoint(ctx: _Ctx, raw: object, path: str, all_lines: Sequence[str]) -> En
         priority,
         tuple(models),
         tuple(keys),
+        ca,
     )
 
 

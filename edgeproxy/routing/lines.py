@@ -56,8 +56,12 @@ def same_connections(a: LineConfig, b: LineConfig) -> bool:
 
 
 def tls_context(cafile: str | None = None) -> ssl.SSLContext:
-    """Client TLS: verify certificates and host names; ALPN pinned to HTTP/1.1."""
-    ctx = ssl.create_default_context(cafile=cafile)
+    """Client TLS: verify certificates and host names; ALPN pinned to HTTP/1.1. ``cafile``
+    (a `via` line's or an endpoint's ``ca``) is trusted in addition to the system CAs, which
+    OpenSSL finds at its default paths (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` replace those)."""
+    ctx = ssl.create_default_context()
+    if cafile is not None:
+        ctx.load_verify_locations(cafile=cafile)
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 
@@ -236,7 +240,7 @@ class Path:
         self.key: PathKey = (upstream.name, endpoint.url, line.name)
         self.upstream = upstream.name
         self.label = f"{upstream.name}:{endpoint.host}:{endpoint.port} via {line.name}"
-        tls = tls_context() if endpoint.scheme == "https" else None
+        tls = tls_context(endpoint.ca) if endpoint.scheme == "https" else None
         host, port = endpoint.host, endpoint.port
 
         async def connector(factory: Callable[[], Conn], timeout: float) -> tuple[Conn, float]:

@@ -382,7 +382,11 @@ class State:
                     key = (uc.name, ep.url, line_name)
                     line = lines[line_name]
                     path = old.paths.get(key) if old is not None else None
-                    if path is None or not same_connections(path.line.config, line.config):
+                    if (
+                        path is None
+                        or not same_connections(path.line.config, line.config)
+                        or path.endpoint.ca != ep.ca  # (its TLS context trusts other CAs)
+                    ):
                         path = Path(uc, ep, line, config.pool, resolver)
                     else:
                         takeover.append((path, uc, ep, line))  # its warm pool, RTT and health stay

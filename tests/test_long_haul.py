@@ -19,7 +19,9 @@ from edgeproxy.config import ConfigError, load_dict
 from edgeproxy.routing.lines import tls_context
 from edgeproxy.telemetry.accesslog import AccessLog
 from tests.conftest import proxy_config
+from tests.fakes.linesim import LineSim
 from tests.fakes.origin import FakeOrigin
+from tests.test_failover import lines, post, two_lines_proxy  # noqa: F401  (lines: a fixture)
 
 STREAM = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -136,3 +138,88 @@ def test_endpoint_ca_config_errors_name_the_key_path(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as err:
             load_dict({"upstreams": {"openai": {"prefix": "/v1", "endpoints": [{"url": url, "ca": ca}]}}})
         assert "upstreams.openai.endpoints[0].ca" in str(err.value) and expected in str(err.value)
+
+
+# -- a black hole left at once -------------------------------------------------------------------
+
+
+async def steady_load(url: str, seconds: float, rate: float = 20.0) -> list[tuple[float, int, float]]:
+    """Requests at ``rate`` per second for ``seconds``: (start, status, seconds taken) each."""
+    loop = asyncio.get_running_loop()
+    out: list[tuple[float, int, float]] = []
+
+    async def one(s: aiohttp.ClientSession) -> None:
+        t0 = loop.time()
+        async with s.post(url + "/v1/chat/completions", json={"model": "m", "messages": []}) as r:
+            await r.read()
+            out.append((t0, r.status, loop.time() - t0))
+
+    async with aiohttp.ClientSession() as s:
+        tasks = []
+        for i in range(int(seconds * rate)):
+            await asyncio.sleep(max(0.0, i / rate - (loop.time() - tasks[0][0])) if tasks else 0)
+            tasks.append((loop.time(), asyncio.ensure_future(one(s))))
+        await asyncio.gather(*(t for _, t in tasks))
+    return out
+
+
+async def test_a_black_hole_is_left_without_waiting_for_a_regular_probe(
+    lines: tuple[LineSim, LineSim],  # noqa: F811  (the fixture)
+    make_proxy: Any,
+    origin: FakeOrigin,
+) -> None:
+    """Regular probes 60 s apart: only the evidence of real requests (a slow one has the line
+    probed at once, the failed probe has it re-probed at once) can find the hole."""
+    near, far = lines
+    p = await two_lines_proxy(make_proxy, near, far, probe={"interval": "60s", "timeout": "1s"})
+    loop = asyncio.get_running_loop()
+    load = asyncio.ensure_future(steady_load(p.url, 4.0))
+    await asyncio.sleep(0.5)
+    hole = loop.time()
+    near.set_mode("blackhole")  # new connections hang, open ones freeze
+    results = await load
+    assert [status for _, status, _ in results] == [200] * len(results)  # nobody saw the hole
+    paths = {x.endpoint.port: x for x in p.proxy.state.paths.values()}
+    assert paths[near.port].health.state == "down"  # found without a regular probe
+    late = [took for t0, _, took in results if t0 > hole + 2.5]  # generous: the target is 1.5 s (bench)
+    assert late and max(late) < 0.5  # nobody who came later waited on the dead line
+
+
+async def test_a_request_that_cannot_connect_has_the_line_probed_at_once(
+    lines: tuple[LineSim, LineSim],  # noqa: F811  (the fixture)
+    make_proxy: Any,
+    origin: FakeOrigin,
+) -> None:
+    near, far = lines
+    p = await two_lines_proxy(make_proxy, near, far, probe={"interval": "60s", "timeout": "1s"}, pool={"warm": 0})
+    near.set_mode("reset")  # the open connections die...
+    near.set_mode("refuse")  # ...and new ones are refused (the line's far end went away)
+    paths = {x.endpoint.port: x for x in p.proxy.state.paths.values()}
+    for _ in range(3):
+        assert (await post(p.url))[0] == 200  # the first failed over to the far line...
+    # ...and had the line probed on a new connection at once: that failed too, so the next
+    # ones went straight to the far line (suspect), and the re-probe then took it down
+    assert p.proxy.metrics.failovers.values.get(("openai", "connect")) == 1
+    await origin.wait_for(lambda: paths[near.port].health.state == "down", 2.0, "the line taken down")
+    near.set_mode("pass")
+    await origin.wait_for(lambda: paths[near.port].health.state == "up", 5.0, "re-probed fast until it answers")
+
+
+async def test_one_failed_urgent_probe_does_not_move_the_route(
+    lines: tuple[LineSim, LineSim],  # noqa: F811  (the fixture)
+    make_proxy: Any,
+    origin: FakeOrigin,
+) -> None:
+    """A blip (the re-probe answers) leaves the preference where it was."""
+    near, far = lines
+    p = await two_lines_proxy(make_proxy, near, far, probe={"interval": "60s", "timeout": "1s"})
+    up = p.proxy.state.upstream("openai")
+    switches = up.switches
+    near.delay = 0.4  # a blip: slow enough for an urgent probe to fail, over before the re-probe
+    slow = asyncio.ensure_future(post(p.url))
+    await asyncio.sleep(0.6)
+    near.delay = 0.0
+    assert (await slow)[0] == 200
+    await asyncio.sleep(1.0)
+    assert up.switches == switches and up.order[0].endpoint.port == near.port
+    assert up.order[0].health.state == "up"

@@ -246,3 +246,22 @@ def test_a_trial_whose_client_went_away_is_not_waited_for_ever() -> None:
     assert h.take_trial(3.3)  # the trial goes out, and its client leaves: no outcome, ever
     assert not h.take_trial(10.0)  # meanwhile the others wait for it
     assert h.take_trial(3.3 + 30.1)  # then it is forgotten: another request may try
+
+
+def test_two_requests_that_cannot_connect_take_the_line_down_and_a_probe_brings_it_back() -> None:
+    h = Health()
+    h.on_probe(True, 0.0)
+    assert h.on_attempt("connect", 1.0) is None  # one: the line is probed at once (the engine)
+    assert h.on_attempt("connect", 1.1) == "down"  # two in a row: no need to wait for the probe
+    assert not h.is_healthy(1.2) and h.next_probe_in(60.0) == 0.5  # and looked at again soon
+    assert h.on_probe(True, 1.7) == "up"
+
+
+def test_a_failed_urgent_probe_makes_the_line_suspect_until_the_re_probe_says() -> None:
+    h = Health()
+    h.on_probe(True, 0.0)
+    assert h.on_probe(False, 1.0, "no answer", urgent=True) is None
+    assert h.suspect and h.state == "up"  # passed over by new requests; the route stays
+    assert h.on_probe(True, 1.3) is None and not h.suspect  # a blip
+    h.on_probe(False, 2.0, "no answer", urgent=True)
+    assert h.on_probe(False, 2.3, "no answer", urgent=True) == "down"  # the line is dead

@@ -51,7 +51,7 @@ class Failover:
     __slots__ = ()
 
     metrics: Metrics
-    on_slow_path: Callable[[Path], None]
+    on_slow_path: Callable[[Path, bool], None]
 
     async def _attempts(self, ctx: Ctx, upstream: Upstream, chain: Chain) -> Response:
         """Try paths in plan order until one answers, or an outcome says stop.
@@ -93,6 +93,9 @@ class Failover:
                     # Silence on a line that answers probes is the origin's: that model at
                     # that endpoint failed, and this request goes elsewhere if it can.
                     self._origin_failed(ctx, upstream, path, exc.kind, started)
+                elif exc.outcome == "connect" and exc.blames_line:
+                    self._line(upstream, path, "connect", started)
+                    self.on_slow_path(path, True)  # can new connections be made? look at once
                 elif exc.outcome and exc.blames_line:
                     self._line(upstream, path, "local", started)
                 if not self._may_retry(ctx, upstream, exc.outcome, exc.kind):
@@ -162,7 +165,9 @@ class Failover:
     # -- health feedback: the line per path, the origin per endpoint and model ---------------
     def _line(self, upstream: Upstream, path: Path, outcome: str, started: float | None = None) -> None:
         event = upstream.on_attempt(path, outcome, started)
-        if event is not None:
+        if event == "down":
+            log.warning("path %s is down: requests could not connect", path.label)
+        elif event is not None:
             why = "local failures in a row" if event == "ejected" else "a trial request worked"
             report_line(self.metrics, upstream, path, event, why)
 
@@ -351,7 +356,7 @@ class Failover:
             attempt.resp = resp
             resp.decide = attempt.decide
             path.waiting[resp] = ctx  # the prober may fail it over if the line dies meanwhile
-            suspect = asyncio.get_running_loop().call_later(path.suspect_after(), self.on_slow_path, path)
+            suspect = asyncio.get_running_loop().call_later(path.suspect_after(), self.on_slow_path, path, False)
             try:
                 if ctx.body_stream is not None:
                     try:

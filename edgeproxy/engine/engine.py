@@ -83,7 +83,7 @@ class Engine(Failover):
         listener: ListenerConfig,
         metrics: Metrics,
         access: AccessLog,
-        on_slow_path: Callable[[Path], None] = lambda path: None,
+        on_slow_path: Callable[[Path, bool], None] = lambda path, fresh: None,
         throttle: AuthThrottle | None = None,
         bodies: BodyBudget | None = None,
     ) -> None:

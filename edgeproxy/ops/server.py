@@ -315,6 +315,8 @@ class Proxy:
             movable = [resp for resp, ctx in path.waiting.items() if may_move(ctx)]
             if movable:
                 self.metrics.rescues.inc((path.upstream, path.line.name), len(movable))
+                if upstream is not None:  # a rescue is a local failure of the line (once, however many it moved)
+                    upstream.on_attempt(path, "local")
             for resp in movable:
                 resp.fail(PathDown(f"{path.label} stopped answering probes ({path.health.last_error})"))
         if upstream is not None and upstream.reselect():

@@ -117,7 +117,7 @@ class PathDown(UpstreamReset):
 
     kind = "path_down"
     sent = True  # the request may have reached the origin: no invisible same-path resend
-    blames_line = False  # the prober already did
+    blames_line = False  # the prober counted it: once per rescue, however many requests it moved
 
 
 class PoolExhausted(ConnectTimeout):

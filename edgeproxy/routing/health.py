@@ -111,6 +111,7 @@ class Health(_Ejection):
     """The line of one path: unknown -> up | down | ejected."""
 
     __slots__ = (
+        "connect_failures",
         "consecutive_failures",
         "last_error",
         "last_probe_at",
@@ -119,13 +120,16 @@ class Health(_Ejection):
         "probes",
         "previous",
         "state",
+        "suspect",
     )
 
     def __init__(self) -> None:
         super().__init__()
+        self.suspect = False  # an urgent probe failed; the re-probe's verdict is pending
         self.state = UNKNOWN
         self.consecutive_failures = 0  # failed probes in a row
         self.local_failures = 0  # locally originated attempt failures in a row
+        self.connect_failures = 0  # real requests that could not connect, in a row
         self.last_probe_at: float | None = None
         self.last_probe_ok: bool | None = None
         self.last_error: str | None = None
@@ -154,16 +158,19 @@ class Health(_Ejection):
         """For ranking when nothing is healthy: failures in a row, of any kind."""
         return self.consecutive_failures + self.local_failures
 
-    def on_probe(self, ok: bool, now: float, error: str | None = None) -> str | None:
+    def on_probe(self, ok: bool, now: float, error: str | None = None, urgent: bool = False) -> str | None:
         """Record a probe result; the new state if it changed ("up" after "down" or
-        "ejected": restored), else None."""
+        "ejected": restored), else None. Two failures in a row mark the path down; a failed
+        ``urgent`` probe (sent because a real request already went wrong) makes it ``suspect``
+        meanwhile: passed over by new requests, its route preference kept."""
         before = self.state
         self.probes += 1
         self.last_probe_at = now
         self.last_probe_ok = ok
         if ok:
             self.consecutive_failures = 0
-            self.local_failures = 0
+            self.local_failures = self.connect_failures = 0
+            self.suspect = False
             if self.state == EJECTED:
                 self.restored_at = now  # the line answers: what ejected it is gone
             self.state = UP
@@ -172,19 +179,24 @@ class Health(_Ejection):
             self.last_error = error
             if self.consecutive_failures >= DOWN_AFTER:
                 self.state = DOWN
+            elif urgent:
+                # Something real already went wrong there: no new request goes to it until a
+                # re-probe (sent at once) says whether the line is dead or that was a blip.
+                self.suspect = True
         self.previous = before
         return self.state if self.state != before else None
 
     def on_attempt(
         self, outcome: str, now: float, started: float | None = None, ejection: EjectionConfig = DEFAULT_EJECTION
     ) -> str | None:
-        """Record a real attempt: "ok" or "local" (connect, reset). "ejected" or "restored"
-        if that changed the state, else None."""
+        """Record a real attempt: "ok", "connect" (could not connect) or "local" (reset, a
+        rescue). "ejected", "restored" or "down" (two requests in a row could not connect: no
+        need to wait for a probe) if that changed the state, else None."""
         if outcome == "ok" and started is not None and started < self.ejected_at:
             return None  # sent before the last ejection: says nothing new
         trial, self.trial = self.trial, False
         if outcome == "ok":
-            self.local_failures = 0
+            self.local_failures = self.connect_failures = 0
             self._forgive(now)
             if self.state == EJECTED:
                 self.state = UP
@@ -193,6 +205,13 @@ class Health(_Ejection):
             return None
         if self._stale(trial, started):
             return None
+        if outcome == "connect":
+            self.connect_failures += 1
+            if self.connect_failures >= DOWN_AFTER and self.state not in (DOWN, EJECTED):
+                self.state = DOWN
+                self.consecutive_failures = max(self.consecutive_failures, 1)  # (probed again soon)
+                self.local_failures += 1
+                return "down"
         self.local_failures += 1
         if self.local_failures >= ejection.local_failures or trial:  # a failed trial ejects again
             self._eject(now, ejection)

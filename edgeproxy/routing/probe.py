@@ -60,6 +60,7 @@ class Prober:
         self._urgent_out: set[PathKey] = set()  # an urgent probe is in flight on these paths
         self._urgent_tasks: set[asyncio.Task[bool]] = set()
         self._urgent_at: dict[PathKey, float] = {}
+        self._wake: dict[PathKey, asyncio.Event] = {}  # wakes a path's loop to re-plan its next probe
 
     def sync(self, paths: Iterable[Path], config: ProbeConfig | None = None) -> None:
         """Probe exactly these paths: start loops for new ones, stop the rest."""
@@ -86,30 +87,55 @@ class Prober:
 
     async def _run(self, path: Path) -> None:
         # The first probe goes out at once: a fresh path has no RTT until it is measured.
-        while True:
-            await self.probe(path)
-            await asyncio.sleep(path.health.next_probe_in(self.config.interval))
+        wake = self._wake[path.key] = asyncio.Event()
+        try:
+            while True:
+                await self.probe(path)
+                while True:  # sleep until the next probe is due; a wake-up re-plans from now
+                    wake.clear()
+                    try:
+                        async with asyncio.timeout(path.health.next_probe_in(self.config.interval)):
+                            await wake.wait()
+                    except TimeoutError:
+                        break
+        finally:
+            if self._wake.get(path.key) is wake:
+                del self._wake[path.key]
 
-    def urgent(self, path: Path) -> None:
-        """An attempt on ``path`` waits longer than the path's RTT suggests: probe it now
-        (with an RTT-sized timeout) unless a probe is already out or went out just now."""
+    def urgent(self, path: Path, fresh: bool = False, again: bool = False) -> None:
+        """Probe ``path`` now: an attempt on it waits longer than its RTT suggests (on a warm
+        connection, with an RTT-sized timeout), or ``fresh``: a real request could not connect,
+        or a probe went unanswered (on a new connection, with time for the handshake); ``again``:
+        the re-probe after a failed one. Not while an urgent probe is out, nor (unless ``fresh``
+        or ``again``) if one went out just now."""
         now = time.monotonic()
         # Only another urgent probe holds this one back: a regular probe out on the path may
         # have gone out before the line died and wait its full (longer) timeout.
-        if path.key in self._urgent_out or now - self._urgent_at.get(path.key, 0.0) < URGENT_SPACING:
+        if path.key in self._urgent_out:
+            return
+        if not (fresh or again) and now - self._urgent_at.get(path.key, 0.0) < URGENT_SPACING:
             return
         if path.key not in self._tasks:
             return  # not (or no longer) a probed path
         self._urgent_at[path.key] = now
+        ceiling = self.config.timeout
+        timeout = path.urgent_probe_timeout(ceiling)
+        if fresh or not path.pool.idle:  # (a new connection: its set-up takes a few round trips)
+            timeout = min(timeout + path.connect_timeout(), 2 * ceiling)
         task = asyncio.get_running_loop().create_task(
-            self.probe(path, path.urgent_probe_timeout(self.config.timeout), urgent=True),
-            name=f"urgent probe {path.label}",
+            self.probe(path, timeout, urgent=True, fresh=fresh), name=f"urgent probe {path.label}"
         )
         self._urgent_tasks.add(task)
         task.add_done_callback(self._urgent_tasks.discard)
 
-    async def probe(self, path: Path, timeout: float | None = None, urgent: bool = False) -> bool:
-        """Probe ``path`` once; feed the estimator and health; True if it answered."""
+    async def probe(self, path: Path, timeout: float | None = None, urgent: bool = False, fresh: bool = False) -> bool:
+        """Probe ``path`` once; feed the estimator and health; True if it answered.
+
+        A regular probe that fails has an urgent one sent at once, on a fresh connection: one
+        slow probe moves no traffic, two failures in a row mark the path down. An urgent probe
+        is sent because something real already went wrong (a request waiting too long, one that
+        could not connect): its failure marks the path down at once, behind every usable path,
+        and it is probed again fast (see Health.next_probe_in) until it answers."""
         loop = asyncio.get_running_loop()
         timeout = self.config.timeout if timeout is None else timeout
         error: str | None = None
@@ -118,7 +144,7 @@ class Prober:
             self._urgent_out.add(path.key)
         try:
             async with asyncio.timeout(timeout):
-                conn, _ = await path.pool.acquire(probe=True, timeout=timeout)
+                conn, _ = await path.pool.acquire(probe=True, fresh=fresh, timeout=timeout)
                 resp = conn.send("GET", path.probe_head, None, None)
                 sent = loop.time()
                 await resp.wait_head(timeout)
@@ -147,9 +173,20 @@ class Prober:
         now = time.monotonic()
         if ok:
             path.estimator.add(rtt, now)
-        changed = path.health.on_probe(ok, now, error)
+        changed = path.health.on_probe(ok, now, error, urgent)
         if changed:
             log.info("path %s is %s%s", path.label, changed, f": {error}" if error else "")
         self.metrics.probes.inc((path.upstream, path.line.name, "ok" if ok else "fail"))
         self.on_result(path, ok, changed)
+        if not ok:
+            if path.health.state == "down":
+                wake = self._wake.get(path.key)
+                if wake is not None:
+                    wake.set()  # its next probe comes soon, not at the interval
+            else:
+                # One failure proves nothing (a spike): look again, a moment later (a fresh
+                # sample, not the same burst), after a regular probe on a new connection (was
+                # it the connection, or the line?). Meanwhile, after an urgent one, the path is
+                # suspect: new requests pass it over.
+                asyncio.get_running_loop().call_later(URGENT_SPACING, self.urgent, path, not urgent, True)
         return ok

@@ -112,7 +112,8 @@ class Upstream:
         A path whose in-flight requests fill its pool is passed over (spill to the next);
         it is still returned when every other path was tried or is full too. A path whose
         line or origin is ejected (or cooling down after a 429, or of an endpoint in ``avoid``:
-        its origin failed this request) is returned only when nothing else is left; a
+        its origin failed this request, or suspect: an urgent probe failed and its re-probe is
+        out) is returned only when nothing else is left; a
         retry never goes to an endpoint that asked us to wait. ``take=False`` only looks:
         it does not claim a half-open trial; the trials it claims are added to ``claims``
         (``release_trials`` lets go of those whose outcome never came). ``only``: paths of that endpoint URL only (a
@@ -137,7 +138,9 @@ class Upstream:
                 spill = spill or path
                 continue
             health = path.health
-            if not (origin_ok and (avoid is None or url not in avoid) and health.may_take_trial(now)):
+            if not (
+                origin_ok and not health.suspect and (avoid is None or url not in avoid) and health.may_take_trial(now)
+            ):
                 fallback = fallback or path  # only if nothing else is left
                 continue
             if take:

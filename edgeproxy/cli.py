@@ -257,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pid", type=int, help="send SIGHUP to this process instead")
     _token_argument(p)
     p.set_defaults(func=cmd_reload)
-    p = sub.add_parser("demo", help="30 s on this machine: two simulated lines, a degrade and a failover")
+    p = sub.add_parser(
+        "demo", help="40 s on this machine: a degrade and a failover; an edge hop across a simulated border"
+    )
     add_demo_arguments(p)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("status", help="show paths and counters of a running edgeproxy")

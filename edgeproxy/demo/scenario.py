@@ -14,7 +14,7 @@ from typing import Any, Final
 import aiohttp
 
 from ..ops.server import Proxy
-from .results import Event, Request, Results
+from .results import Event, Request, Results, summary
 from .screen import Screen, Segment
 from .world import FakeOrigin, Line, start_proxy
 
@@ -358,3 +358,6 @@ class Demo:
         self.results.failovers = {k[1]: v for k, v in m.failovers.values.items()}
         self.results.rescues = sum(m.rescues.values.values())
         self.results.switches = int(sum(m.switches.values.values()))
+
+    def summary(self) -> list[list[Segment]]:
+        return summary(self.results)

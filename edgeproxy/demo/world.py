@@ -1,5 +1,6 @@
 """The demo's world, all in-process on 127.0.0.1: a fake OpenAI origin, simulated lines in
-front of it (delay, black hole), and edgeproxy over two of them."""
+front of it (delay, bandwidth, black hole), edgeproxy over two of them; for the edge scene an
+edge edgeproxy next to the origin and a sidecar with `via` lines to it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import itertools
 import socket
 import time
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import orjson
@@ -16,20 +18,24 @@ from aiohttp import web
 from ..config import load_dict
 from ..ops.server import Proxy
 
-__all__ = ["FakeOrigin", "Line", "free_port", "start_proxy"]
+__all__ = ["FakeOrigin", "Line", "free_port", "start_edge", "start_proxy", "start_sidecar"]
 
 # -- the fake origin -----------------------------------------------------------------------
 
 
 class FakeOrigin:
     """A tiny OpenAI look-alike. Completions answer after ``think`` seconds (a model's time to
-    first token); streams send a few chunks then ``[DONE]``. ``x-demo-host`` echoes the Host
-    edgeproxy asked for, which names the line that carried the request."""
+    first token); streams send one chunk per piece of the answer, ``gap`` apart, then
+    ``[DONE]``. The answer is ``WORDS``, or what ``answer(body)`` makes of the request (the
+    same body, the same answer). ``x-demo-host`` echoes the Host edgeproxy asked for, which
+    names the line that carried the request."""
 
     WORDS: Final = ("Hello", " from", " the", " demo", " origin", ".")
 
-    def __init__(self, think: float = 0.15, gap: float = 0.04) -> None:
-        self.think, self.gap = think, gap
+    def __init__(
+        self, think: float = 0.15, gap: float = 0.04, answer: Callable[[dict[str, Any]], Sequence[str]] | None = None
+    ) -> None:
+        self.think, self.gap, self.answer = think, gap, answer
         self.port = 0
         self._runner: web.AppRunner | None = None
         self._ids = itertools.count(1)
@@ -56,16 +62,17 @@ class FakeOrigin:
         body = await request.json()
         headers = {"x-demo-host": request.host}
         base = {"id": f"chatcmpl-demo{next(self._ids)}", "created": int(time.time()), "model": body.get("model")}
+        words = self.WORDS if self.answer is None else tuple(self.answer(body))
         await asyncio.sleep(self.think)
         if not body.get("stream"):
-            text = "".join(self.WORDS)
+            text = "".join(words)
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-            usage = {"prompt_tokens": 8, "completion_tokens": len(self.WORDS), "total_tokens": 8 + len(self.WORDS)}
+            usage = {"prompt_tokens": 8, "completion_tokens": len(words), "total_tokens": 8 + len(words)}
             doc = {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
             return web.json_response(doc, headers=headers)
         resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        for i, word in enumerate((*self.WORDS, None)):
+        for i, word in enumerate((*words, None)):
             delta = {} if word is None else {"content": word} if i else {"role": "assistant", "content": word}
             choice = {"index": 0, "delta": delta, "finish_reason": "stop" if word is None else None}
             chunk = {**base, "object": "chat.completion.chunk", "choices": [choice]}
@@ -80,17 +87,26 @@ class FakeOrigin:
 
 
 class Line:
-    """A simulated network line: a TCP relay to the origin that delays each direction by
+    """A simulated network line: a TCP relay to ``target_port`` that delays each direction by
     ``delay`` (one way: the RTT grows by twice that), or, ``dead``, a black hole that accepts
     connections and forwards nothing either way: no reset, no FIN, the far end just stops
     answering (a dead route, a crashed NAT). Only data is delayed: the TCP handshake with
-    the relay is immediate, as with a middlebox near the host."""
+    the relay is immediate, as with a middlebox near the host.
 
-    def __init__(self, name: str, target_port: int, rtt: float) -> None:
+    With ``bandwidth`` (bits per second, each way) a direction is one link shared by all the
+    connections over the line: a chunk waits for the link to be free, takes its size over the
+    bandwidth to cross, then ``delay`` to arrive. ``bytes_up`` / ``bytes_down`` count what
+    crossed (to the target / back), probes and headers included."""
+
+    def __init__(self, name: str, target_port: int, rtt: float, bandwidth: float | None = None) -> None:
         self.name, self.target_port = name, target_port
         self.delay = rtt / 2
+        self.bandwidth = bandwidth
         self.dead = False
         self.port = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self._free_at = {True: 0.0, False: 0.0}  # by direction (up?): when the link is free again
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[asyncio.Task[Any]] = set()
 
@@ -131,7 +147,7 @@ class Line:
             for w in (writer, upstream):
                 with contextlib.suppress(OSError, AttributeError):
                     w.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await asyncio.gather(self._pipe(reader, upstream), self._pipe(up_reader, writer))
+            await asyncio.gather(self._pipe(reader, upstream, True), self._pipe(up_reader, writer, False))
         except (OSError, asyncio.CancelledError):
             pass  # ended here, not raised: asyncio's start_server callback would log a cancelled task
         finally:
@@ -140,9 +156,18 @@ class Line:
                 if end is not None:
                     end.close()
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        """Copy src to dst; each chunk leaves ``delay`` after it arrived (in order, but not
-        one after the other: a chunk 1 ms behind another leaves 1 ms after it)."""
+    def _crossed(self, arrived: float, size: int, up: bool) -> float:
+        """When a chunk of ``size`` bytes read at ``arrived`` has crossed the link (before
+        the delay): at once without a bandwidth, else after the chunks ahead of it."""
+        if self.bandwidth is None or not size:
+            return arrived
+        done = max(arrived, self._free_at[up]) + size * 8 / self.bandwidth
+        self._free_at[up] = done
+        return done
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
+        """Copy src to dst; each chunk leaves ``delay`` after it crossed the link (in order,
+        but not one after the other: a chunk 1 ms behind another leaves 1 ms after it)."""
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
         async def deliver() -> None:
@@ -157,15 +182,21 @@ class Line:
                         dst.write_eof()
                     return
                 dst.write(data)
+                if up:
+                    self.bytes_up += len(data)
+                else:
+                    self.bytes_down += len(data)
                 await dst.drain()
 
         sender = asyncio.create_task(deliver())
         try:
             last = 0.0
             while True:
+                if (backlog := self._free_at[up] - time.monotonic()) > 0.5:
+                    await asyncio.sleep(backlog - 0.5)  # the link is busy: read no further ahead
                 data = await src.read(65536)
                 if not self.dead:
-                    last = max(last, time.monotonic() + self.delay)
+                    last = max(last, self._crossed(time.monotonic(), len(data), up) + self.delay)
                     queue.put_nowait((last, data))
                 if not data:
                     break
@@ -181,11 +212,10 @@ async def start_proxy(port_a: int, port_b: int, probe_interval: float) -> tuple[
     """edgeproxy on a free port of 127.0.0.1, with one ``openai`` upstream of two endpoints:
     line A (edgeproxy's line ``a``) at ``port_a``, line B (``b``) at ``port_b``. Returns the
     started proxy and its port."""
-    for attempt in range(5):
-        port = free_port()
-        cfg = {
+
+    def config(port: int) -> dict[str, Any]:
+        return {
             "listen": f"127.0.0.1:{port}",
-            "admin": {"listen": "off"},
             "lines": {"a": {}, "b": {}},
             "upstreams": {
                 "openai": {
@@ -197,9 +227,47 @@ async def start_proxy(port_a: int, port_b: int, probe_interval: float) -> tuple[
                 }
             },
             "probe": {"interval": f"{probe_interval:g}s", "timeout": "500ms"},
-            "log": {"access": "off"},
-            "drain_timeout": "1s",
         }
+
+    return await _start(config)
+
+
+async def start_edge(origin_port: int, token: str) -> tuple[Proxy, int]:
+    """An edge: edgeproxy next to the origin, whose listener takes hop requests with ``token``
+    and serves one ``openai`` endpoint, the origin (over its default line)."""
+
+    def config(port: int) -> dict[str, Any]:
+        return {
+            "listen": {"address": f"127.0.0.1:{port}", "tokens": [token]},
+            "upstreams": {"openai": {"prefix": "/v1", "endpoints": [{"url": f"http://127.0.0.1:{origin_port}/v1"}]}},
+        }
+
+    return await _start(config)
+
+
+async def start_sidecar(origin_port: int, vias: dict[str, int], token: str, probe_interval: float) -> tuple[Proxy, int]:
+    """A sidecar: edgeproxy whose only lines are `via` lines (name -> the port that leads to an
+    edge), brotli-compressed, for one ``openai`` endpoint, the origin."""
+
+    def config(port: int) -> dict[str, Any]:
+        return {
+            "listen": f"127.0.0.1:{port}",
+            "lines": {
+                name: {"via": f"http://127.0.0.1:{via}", "token": token, "compress": "br"} for name, via in vias.items()
+            },
+            "upstreams": {"openai": {"prefix": "/v1", "endpoints": [{"url": f"http://127.0.0.1:{origin_port}/v1"}]}},
+            "probe": {"interval": f"{probe_interval:g}s"},
+        }
+
+    return await _start(config)
+
+
+async def _start(config: Callable[[int], dict[str, Any]]) -> tuple[Proxy, int]:
+    """edgeproxy with ``config(port)`` on a free port of 127.0.0.1 (no admin listener, no
+    access log); the started proxy and its port."""
+    for attempt in range(5):
+        port = free_port()
+        cfg = {"admin": {"listen": "off"}, "log": {"access": "off"}, "drain_timeout": "1s", **config(port)}
         proxy = Proxy(load_dict(cfg, env={}, source="edgeproxy demo"))
         try:
             await proxy.start()

@@ -229,13 +229,12 @@ async def test_the_access_log_names_the_model(origin: FakeOrigin, make_proxy: An
 async def test_stalled_streams_count_against_their_model(
     origin: FakeOrigin, fallback: FakeOrigin, make_proxy: Any
 ) -> None:
-    failover = {"stream_idle_timeout": "300ms", "ejection": {"origin_errors": 2}}
+    failover = {"stream_idle_timeout": "300ms"}
     p = await make_proxy(primary_and_fallback(origin.url, fallback.url, failover=failover))
     origin.stall_after_events = 2  # the stream starts, then the origin goes quiet (after commit)
-    for _ in range(2):
-        status, body, _ = await ask(p.url, "model-x", stream=True)
-        assert status == 200 and b"upstream_timeout" in body and b"[DONE]" not in body  # honest
-    origin.stall_after_events = None
+    status, body, _ = await ask(p.url, "model-x", stream=True)
+    assert status == 200 and b"upstream_timeout" in body and b"[DONE]" not in body  # honest
+    origin.stall_after_events = None  # (a stall is silence: one ejects the model there)
     assert (await ask(p.url, "model-x", stream=True))[0] == 200
     assert models_served(fallback) == ["model-x"]  # ejected at the primary for that model
     rows = p.proxy.status()["upstreams"][0]["origins"]
@@ -269,3 +268,17 @@ async def test_a_stream_begun_before_the_ejection_does_not_restore_it_by_ending(
     origin.requests.clear()
     assert (await ask(p.url, "model-x"))[0] == 200
     assert origin.requests == []  # still ejected: that stream's good end predates the outage
+
+
+async def test_a_silent_model_costs_one_request_its_timeout_not_five(
+    origin: FakeOrigin, fallback: FakeOrigin, make_proxy: Any
+) -> None:
+    p = await make_proxy(primary_and_fallback(origin.url, fallback.url, failover={"stream_first_byte_timeout": "1s"}))
+    origin.model_failures["model-x"] = ModelFailure(silent=True)
+    _, _, first = await ask(p.url, "model-x", stream=True)
+    assert first >= 1.0  # the first one waits out the silence...
+    for _ in range(3):
+        status, _, took = await ask(p.url, "model-x", stream=True)
+        assert status == 200 and took < 0.9  # ...the next ones go straight to the fallback
+    assert len(origin.requests) == 1
+    assert (await ask(p.url, "model-y", stream=True))[0] == 200 and len(origin.requests) == 2  # others stay

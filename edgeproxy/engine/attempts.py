@@ -92,7 +92,7 @@ class Failover:
                 if isinstance(exc, UpstreamTimeout) and path.health.answers():
                     # Silence on a line that answers probes is the origin's: that model at
                     # that endpoint failed, and this request goes elsewhere if it can.
-                    self._origin_failed(ctx, upstream, path, exc.kind, started)
+                    self._origin_failed(ctx, upstream, path, exc.kind, started, silent=True)
                 elif exc.outcome == "connect" and exc.blames_line:
                     self._line(upstream, path, "connect", started)
                     self.on_slow_path(path, True)  # can new connections be made? look at once
@@ -189,8 +189,8 @@ class Failover:
         if isinstance(exc, UpstreamTimeout) and path.health.answers():
             attempt = ctx.attempt
             started = attempt.started if attempt is not None and attempt.path is path else None
-            for model, event in upstream.on_origin(path, ctx.model, False, started):
-                report_origin(self.metrics, upstream, path, model, event, "stalled streams in a row")
+            for model, event in upstream.on_origin(path, ctx.model, False, started, silent=True):
+                report_origin(self.metrics, upstream, path, model, event, "a stream stalled")
         elif exc.blames_line:
             path.on_failure(exc)
 
@@ -203,13 +203,15 @@ class Failover:
         started: float,
         model: str | None = None,
         avoid: bool = True,
+        silent: bool = False,
     ) -> None:
         """The origin failed this request (a 5xx, silence): counted for its model there, and
         the next attempt prefers another endpoint over the same one on another line."""
         self._line(upstream, path, "ok")  # (the line carried the request: it is not to blame)
         asked = ctx.model if model is None else model
-        for which, event in upstream.on_origin(path, asked, False, started):
-            report_origin(self.metrics, upstream, path, which, event, f"origin errors in a row (last: {why})")
+        for which, event in upstream.on_origin(path, asked, False, started, silent):
+            said = f"silence ({why})" if silent else f"origin errors in a row (last: {why})"
+            report_origin(self.metrics, upstream, path, which, event, said)
         if not avoid:
             return
         if ctx.avoid is None:

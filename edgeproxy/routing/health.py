@@ -271,10 +271,14 @@ class OriginHealth(_Ejection):
             return True
         return False
 
-    def on_error(self, now: float, started: float | None, ejection: EjectionConfig, model: str | None) -> bool:
+    def on_error(
+        self, now: float, started: float | None, ejection: EjectionConfig, model: str | None, decisive: bool = False
+    ) -> bool:
         """An origin error for ``model``; True if it ejected. On the endpoint's own entry
         (``model`` is then who failed), a run ejects only if it spans two models or more,
-        or a model that could not be told."""
+        or a model that could not be told. A ``decisive`` one ejects at once: silence (a
+        timeout on a line that answers probes, a stalled stream) took its client tens of
+        seconds to see; the next request should not pay that again."""
         trial, self.trial = self.trial, False
         if self._stale(trial, started):
             return False
@@ -282,7 +286,7 @@ class OriginHealth(_Ejection):
         if self.wide and len(self.models) < 2:
             self.models.add(model or "")
         everything = not self.wide or len(self.models) > 1 or "" in self.models
-        if trial or (self.errors >= ejection.origin_errors and everything):
+        if trial or decisive or (self.errors >= ejection.origin_errors and everything):
             self._eject(now, ejection)
             self.state = EJECTED
             return True

@@ -200,11 +200,12 @@ class Upstream:
 
     # -- the origin: per endpoint and model --------------------------------------------------------
     def on_origin(
-        self, path: Path, model: str | None, ok: bool, started: float | None = None
+        self, path: Path, model: str | None, ok: bool, started: float | None = None, silent: bool = False
     ) -> list[tuple[str | None, str]]:
-        """Feed an origin outcome (ok: a good answer; else a 5xx, a timeout on a healthy line,
-        a stall) for ``model`` at ``path``'s endpoint. What changed: (model, "ejected" or
-        "restored"), model None meaning the whole endpoint."""
+        """Feed an origin outcome (ok: a good answer; else a 5xx, or ``silent``: a timeout on a
+        healthy line, a stall, which ejects the model at once) for ``model`` at ``path``'s
+        endpoint. What changed: (model, "ejected" or "restored"), model None meaning the whole
+        endpoint."""
         origins = self.origins
         if ok and not origins:
             return []  # the common case: nothing is wrong anywhere
@@ -225,7 +226,7 @@ class Upstream:
             ejection = self.config.failover.ejection
             for key in keys:
                 entry = self._origin(key)
-                if entry is not None and entry.on_error(now, started, ejection, model):
+                if entry is not None and entry.on_error(now, started, ejection, model, silent and key[1] == model):
                     changed.append((key[1], "ejected"))
                     self.reselect_at(entry.ejected_until)
         if changed:

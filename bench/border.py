@@ -186,7 +186,7 @@ def user_turns(seed: int) -> list[str]:
     out = []
     for k in range(TURNS):
         text = g.english(gen.EN_USER, g.r.randint(1, 3))
-        kinds = [("python", g.module(3)[0]), ("text", g.pytest_log()), ("json", g.json_logs(g.r.randint(5, 8)))]
+        kinds = [("python", g.module(2)[0]), ("text", g.pytest_log()), ("json", g.json_logs(g.r.randint(4, 7)))]
         for lang, paste in (kinds[k % 3], kinds[(k + 1) % 3]):
             text += f"\n\n```{lang}\n{paste}\n```"
         out.append(text)

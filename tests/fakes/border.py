@@ -36,8 +36,8 @@ The model, per direction (up: towards the targets, down: back):
 
 Knobs: ``rate`` (or ``rate_up`` / ``rate_down``), ``rtt``, ``jitter``, ``loss``,
 ``loss_penalty``: plain attributes read per segment; ``set()`` changes several from any thread.
-Counters per port and for the whole border: payload bytes delivered up and down, connections
-accepted. Targets are reached directly (they are on the far side of the border: no cost).
+Counters per port and for the whole border: payload bytes and segments delivered up and down,
+connections accepted. Targets are reached directly (they are on the far side of the border: no cost).
 """
 
 from __future__ import annotations
@@ -362,17 +362,22 @@ class _Port:
         self.sock.setblocking(False)
         self.port: int = self.sock.getsockname()[1]
         self.fillers: list[socket.socket] = []  # our own connections filling the accept queue (black hole)
-        self.bytes_up = 0
-        self.bytes_down = 0
+        self.bytes_up = self.bytes_down = self.segments_up = self.segments_down = 0
         self.connections = 0
 
     def count(self, up: bool, n: int) -> None:
+        """One segment of ``n`` payload bytes delivered."""
+        b = self.border
         if up:
             self.bytes_up += n
-            self.border.bytes_up += n
+            self.segments_up += 1
+            b.bytes_up += n
+            b.segments_up += 1
         else:
             self.bytes_down += n
-            self.border.bytes_down += n
+            self.segments_down += 1
+            b.bytes_down += n
+            b.segments_down += 1
 
     def serve(self) -> None:
         loop = self.border.loop
@@ -461,8 +466,7 @@ class Border(Threaded):
         self.frozen = False
         self.frozen_at = 0.0
         self.holes = 0
-        self.bytes_up = 0
-        self.bytes_down = 0
+        self.bytes_up = self.bytes_down = self.segments_up = self.segments_down = 0
         self.connections = 0
         self.port = 0  # the first port added (Threaded names its thread after it)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -526,9 +530,11 @@ class Border(Threaded):
         self._call(lambda: self._hole(on))
 
     def counters(self, port: int | None = None) -> dict[str, int]:
-        """Payload bytes delivered up / down and connections accepted, of one port or of all."""
+        """Of one port or of all: payload bytes delivered up / down, the segments that carried them
+        (each also took ``HEADERS`` bytes of link time), connections accepted."""
         src: Any = self if port is None else self.ports[port]
-        return {"up": src.bytes_up, "down": src.bytes_down, "connections": src.connections}
+        return {"up": src.bytes_up, "down": src.bytes_down, "segments_up": src.segments_up,
+                "segments_down": src.segments_down, "connections": src.connections}  # fmt: skip
 
     # ------------------------------------------------------------------ internals
 

@@ -26,7 +26,8 @@ __all__ = ["Connector", "Pool"]
 
 # Opens a connection for the pool: (protocol factory, timeout) -> the connected protocol and
 # the time it took to reach the origin (an RTT sample for the estimator).
-Connector = Callable[[Callable[[], Conn], float], Awaitable[tuple[Conn, float]]]
+# (factory, timeout, reach timeout: for the TCP part alone, or None) -> (conn, reach seconds)
+Connector = Callable[[Callable[[], Conn], float, float | None], Awaitable[tuple[Conn, float]]]
 
 # How often idle connections are checked for expiry and the warm set topped up.
 MAINTAIN_INTERVAL: Final = 1.0
@@ -116,11 +117,12 @@ class Pool:
 
     # -- use -------------------------------------------------------------------------------
     async def acquire(
-        self, *, fresh: bool = False, timeout: float | None = None, probe: bool = False
+        self, *, fresh: bool = False, timeout: float | None = None, probe: bool = False, reach: float | None = None
     ) -> tuple[Conn, bool]:
         """A connection for one request, and whether it was reused from the idle set.
 
-        ``timeout`` bounds setting up a new connection (default: the pool's connect_timeout).
+        ``timeout`` bounds setting up a new connection (default: the pool's connect_timeout);
+        ``reach`` its TCP part alone (a probe asking "does the line answer at all?").
         A ``probe`` never queues behind a full pool (it opens one connection past the limit):
         a pool busy with long completions is not a dead line.
         """
@@ -150,7 +152,7 @@ class Pool:
                     ) from None
                 self._active.add(conn)
                 return conn, True
-        conn = await self._open(timeout)
+        conn = await self._open(timeout, reach)
         self._active.add(conn)
         return conn, False
 
@@ -164,11 +166,11 @@ class Pool:
             conn.close()
         return None
 
-    async def _open(self, timeout: float | None = None) -> Conn:
+    async def _open(self, timeout: float | None = None, reach_timeout: float | None = None) -> Conn:
         timeout = self.connect_timeout if timeout is None else timeout
         self._connecting += 1
         try:
-            conn, reach = await self._connector(lambda: Conn(self), timeout)
+            conn, reach = await self._connector(lambda: Conn(self), timeout, reach_timeout)
         except (ConnectError, asyncio.CancelledError):
             self.connect_errors += 1
             raise
@@ -251,6 +253,17 @@ class Pool:
         self._idle = keep
         have = len(self._idle) + self._connecting
         return max(0, min(self.warm - have, self.max_size - have - len(self._active)))
+
+    def prewarm(self, n: int) -> int:
+        """Open up to ``n`` more idle connections now (traffic is about to move here: its
+        requests should not each pay a handshake). How many were started."""
+        if self._closed:
+            return 0
+        have = len(self._idle) + self._connecting + len(self._active)
+        n = max(0, min(n, self.max_size - have))
+        for _ in range(n):
+            self._spawn(self._warm_one())
+        return n
 
     async def _maintain(self) -> None:
         while not self._closed:

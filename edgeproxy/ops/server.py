@@ -309,6 +309,8 @@ class Proxy:
                 # ejection ending, says nothing about the origin's models)
                 for model in upstream.origin_recovered(path.endpoint.url):
                     report_origin(self.metrics, upstream, path, model, "restored", "its probes answer again")
+        if not ok and upstream is not None:
+            upstream.prewarm_standby(path)
         if not ok and path.waiting:
             # Late senders too; and only requests that have somewhere else to go: the others
             # keep their chance here, and their own timeouts.

@@ -94,12 +94,13 @@ class Line:
         port: int,
         tls: ssl.SSLContext | None,
         timeout: float,
+        reach_timeout: float | None = None,
     ) -> tuple[Conn, float]:
         """Open one connection to host:port over this line.
 
         Returns the connection and the time it took to reach the origin (TCP, plus the proxy's
         tunnel set-up), which is about one round trip over the line: an RTT sample. DNS and
-        TLS are not in it.
+        TLS are not in it. ``reach_timeout`` bounds that part alone (TLS may take longer).
         """
         loop = asyncio.get_running_loop()
         transport: asyncio.Transport | None = None
@@ -111,14 +112,16 @@ class Line:
                 if proxy is None:
                     addrs = await resolver.resolve(host)
                     started = loop.time()
-                    transport, hs = await self._open_tcp(addrs, port)
+                    async with asyncio.timeout(reach_timeout):
+                        transport, hs = await self._open_tcp(addrs, port)
                 else:
                     addrs = await resolver.resolve(proxy.host)
                     target = host
                     if proxy.scheme == "socks5" and not proxy.remote_dns:
                         target = (await resolver.resolve(host))[0][1]
                     started = loop.time()
-                    transport, hs = await self._open_tcp(addrs, proxy.port)
+                    async with asyncio.timeout(reach_timeout):
+                        transport, hs = await self._open_tcp(addrs, proxy.port)
                     if proxy.scheme == "http":
                         await http_connect(hs, proxy, host, port)
                     else:
@@ -243,10 +246,10 @@ class Path:
         tls = tls_context(endpoint.ca) if endpoint.scheme == "https" else None
         host, port = endpoint.host, endpoint.port
 
-        async def connector(factory: Callable[[], Conn], timeout: float) -> tuple[Conn, float]:
+        async def connector(factory: Callable[[], Conn], timeout: float, reach: float | None) -> tuple[Conn, float]:
             # The line as it is now: a reload may hand this path a new Line whose connections
             # go the same way (see ``retarget``); one Line per name stays in use.
-            return await self.line.connect(factory, resolver, host, port, tls, timeout)
+            return await self.line.connect(factory, resolver, host, port, tls, timeout, reach)
 
         self.pool = Pool(
             self.label,

@@ -119,16 +119,25 @@ class Prober:
             return  # not (or no longer) a probed path
         self._urgent_at[path.key] = now
         ceiling = self.config.timeout
-        timeout = path.urgent_probe_timeout(ceiling)
-        if fresh or not path.pool.idle:  # (a new connection: its set-up takes a few round trips)
+        timeout = reach = path.urgent_probe_timeout(ceiling)
+        if fresh or not path.pool.idle:
+            # A new connection: its TCP part must answer as fast as a request would (a black
+            # hole is seen there); the handshakes after it get the time they take.
             timeout = min(timeout + path.connect_timeout(), 2 * ceiling)
         task = asyncio.get_running_loop().create_task(
-            self.probe(path, timeout, urgent=True, fresh=fresh), name=f"urgent probe {path.label}"
+            self.probe(path, timeout, urgent=True, fresh=fresh, reach=reach), name=f"urgent probe {path.label}"
         )
         self._urgent_tasks.add(task)
         task.add_done_callback(self._urgent_tasks.discard)
 
-    async def probe(self, path: Path, timeout: float | None = None, urgent: bool = False, fresh: bool = False) -> bool:
+    async def probe(
+        self,
+        path: Path,
+        timeout: float | None = None,
+        urgent: bool = False,
+        fresh: bool = False,
+        reach: float | None = None,
+    ) -> bool:
         """Probe ``path`` once; feed the estimator and health; True if it answered.
 
         A regular probe that fails has an urgent one sent at once, on a fresh connection: one
@@ -144,7 +153,7 @@ class Prober:
             self._urgent_out.add(path.key)
         try:
             async with asyncio.timeout(timeout):
-                conn, _ = await path.pool.acquire(probe=True, fresh=fresh, timeout=timeout)
+                conn, _ = await path.pool.acquire(probe=True, fresh=fresh, timeout=timeout, reach=reach)
                 resp = conn.send("GET", path.probe_head, None, None)
                 sent = loop.time()
                 await resp.wait_head(timeout)

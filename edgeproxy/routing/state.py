@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 __all__ = ["State", "Upstream", "describe_changes", "release_trials"]
 
+# Connections opened at once on the path that takes over from a failing one, at most.
+PREWARM_MAX = 64
 # Origin health entries per upstream (endpoint x model) at most; also the memo of timeouts.
 MAX_ORIGINS = 256
 
@@ -197,6 +199,19 @@ class Upstream:
             if event == "ejected":
                 self.reselect_at(health.ejected_until)
         return event
+
+    def prewarm_standby(self, failing: Path) -> None:
+        """A probe failed on ``failing``: the path its traffic moves to gets as many connections
+        ready as ``failing`` has requests in flight, so they don't each pay a handshake (across
+        a border, two round trips) when they land there."""
+        demand = min(failing.inflight, PREWARM_MAX)
+        if demand <= 1:
+            return
+        now = time.monotonic()
+        for path in self.order:
+            if path is not failing and self.is_usable(path, None, now) and not path.health.suspect:
+                path.pool.prewarm(demand - path.pool.idle)
+                return
 
     # -- the origin: per endpoint and model --------------------------------------------------------
     def on_origin(

@@ -30,8 +30,8 @@ import orjson
 
 from ..ops.server import Proxy
 from .conversation import ANSWER_WORDS, Conversation, answer_for
-from .results import EdgeResults, Event, Turn, TurnRow, edge_summary, kb
-from .screen import Screen, Segment
+from .results import EdgeResults, Event, Turn, TurnRow, edge_summary, kb, recent
+from .screen import Screen, Segment, keep_drawn
 from .world import FakeOrigin, Line, start_edge, start_sidecar
 
 if TYPE_CHECKING:
@@ -49,7 +49,6 @@ PROBE_INTERVAL: Final = 1.0
 TALKERS: Final = 4  # conversations through the sidecar while line 1 dies
 AFTER_LEFT: Final = 1.5  # seconds the scene goes on once border 1 is left (and what was on it answered)
 PAUSE: Final = 0.2  # between a conversation's answer and its next question
-REFRESH: Final = 0.5
 TICK: Final = 0.02
 CLIENT_TIMEOUT: Final = 30.0
 PHASES: Final = (
@@ -393,18 +392,10 @@ class EdgeDemo:
                 (f"{r.errors} errors", "rb" if r.errors else "g"),
             ]
         )
-        for ev in self.events[-6:]:
-            out.append([(f"  {ev.at:5.1f}s  ", "d"), (ev.text, ev.style)])
-        return out
+        return out + recent(self.events)
 
     async def display(self) -> None:
-        next_draw = 0.0
-        while True:
-            self.look()
-            if time.monotonic() >= next_draw:
-                self.screen.draw(self.block())
-                next_draw = time.monotonic() + REFRESH
-            await asyncio.sleep(TICK)
+        await keep_drawn(self.screen, self.look, self.block, TICK)
 
     # -- the scene -------------------------------------------------------------------------------
     async def run(self) -> None:

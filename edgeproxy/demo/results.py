@@ -9,7 +9,19 @@ from typing import Final
 
 from .screen import Segment
 
-__all__ = ["EdgeResults", "Event", "Request", "Results", "Turn", "TurnRow", "edge_summary", "kb", "summary"]
+__all__ = [
+    "EdgeResults",
+    "Event",
+    "Request",
+    "Results",
+    "Turn",
+    "TurnRow",
+    "edge_summary",
+    "kb",
+    "recent",
+    "summary",
+    "verdict",
+]
 
 SLOWED_MARGIN: Final = 0.1  # a first token this much later than the slowest before the black hole: slowed
 
@@ -92,13 +104,7 @@ def summary(r: Results) -> list[list[Segment]]:
         ],
         [(f"  edgeproxy counted     failovers: {reasons}; rescues: {r.rescues:g}; route switches: {r.switches}", "")],
     ]
-    for sample in r.error_samples:
-        out.append([(f"  client error: {sample}", "r")])
-    if r.interrupted:
-        out.append([("  interrupted", "y")])
-    else:
-        out.append([("  result: ", "b"), ("OK", "gb") if r.passed() else ("edgeproxy did not do what it should", "rb")])
-    return out
+    return out + verdict(r)
 
 
 # -- the edge scene ----------------------------------------------------------------------------
@@ -274,10 +280,19 @@ def edge_summary(r: EdgeResults) -> list[list[Segment]]:
             (f"{r.errors} errors", "rb" if r.errors else "gb"),
         ]
     )
-    for sample in r.error_samples:
-        out.append([(f"  client error: {sample}", "r")])
+    return out + verdict(r)
+
+
+def verdict(r: Results | EdgeResults) -> list[list[Segment]]:
+    """A scene summary's last lines: the client errors seen, then whether it did what it should."""
+    out = [[(f"  client error: {sample}", "r")] for sample in r.error_samples]
     if r.interrupted:
         out.append([("  interrupted", "y")])
     else:
         out.append([("  result: ", "b"), ("OK", "gb") if r.passed() else ("edgeproxy did not do what it should", "rb")])
     return out
+
+
+def recent(events: list[Event]) -> list[list[Segment]]:
+    """A live block's last lines: the scene's latest events."""
+    return [[(f"  {ev.at:5.1f}s  ", "d"), (ev.text, ev.style)] for ev in events[-6:]]

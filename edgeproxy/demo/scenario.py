@@ -14,8 +14,8 @@ from typing import Any, Final
 import aiohttp
 
 from ..ops.server import Proxy
-from .results import Event, Request, Results, summary
-from .screen import Screen, Segment
+from .results import Event, Request, Results, recent, summary
+from .screen import Screen, Segment, keep_drawn
 from .world import FakeOrigin, Line, start_proxy
 
 __all__ = ["PHASES", "Demo"]
@@ -26,7 +26,6 @@ RTT_A_DEGRADED: Final = 0.120
 PROBE_INTERVAL: Final = 1.0
 RATE: Final = 10.0  # completions per second
 STREAM_EVERY: Final = 15  # one request in this many is a stream
-REFRESH: Final = 0.5  # seconds between screen refreshes
 TICK: Final = 0.05  # seconds between looks at the proxy's state
 MOVE_LIMIT: Final = 10.0  # a phase waits at most this long for what it expects
 DWELL: Final = 1.5  # and stays this long after it happened: the req/s window (1 s) shows the move
@@ -241,18 +240,10 @@ class Demo:
                 (f"   edgeproxy: {failovers:g} failovers, {self.seen_rescues:g} rescues", ""),
             ]
         )
-        for ev in self.events[-6:]:
-            out.append([(f"  {ev.at:5.1f}s  ", "d"), (ev.text, ev.style)])
-        return out
+        return out + recent(self.events)
 
     async def display(self) -> None:
-        next_draw = 0.0
-        while True:
-            self.look()
-            if time.monotonic() >= next_draw:
-                self.screen.draw(self.block())
-                next_draw = time.monotonic() + REFRESH
-            await asyncio.sleep(TICK)
+        await keep_drawn(self.screen, self.look, self.block, TICK)
 
     # -- the script --------------------------------------------------------------------------
     def announce(self, n: int) -> None:

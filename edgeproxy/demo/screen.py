@@ -3,10 +3,15 @@ another otherwise (a pipe, a test)."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import time
+from collections.abc import Callable
 from typing import Final, TextIO
 
-__all__ = ["STYLES", "Screen", "Segment"]
+__all__ = ["REFRESH", "STYLES", "Screen", "Segment", "keep_drawn"]
+
+REFRESH: Final = 0.5  # seconds between redraws of a scene's live block
 
 # ANSI styles: bold, dim, red, green, yellow, cyan
 STYLES: Final = {"b": "1", "d": "2", "r": "31", "g": "32", "y": "33", "c": "36", "rb": "1;31", "gb": "1;32"}
@@ -51,3 +56,17 @@ class Screen:
         if self.live:
             self.out.write("\x1b[?25h")
             self.out.flush()
+
+
+async def keep_drawn(
+    screen: Screen, look: Callable[[], None], block: Callable[[], list[list[Segment]]], tick: float
+) -> None:
+    """A scene's display, until cancelled: ``look`` at its state every ``tick`` seconds, redraw
+    its live ``block`` every REFRESH."""
+    next_draw = 0.0
+    while True:
+        look()
+        if time.monotonic() >= next_draw:
+            screen.draw(block())
+            next_draw = time.monotonic() + REFRESH
+        await asyncio.sleep(tick)

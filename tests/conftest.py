@@ -11,6 +11,7 @@ import pytest
 
 from edgeproxy.config import load_dict
 from edgeproxy.ops.server import Proxy
+from tests.fakes.linesim import LineSim
 from tests.fakes.origin import FakeOrigin
 
 
@@ -28,6 +29,28 @@ async def origin() -> AsyncIterator[FakeOrigin]:
         yield o
     finally:
         await o.stop()
+
+
+@pytest.fixture
+async def origin2() -> AsyncIterator[FakeOrigin]:
+    """A second fake origin: another endpoint (a fallback, a relay)."""
+    o = FakeOrigin()
+    await o.start()
+    try:
+        yield o
+    finally:
+        await o.stop()
+
+
+@pytest.fixture
+async def lines(origin: FakeOrigin) -> AsyncIterator[tuple[LineSim, LineSim]]:
+    """Two lines to one origin: `near` (preferred: faster) and `far`."""
+    near, far = LineSim("127.0.0.1", origin.port), LineSim("127.0.0.1", origin.port, delay=0.01)
+    await near.start()
+    await far.start()
+    yield near, far
+    await near.stop()
+    await far.stop()
 
 
 def proxy_config(origin_url: str, **overrides: Any) -> dict[str, Any]:

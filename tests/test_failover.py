@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -28,29 +27,10 @@ async def post(url: str, body: dict[str, Any] = CHAT) -> tuple[int, bytes, float
         return r.status, await r.read(), time.monotonic() - started
 
 
-@pytest.fixture
-async def origin2() -> AsyncIterator[FakeOrigin]:
-    o = FakeOrigin()
-    await o.start()
-    yield o
-    await o.stop()
-
-
 def two_endpoints(a: str, b: str, **over: Any) -> dict[str, Any]:
     cfg = proxy_config("", **over)
     cfg["upstreams"] = {"openai": {"prefix": "/v1", "endpoints": [{"url": a + "/v1"}, {"url": b + "/v1"}]}}
     return cfg
-
-
-@pytest.fixture
-async def lines(origin: FakeOrigin) -> AsyncIterator[tuple[LineSim, LineSim]]:
-    """Two lines to one origin: `near` (preferred: faster) and `far`."""
-    near, far = LineSim("127.0.0.1", origin.port), LineSim("127.0.0.1", origin.port, delay=0.01)
-    await near.start()
-    await far.start()
-    yield near, far
-    await near.stop()
-    await far.stop()
 
 
 async def two_lines_proxy(make_proxy: Any, near: LineSim, far: LineSim, **over: Any) -> RunningProxy:

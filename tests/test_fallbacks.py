@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +46,6 @@ def models_seen(origin: FakeOrigin) -> list[str | None]:
 
 def fallbacks_counted(p: RunningProxy) -> dict[tuple[str, ...], float]:
     return dict(p.proxy.metrics.fallbacks.values)
-
-
-@pytest.fixture
-async def origin2() -> AsyncIterator[FakeOrigin]:
-    o = FakeOrigin()
-    await o.start()
-    yield o
-    await o.stop()
 
 
 @pytest.fixture

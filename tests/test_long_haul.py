@@ -21,7 +21,7 @@ from edgeproxy.telemetry.accesslog import AccessLog
 from tests.conftest import proxy_config
 from tests.fakes.linesim import LineSim
 from tests.fakes.origin import FakeOrigin
-from tests.test_failover import lines, post, two_lines_proxy  # noqa: F401  (lines: a fixture)
+from tests.test_failover import post, two_lines_proxy
 
 STREAM = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -164,7 +164,7 @@ async def steady_load(url: str, seconds: float, rate: float = 20.0) -> list[tupl
 
 
 async def test_a_black_hole_is_left_without_waiting_for_a_regular_probe(
-    lines: tuple[LineSim, LineSim],  # noqa: F811  (the fixture)
+    lines: tuple[LineSim, LineSim],
     make_proxy: Any,
     origin: FakeOrigin,
 ) -> None:
@@ -186,7 +186,7 @@ async def test_a_black_hole_is_left_without_waiting_for_a_regular_probe(
 
 
 async def test_a_request_that_cannot_connect_has_the_line_probed_at_once(
-    lines: tuple[LineSim, LineSim],  # noqa: F811  (the fixture)
+    lines: tuple[LineSim, LineSim],
     make_proxy: Any,
     origin: FakeOrigin,
 ) -> None:
@@ -206,7 +206,7 @@ async def test_a_request_that_cannot_connect_has_the_line_probed_at_once(
 
 
 async def test_one_failed_urgent_probe_does_not_move_the_route(
-    lines: tuple[LineSim, LineSim],  # noqa: F811  (the fixture)
+    lines: tuple[LineSim, LineSim],
     make_proxy: Any,
     origin: FakeOrigin,
 ) -> None:

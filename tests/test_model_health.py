@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,9 @@ from tests.fakes.origin import FakeOrigin, ModelFailure
 
 
 @pytest.fixture
-async def fallback() -> AsyncIterator[FakeOrigin]:
-    o = FakeOrigin()
-    await o.start()
-    yield o
-    await o.stop()
+def fallback(origin2: FakeOrigin) -> FakeOrigin:
+    """The operator's fallback endpoint (conftest's second origin)."""
+    return origin2
 
 
 def primary_and_fallback(primary: str, fallback: str, lines: bool = False, **over: Any) -> dict[str, Any]:

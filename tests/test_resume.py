@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +31,6 @@ FULL = reply_for(PROMPT)
 # whitespace (which the API refuses) is cut and must not come twice.
 SPACED = "".join(f"w{i:02d} " for i in range(20))
 MESSAGES = "/anthropic/v1/messages"
-
-
-@pytest.fixture
-async def origin2() -> AsyncIterator[FakeOrigin]:
-    o = FakeOrigin()
-    await o.start()
-    yield o
-    await o.stop()
 
 
 def anthropic_config(urls: list[str], lines: list[str] | None = None, **failover: Any) -> dict[str, Any]:

@@ -43,6 +43,12 @@ async def origin2() -> AsyncIterator[FakeOrigin]:
 
 
 @pytest.fixture
+def fallback(origin2: FakeOrigin) -> FakeOrigin:
+    """The operator's fallback endpoint (the second origin, by the name its tests use)."""
+    return origin2
+
+
+@pytest.fixture
 async def lines(origin: FakeOrigin) -> AsyncIterator[tuple[LineSim, LineSim]]:
     """Two lines to one origin: `near` (preferred: faster) and `far`."""
     near, far = LineSim("127.0.0.1", origin.port), LineSim("127.0.0.1", origin.port, delay=0.01)

@@ -11,18 +11,11 @@ from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 
 from edgeproxy.config import FailoverConfig, load_dict
 from edgeproxy.telemetry.accesslog import AccessLog
 from tests.conftest import proxy_config
 from tests.fakes.origin import FakeOrigin, ModelFailure
-
-
-@pytest.fixture
-def fallback(origin2: FakeOrigin) -> FakeOrigin:
-    """The operator's fallback endpoint (conftest's second origin)."""
-    return origin2
 
 
 def primary_and_fallback(primary: str, fallback: str, lines: bool = False, **over: Any) -> dict[str, Any]:

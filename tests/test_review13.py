@@ -19,7 +19,7 @@ from edgeproxy.proto.models import request_model
 from edgeproxy.routing import state as state_module
 from tests.conftest import free_port, proxy_config
 from tests.fakes.origin import FakeOrigin, ModelFailure
-from tests.test_model_health import ask, fallback, models_served, primary_and_fallback  # noqa: F401
+from tests.test_model_health import ask, models_served, primary_and_fallback
 
 
 def gemini_pair(primary: str, second: str, **over: Any) -> dict[str, Any]:
@@ -64,7 +64,7 @@ def test_a_gemini_conversation_names_its_model_in_the_url() -> None:
 
 async def test_a_gemini_429_for_one_model_in_a_conversation_cools_only_that_model(
     origin: FakeOrigin,
-    fallback: FakeOrigin,  # noqa: F811
+    fallback: FakeOrigin,
     make_proxy: Any,
 ) -> None:
     p = await make_proxy(gemini_pair(origin.url, fallback.url))
@@ -78,7 +78,7 @@ async def test_a_gemini_429_for_one_model_in_a_conversation_cools_only_that_mode
 
 async def test_a_trial_answered_429_does_not_hold_the_model_out_for_30s(
     origin: FakeOrigin,
-    fallback: FakeOrigin,  # noqa: F811
+    fallback: FakeOrigin,
     make_proxy: Any,
 ) -> None:
     ejection = {"origin_errors": 2, "base_time": "300ms", "max_time": "300ms"}
@@ -100,7 +100,7 @@ async def test_a_trial_answered_429_does_not_hold_the_model_out_for_30s(
 
 async def test_a_trial_whose_client_left_does_not_hold_the_model_out_for_30s(
     origin: FakeOrigin,
-    fallback: FakeOrigin,  # noqa: F811
+    fallback: FakeOrigin,
     make_proxy: Any,
 ) -> None:
     ejection = {"origin_errors": 2, "base_time": "300ms", "max_time": "300ms"}
@@ -124,7 +124,7 @@ async def test_a_trial_whose_client_left_does_not_hold_the_model_out_for_30s(
 
 async def test_forgotten_entries_do_not_switch_off_per_model_cool_downs(
     origin: FakeOrigin,
-    fallback: FakeOrigin,  # noqa: F811
+    fallback: FakeOrigin,
     make_proxy: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -143,7 +143,7 @@ async def test_forgotten_entries_do_not_switch_off_per_model_cool_downs(
 
 async def test_a_path_rebuilt_by_a_reload_does_not_lift_a_models_ejection(
     origin: FakeOrigin,
-    fallback: FakeOrigin,  # noqa: F811
+    fallback: FakeOrigin,
     tmp_path: Path,
 ) -> None:
     conf, port = tmp_path / "c.yaml", free_port()
@@ -177,7 +177,7 @@ async def test_a_path_rebuilt_by_a_reload_does_not_lift_a_models_ejection(
 
 async def test_a_model_name_cannot_write_lines_into_the_log(
     origin: FakeOrigin,
-    fallback: FakeOrigin,  # noqa: F811
+    fallback: FakeOrigin,
     make_proxy: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -217,7 +217,7 @@ async def test_a_big_body_naming_model_twice_is_not_parsed_on_the_event_loop(
 
 async def test_a_line_ejection_lifted_by_a_probe_is_counted_as_a_restore(
     origin: FakeOrigin,
-    fallback: FakeOrigin,  # noqa: F811
+    fallback: FakeOrigin,
     make_proxy: Any,
 ) -> None:
     cfg = primary_and_fallback(origin.url, fallback.url, failover={"ejection": {"base_time": "1m", "max_time": "1m"}})

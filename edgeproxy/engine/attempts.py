@@ -347,16 +347,22 @@ class Failover:
             # Counted in flight from the moment it is planned on this path, so concurrent
             # requests see the pool filling up and spill before they wait for a connection.
             path.inflight += 1
-            # A connection that takes longer than the line's RTT suggests (a black hole: new
-            # connections hang) has the line probed too, long before the connect timeout.
-            slow_connect = asyncio.get_running_loop().call_later(path.suspect_after(), self.on_slow_path, path, False)
+            # A new connection that takes longer than the line's RTT suggests (a black hole:
+            # new connections hang) has the line probed too, long before the connect timeout.
+            # (Not armed when a warm connection is there to take: the common case.)
+            slow_connect = None
+            if fresh or not path.pool.idle:
+                slow_connect = asyncio.get_running_loop().call_later(
+                    path.suspect_after(), self.on_slow_path, path, False
+                )
             try:
                 conn, _ = await path.pool.acquire(fresh=fresh, timeout=path.connect_timeout())
             except BaseException:
                 path.inflight -= 1
                 raise
             finally:
-                slow_connect.cancel()
+                if slow_connect is not None:
+                    slow_connect.cancel()
             path.requests += 1
             reused = conn.requests > 0
             resp = conn.send(ctx.method, head, body, path.on_response_end)

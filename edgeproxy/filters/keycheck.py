@@ -10,8 +10,9 @@ Anything else (no answer within CHECK_TIMEOUT, a 5xx, a 404 from a relay without
 list, an edge's own error on a `via` path) proves nothing: the key stays enabled.
 
 Bounded: at most one check per key is in flight, and every refusal meanwhile waits for its
-result; a verdict other than "dead" stands for FRESH seconds (a dead key is disabled, which
-needs no memory here). A burst of refused requests, or a client sending only requests some
+result; a verdict stands for FRESH seconds (a dead one too: a refusal that comes in after the
+check ended, before a request that waited on it has disabled the key, is not checked again;
+a reload builds new keys, so a verdict never outlives one). A burst of refused requests, or a client sending only requests some
 keys may not make, costs one check per key per FRESH, however many requests.
 """
 
@@ -138,8 +139,7 @@ class KeyChecks:
             if resp is not None:
                 resp.release()
         result = verdict_of(status, body, edge_error)
-        if result != DEAD:
-            self._known[key] = (result, time.monotonic())
+        self._known[key] = (result, time.monotonic())
         self.metrics.key_checks.inc((self.name, path.endpoint.url, key.id, result))
         if result == UNKNOWN:
             log.warning(

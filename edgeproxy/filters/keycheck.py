@@ -12,8 +12,8 @@ list, an edge's own error on a `via` path) proves nothing: the key stays enabled
 Bounded: at most one check per key is in flight, and every refusal meanwhile waits for its
 result; a verdict stands for FRESH seconds (a dead one too: a refusal that comes in after the
 check ended, before a request that waited on it has disabled the key, is not checked again;
-a reload builds new keys, so a verdict never outlives one). A burst of refused requests, or a client sending only requests some
-keys may not make, costs one check per key per FRESH, however many requests.
+a reload builds new keys, so a verdict never outlives one). A burst of refused requests, or a
+client sending only requests some keys may not make, costs one check per key per FRESH, however many requests.
 """
 
 from __future__ import annotations

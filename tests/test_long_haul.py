@@ -205,6 +205,29 @@ async def test_a_request_that_cannot_connect_has_the_line_probed_at_once(
     await origin.wait_for(lambda: paths[near.port].health.state == "up", 5.0, "re-probed fast until it answers")
 
 
+async def test_the_standby_path_is_kept_warm_for_the_traffic_it_would_take(
+    lines: tuple[LineSim, LineSim],
+    make_proxy: Any,
+    origin: FakeOrigin,
+) -> None:
+    """Across a border every request that lands on a cold pool at a failover pays a handshake:
+    the path next in line holds open connections for the traffic of the preferred one."""
+    near, far = lines
+    p = await two_lines_proxy(make_proxy, near, far, probe={"interval": "500ms", "timeout": "400ms"})
+    paths = {x.endpoint.port: x for x in p.proxy.state.paths.values()}
+    standby = paths[far.port].pool
+    assert standby.idle <= 2  # the configured warm one (and a probe's) while nothing flows
+    origin.latency = 0.3  # (probes too: under their timeout)
+    assert [r[0] for r in await asyncio.gather(*(post(p.url) for _ in range(6)))] == [200] * 6
+    await origin.wait_for(lambda: standby.idle >= 6, 5.0, "the standby pool warmed for the traffic")
+    origin.latency = 0.0
+    opened = standby.connects
+    near.set_mode("refuse")  # the preferred path's line dies: its traffic moves to the standby
+    near.set_mode("reset")
+    assert [r[0] for r in await asyncio.gather(*(post(p.url) for _ in range(6)))] == [200] * 6
+    assert standby.connects == opened  # every one of them found a connection ready there
+
+
 async def test_one_failed_urgent_probe_does_not_move_the_route(
     lines: tuple[LineSim, LineSim],
     make_proxy: Any,

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from ..proto.errors import PathDown, ProxyError, UpstreamReset, UpstreamTimeout
+from ..proto.errors import ConnectAbandoned, PathDown, ProxyError, UpstreamReset, UpstreamTimeout
 from ..proto.models import wants_stream
 from ..proto.providers import retry_wait
 from ..routing.events import report_line, report_origin
@@ -27,7 +27,7 @@ from .filter import AGAIN, SendAgain
 from .head import request_head
 
 if TYPE_CHECKING:
-    from ..net.client import Response
+    from ..net.client import Conn, Response
     from ..routing.lines import Path
     from ..routing.state import Upstream
     from ..telemetry.metrics import Metrics
@@ -330,6 +330,31 @@ class Failover:
                 entry.setdefault(field, value)
         ctx.attempt_log.append(entry)
 
+    async def _connect(self, ctx: Ctx, path: Path, fresh: bool) -> Conn:
+        """A new connection for an attempt on ``path`` (counted in flight already). One slower
+        than the line's RTT suggests has the line probed; if the prober then finds the line
+        dead, the connect is abandoned and the attempt goes elsewhere (ConnectAbandoned)."""
+        loop = asyncio.get_running_loop()
+        slow = loop.call_later(path.suspect_after(), self.on_slow_path, path, False)
+        opening = asyncio.ensure_future(path.pool.acquire(fresh=fresh, timeout=path.connect_timeout()))
+        path.connecting[opening] = ctx
+        try:
+            conn, _ = await opening
+        except asyncio.CancelledError:
+            path.inflight -= 1
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the request's own (its client left)
+            why = path.health.last_error or "no answer"
+            raise ConnectAbandoned(f"{path.label} stopped answering probes ({why})") from None
+        except BaseException:
+            path.inflight -= 1
+            raise
+        finally:
+            slow.cancel()
+            path.connecting.pop(opening, None)
+        return conn
+
     async def _attempt(self, ctx: Ctx, upstream: Upstream, chain: Chain, attempt: Attempt) -> Attempt:
         """One try on one path: send, then wait for headers (and for SSE, the first event)."""
         timeouts = ctx.timeouts or upstream.timeouts(ctx.model, False)
@@ -347,22 +372,21 @@ class Failover:
             # Counted in flight from the moment it is planned on this path, so concurrent
             # requests see the pool filling up and spill before they wait for a connection.
             path.inflight += 1
+            if path.inflight > path.peak:
+                path.peak = path.inflight
             # A new connection that takes longer than the line's RTT suggests (a black hole:
             # new connections hang) has the line probed too, long before the connect timeout.
             # (Not armed when a warm connection is there to take: the common case.)
-            slow_connect = None
+            # (Not armed when a warm connection is there to take: the common case.) Such an
+            # attempt is failed over at once if the prober finds the line dead meanwhile.
             if fresh or not path.pool.idle:
-                slow_connect = asyncio.get_running_loop().call_later(
-                    path.suspect_after(), self.on_slow_path, path, False
-                )
-            try:
-                conn, _ = await path.pool.acquire(fresh=fresh, timeout=path.connect_timeout())
-            except BaseException:
-                path.inflight -= 1
-                raise
-            finally:
-                if slow_connect is not None:
-                    slow_connect.cancel()
+                conn = await self._connect(ctx, path, fresh)
+            else:
+                try:
+                    conn, _ = await path.pool.acquire(timeout=path.connect_timeout())
+                except BaseException:
+                    path.inflight -= 1
+                    raise
             path.requests += 1
             reused = conn.requests > 0
             resp = conn.send(ctx.method, head, body, path.on_response_end)
@@ -466,7 +490,7 @@ def _stale_connection(ctx: Ctx, resp: Response, exc: UpstreamReset) -> bool:
     return ctx.method in IDEMPOTENT or "idempotency-key" in ctx.request.headers
 
 
-def may_move(ctx: Ctx) -> bool:
+def may_move(ctx: Ctx, outcome: str = "reset") -> bool:
     """Could this request, waiting on a path that just failed a probe, be sent elsewhere?
     (The same conditions as a retry after a reset, budget aside: a rescue is not a copy on a
     failing origin.) If not, it keeps its chance on the path it is on."""
@@ -475,7 +499,7 @@ def may_move(ctx: Ctx) -> bool:
         return False
     failover = upstream.config.failover
     return (
-        "reset" in failover.retry_on
+        outcome in failover.retry_on
         and len(ctx.tried) <= failover.retries
         and _plan(ctx, upstream, retry=True, take=False) is not None
     )

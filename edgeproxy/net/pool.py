@@ -53,6 +53,7 @@ class Pool:
         "connect_errors",
         "connect_timeout",
         "connects",
+        "floor",
         "keepalive",
         "label",
         "max_size",
@@ -76,6 +77,9 @@ class Pool:
         self.max_size = max_size
         self.keepalive = keepalive
         self.warm = warm
+        # Set by the owner above ``warm`` while this path stands by for another one's traffic
+        # (it gets that traffic at once if the other's line dies): kept open, ready.
+        self.floor = 0
         self.connect_timeout = connect_timeout
         self._idle: list[Conn] = []
         self._active: set[Conn] = set()
@@ -179,7 +183,7 @@ class Pool:
             if self.on_connect_error is not None:
                 self.on_connect_error(exc)
             if isinstance(exc, asyncio.TimeoutError):
-                raise ConnectTimeout(f"{self.label}: connect timed out after {self.connect_timeout:g}s") from None
+                raise ConnectTimeout(f"{self.label}: connect timed out after {timeout:.3g}s") from None
             raise ConnectError(f"{self.label}: {_describe(exc)}") from None
         finally:
             self._connecting -= 1
@@ -252,18 +256,29 @@ class Pool:
                 keep.append(conn)
         self._idle = keep
         have = len(self._idle) + self._connecting
-        return max(0, min(self.warm - have, self.max_size - have - len(self._active)))
+        busy = len(self._active)
+        # ``warm`` idle ones; ``floor`` in all (once the traffic it stands by for is here,
+        # its requests hold them: no new ones are opened in the middle of a failover)
+        return max(0, min(max(self.warm - have, self.floor - have - busy), self.max_size - have - busy))
 
     def prewarm(self, n: int) -> int:
-        """Open up to ``n`` more idle connections now (traffic is about to move here: its
-        requests should not each pay a handshake). How many were started."""
+        """Have ``n`` connections ready (idle or opening) now: traffic is about to move here
+        and its requests should not each pay a handshake. How many were started."""
         if self._closed:
             return 0
-        have = len(self._idle) + self._connecting + len(self._active)
-        n = max(0, min(n, self.max_size - have))
+        ready = len(self._idle) + self._connecting
+        n = max(0, min(n - ready, self.max_size - ready - len(self._active)))
         for _ in range(n):
             self._spawn(self._warm_one())
         return n
+
+    def stand_by(self, n: int) -> None:
+        """Keep ``n`` connections open from now on (idle, or busy with requests), opening the
+        missing ones now: this path takes another's traffic at once if that one's line dies."""
+        self.floor = n
+        if not self._closed:
+            for _ in range(self._wanted_warm()):
+                self._spawn(self._warm_one())
 
     async def _maintain(self) -> None:
         while not self._closed:

@@ -309,18 +309,24 @@ class Proxy:
                 # ejection ending, says nothing about the origin's models)
                 for model in upstream.origin_recovered(path.endpoint.url):
                     report_origin(self.metrics, upstream, path, model, "restored", "its probes answer again")
-        if not ok and upstream is not None:
-            upstream.prewarm_standby(path)
-        if not ok and path.waiting:
-            # Late senders too; and only requests that have somewhere else to go: the others
-            # keep their chance here, and their own timeouts.
+        if upstream is not None:
+            if ok:
+                upstream.keep_standby()
+            else:
+                upstream.prewarm_standby(path)
+        if not ok and (path.waiting or path.connecting):
+            # Late senders too, and those still connecting; only requests that have somewhere
+            # else to go: the others keep their chance here, and their own timeouts.
             movable = [resp for resp, ctx in path.waiting.items() if may_move(ctx)]
-            if movable:
-                self.metrics.rescues.inc((path.upstream, path.line.name), len(movable))
+            opening = [fut for fut, ctx in path.connecting.items() if may_move(ctx, "connect")]
+            if movable or opening:
+                self.metrics.rescues.inc((path.upstream, path.line.name), len(movable) + len(opening))
                 if upstream is not None:  # a rescue is a local failure of the line (once, however many it moved)
                     upstream.on_attempt(path, "local")
             for resp in movable:
                 resp.fail(PathDown(f"{path.label} stopped answering probes ({path.health.last_error})"))
+            for fut in opening:
+                fut.cancel()  # the attempt raises ConnectAbandoned and goes elsewhere
         if upstream is not None and upstream.reselect():
             first = upstream.order[0]
             log.info("upstream %s now prefers %s", upstream.name, first.label)

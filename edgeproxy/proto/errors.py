@@ -120,6 +120,14 @@ class PathDown(UpstreamReset):
     blames_line = False  # the prober counted it: once per rescue, however many requests it moved
 
 
+class ConnectAbandoned(ConnectError):
+    """The prober declared this attempt's path dead while it was still connecting: nothing
+    was sent, it goes elsewhere at once."""
+
+    kind = "path_down"
+    blames_line = False  # (counted once per rescue, as PathDown)
+
+
 class PoolExhausted(ConnectTimeout):
     """Every connection of the path's pool stayed busy: the path is full, not broken."""
 

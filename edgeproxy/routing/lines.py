@@ -221,10 +221,12 @@ class Path:
         "requests",
         "failures",
         "inflight",
+        "peak",
         "last_error",
         "last_error_at",
         "connect_rtt",
         "waiting",
+        "connecting",
         "host_header",
         "edge_rtt",
         "hop",
@@ -267,11 +269,14 @@ class Path:
         self.requests = 0
         self.failures = 0
         self.inflight = 0
+        self.peak = 0  # the most in flight at once since the owner last looked (Upstream.keep_standby)
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.connect_rtt: float | None = None
         # Attempts sent on this path and not yet committed: failed over if the line dies.
         self.waiting: dict[Response, Any] = {}  # -> the engine's Ctx
+        # Attempts opening a new connection here (their acquire): failed over too.
+        self.connecting: dict[asyncio.Future[Any], Any] = {}  # -> the engine's Ctx
 
     def retarget(self, upstream: UpstreamConfig, endpoint: EndpointConfig, line: Line) -> None:
         """Take the config of a reload that kept this path (same key, same connection
@@ -338,11 +343,13 @@ class Path:
         return min(max(3 * (est.srtt + 4 * est.rttvar), SUSPECT_FLOOR), SUSPECT_CEILING)
 
     def urgent_probe_timeout(self, ceiling: float) -> float:
-        """Timeout for a probe sent because the line is suspect: a generous RTO."""
+        """Timeout for a probe sent because a real request already waits too long: one and a
+        half RTOs. (Failing it only makes the line suspect until a re-probe with the full
+        timeout says; a black hole is left that much sooner.)"""
         est = self.estimator
         if est.srtt is None or est.rttvar is None:
             return ceiling
-        return min(max(2 * (est.srtt + 4 * est.rttvar), SUSPECT_FLOOR), ceiling)
+        return min(max(1.5 * (est.srtt + 4 * est.rttvar), SUSPECT_FLOOR), ceiling)
 
     def is_full(self) -> bool:
         return self.inflight >= self.pool.max_size

@@ -17,6 +17,7 @@ were.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,9 @@ __all__ = ["State", "Upstream", "describe_changes", "release_trials"]
 
 # Connections opened at once on the path that takes over from a failing one, at most.
 PREWARM_MAX = 64
+# Seconds of arrivals a standby path is kept ready for beyond the traffic in flight: finding a
+# black hole (about 1.5 s) plus opening connections across a border (about 0.5 s).
+STANDBY_WINDOW = 2.0
 # Origin health entries per upstream (endpoint x model) at most; also the memo of timeouts.
 MAX_ORIGINS = 256
 
@@ -65,6 +69,7 @@ class Upstream:
         "gate",
         "origins",
         "_timeouts",
+        "_arrivals",
     )
 
     def __init__(self, config: UpstreamConfig, paths: list[Path], tolerance: float) -> None:
@@ -89,6 +94,7 @@ class Upstream:
         # something is wrong there (empty: nothing to check on the hot path).
         self.origins: dict[tuple[str, str | None], OriginHealth] = {}
         self._timeouts: dict[tuple[str | None, bool], Timeouts] = {}
+        self._arrivals: tuple[Path, float, int, float] | None = None  # (first path, when, its requests, rate)
         self.reselect()
 
     def __repr__(self) -> str:
@@ -200,6 +206,36 @@ class Upstream:
                 self.reselect_at(health.ejected_until)
         return event
 
+    def keep_standby(self) -> None:
+        """Keep the path that takes the preferred one's traffic if its line dies (the next
+        usable path, on another line if there is one) warm for that traffic. Across a border a request
+        that lands on a cold pool pays TCP + TLS, two or three round trips: at a failover,
+        every one of them would. Called at each probe result; idle connections past the need
+        age out after the pool's keepalive."""
+        if len(self.order) < 2:
+            return
+        first = self.order[0]
+        now = time.monotonic()
+        # At a failover, what lands there at once: the requests in flight on the dead line,
+        # those that arrived while it was being found dead, and those arriving while new
+        # connections would be opening (about STANDBY_WINDOW of arrivals, at the recent rate).
+        seen = self._arrivals
+        if seen is None or seen[0] is not first:
+            self._arrivals = (first, now, first.requests, 0.0)
+        elif now - seen[1] >= 1.0:
+            self._arrivals = (first, now, first.requests, (first.requests - seen[2]) / (now - seen[1]))
+        rate = self._arrivals[3]
+        demand = min(max(first.peak, first.inflight) + math.ceil(rate * STANDBY_WINDOW), PREWARM_MAX)
+        first.peak = max(first.inflight, first.peak // 2)  # a burst is remembered a little while
+        usable = [path for path in self.order[1:] if self.is_usable(path, None, now)]
+        # Another line first (a dead line takes every endpoint it reaches with it).
+        standby = next((p for p in usable if p.key[2] != first.key[2]), usable[0] if usable else None)
+        for path in self.order:
+            if path is standby:
+                path.pool.stand_by(demand)
+            else:
+                path.pool.floor = 0
+
     def prewarm_standby(self, failing: Path) -> None:
         """A probe failed on ``failing``: the path its traffic moves to gets as many connections
         ready as ``failing`` has requests in flight, so they don't each pay a handshake (across
@@ -210,7 +246,7 @@ class Upstream:
         now = time.monotonic()
         for path in self.order:
             if path is not failing and self.is_usable(path, None, now) and not path.health.suspect:
-                path.pool.prewarm(demand - path.pool.idle)
+                path.pool.prewarm(demand)
                 return
 
     # -- the origin: per endpoint and model --------------------------------------------------------

@@ -342,9 +342,11 @@ class Failover:
             conn, _ = await opening
         except asyncio.CancelledError:
             path.inflight -= 1
+            if opening.done() and not opening.cancelled() and opening.exception() is None:
+                path.pool.release(opening.result()[0])  # opened just as we were cancelled: not leaked
             task = asyncio.current_task()
             if task is not None and task.cancelling():
-                raise  # the request's own (its client left)
+                raise  # the request's own (its client left, a hedge lost)
             why = path.health.last_error or "no answer"
             raise ConnectAbandoned(f"{path.label} stopped answering probes ({why})") from None
         except BaseException:

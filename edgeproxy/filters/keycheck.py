@@ -82,7 +82,7 @@ class KeyChecks:
         self.extra = _PROVIDER_HEADERS.get(provider, b"")
         self.metrics = metrics
         self._inflight: dict[Key, asyncio.Task[str]] = {}
-        self._known: dict[Key, tuple[str, float]] = {}  # key -> (LIVE or UNKNOWN, when found)
+        self._known: dict[Key, tuple[str, float]] = {}  # key -> (verdict, when found)
 
     async def verdict(self, path: Path, key: Key) -> str:
         """DEAD, LIVE or UNKNOWN for ``key``, refused on ``path``: a recent verdict, the

@@ -276,7 +276,7 @@ class Pool:
         """Keep ``n`` connections open from now on (idle, or busy with requests), opening the
         missing ones now: this path takes another's traffic at once if that one's line dies."""
         self.floor = n
-        if not self._closed:
+        if not self._closed and time.monotonic() >= self._warm_next:  # (a path refusing new ones: backed off)
             for _ in range(self._wanted_warm()):
                 self._spawn(self._warm_one())
 

@@ -318,7 +318,7 @@ class Proxy:
             # Late senders too, and those still connecting; only requests that have somewhere
             # else to go: the others keep their chance here, and their own timeouts.
             movable = [resp for resp, ctx in path.waiting.items() if may_move(ctx)]
-            opening = [fut for fut, ctx in path.connecting.items() if may_move(ctx, "connect")]
+            opening = [fut for fut, ctx in path.connecting.items() if not fut.done() and may_move(ctx, "connect")]
             if movable or opening:
                 self.metrics.rescues.inc((path.upstream, path.line.name), len(movable) + len(opening))
                 if upstream is not None:  # a rescue is a local failure of the line (once, however many it moved)

@@ -207,47 +207,47 @@ class Upstream:
         return event
 
     def keep_standby(self) -> None:
-        """Keep the path that takes the preferred one's traffic if its line dies (the next
-        usable path, on another line if there is one) warm for that traffic. Across a border a request
-        that lands on a cold pool pays TCP + TLS, two or three round trips: at a failover,
-        every one of them would. Called at each probe result; idle connections past the need
-        age out after the pool's keepalive."""
-        if len(self.order) < 2:
-            return
-        first = self.order[0]
-        now = time.monotonic()
-        # At a failover, what lands there at once: the requests in flight on the dead line,
-        # those that arrived while it was being found dead, and those arriving while new
-        # connections would be opening (about STANDBY_WINDOW of arrivals, at the recent rate).
-        seen = self._arrivals
-        if seen is None or seen[0] is not first:
-            self._arrivals = (first, now, first.requests, 0.0)
-        elif now - seen[1] >= 1.0:
-            self._arrivals = (first, now, first.requests, (first.requests - seen[2]) / (now - seen[1]))
-        rate = self._arrivals[3]
-        demand = min(max(first.peak, first.inflight) + math.ceil(rate * STANDBY_WINDOW), PREWARM_MAX)
-        first.peak = max(first.inflight, first.peak // 2)  # a burst is remembered a little while
-        usable = [path for path in self.order[1:] if self.is_usable(path, None, now)]
-        # Another line first (a dead line takes every endpoint it reaches with it).
-        standby = next((p for p in usable if p.key[2] != first.key[2]), usable[0] if usable else None)
+        """Keep the path that takes the preferred one's traffic if its line dies (``standby``)
+        warm for that traffic. Across a border a request that lands on a cold pool pays TCP +
+        TLS, two or three round trips: at a failover, every one of them would. Called at each
+        probe result; idle connections past the need age out after the pool's keepalive."""
+        first = self.order[0] if self.order else None
+        standby = self.standby(first) if first is not None else None
+        demand = 0
+        if first is not None and standby is not None:
+            now = time.monotonic()
+            # At a failover, what lands there at once: the requests in flight on the dead line,
+            # those that arrived while it was being found dead, and those arriving while new
+            # connections would be opening (about STANDBY_WINDOW of arrivals, at the recent rate).
+            seen = self._arrivals
+            if seen is None or seen[0] is not first:
+                self._arrivals = (first, now, first.requests, 0.0)
+            elif now - seen[1] >= 1.0:
+                self._arrivals = (first, now, first.requests, (first.requests - seen[2]) / (now - seen[1]))
+            rate = self._arrivals[3]
+            demand = min(max(first.peak, first.inflight) + math.ceil(rate * STANDBY_WINDOW), PREWARM_MAX)
+            first.peak = max(first.inflight, first.peak // 2)  # a burst is remembered a little while
         for path in self.order:
             if path is standby:
                 path.pool.stand_by(demand)
             else:
-                path.pool.floor = 0
+                path.pool.floor = 0  # (also a former standby, after a reload or a switch)
+
+    def standby(self, failing: Path) -> Path | None:
+        """Where ``failing``'s traffic goes if its line dies: the next usable path that is not
+        suspect, on another line if there is one (a dead line takes every endpoint it reaches)."""
+        now = time.monotonic()
+        usable = [p for p in self.order if p is not failing and not p.health.suspect and self.is_usable(p, None, now)]
+        return next((p for p in usable if p.key[2] != failing.key[2]), usable[0] if usable else None)
 
     def prewarm_standby(self, failing: Path) -> None:
         """A probe failed on ``failing``: the path its traffic moves to gets as many connections
         ready as ``failing`` has requests in flight, so they don't each pay a handshake (across
         a border, two round trips) when they land there."""
         demand = min(failing.inflight, PREWARM_MAX)
-        if demand <= 1:
-            return
-        now = time.monotonic()
-        for path in self.order:
-            if path is not failing and self.is_usable(path, None, now) and not path.health.suspect:
-                path.pool.prewarm(demand)
-                return
+        standby = self.standby(failing) if demand > 1 else None
+        if standby is not None:
+            standby.pool.prewarm(demand)
 
     # -- the origin: per endpoint and model --------------------------------------------------------
     def on_origin(

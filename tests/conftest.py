@@ -21,25 +21,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-async def origin() -> AsyncIterator[FakeOrigin]:
+@contextlib.asynccontextmanager
+async def running_origin() -> AsyncIterator[FakeOrigin]:
     o = FakeOrigin()
     await o.start()
     try:
         yield o
     finally:
         await o.stop()
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[FakeOrigin]:
+    async with running_origin() as o:
+        yield o
 
 
 @pytest.fixture
 async def origin2() -> AsyncIterator[FakeOrigin]:
     """A second fake origin: another endpoint (a fallback, a relay)."""
-    o = FakeOrigin()
-    await o.start()
-    try:
+    async with running_origin() as o:
         yield o
-    finally:
-        await o.stop()
 
 
 @pytest.fixture

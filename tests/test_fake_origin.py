@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
 import openai
 import pytest
-import pytest_asyncio
 
 from tests.fakes.origin import FakeOrigin
 
 MSG: Any = [{"role": "user", "content": "hello world"}]
 REPLY = "echo: hello world"
-
-
-@pytest_asyncio.fixture
-async def origin() -> AsyncIterator[FakeOrigin]:
-    o = FakeOrigin()
-    await o.start()
-    try:
-        yield o
-    finally:
-        await o.stop()
 
 
 def oai(origin: FakeOrigin, timeout: float = 5) -> openai.OpenAI:

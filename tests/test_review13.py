@@ -76,17 +76,24 @@ async def test_a_gemini_429_for_one_model_in_a_conversation_cools_only_that_mode
     assert gemini_served(origin) == ["gemini-y"]  # the pause was gemini-x's only
 
 
-async def test_a_trial_answered_429_does_not_hold_the_model_out_for_30s(
-    origin: FakeOrigin,
-    fallback: FakeOrigin,
-    make_proxy: Any,
-) -> None:
+async def model_x_ejected_briefly(origin: FakeOrigin, fallback: FakeOrigin, make_proxy: Any) -> Any:
+    """A proxy whose primary ejected model-x for 300 ms (two 503s) and whose ejection is over:
+    its next request for model-x is the half-open trial."""
     ejection = {"origin_errors": 2, "base_time": "300ms", "max_time": "300ms"}
     p = await make_proxy(primary_and_fallback(origin.url, fallback.url, failover={"ejection": ejection}))
     origin.model_failures["model-x"] = ModelFailure(status=503)
     for _ in range(2):
         assert (await ask(p.url, "model-x"))[0] == 200
-    await asyncio.sleep(0.4)  # the ejection is over: the next request is the half-open trial
+    await asyncio.sleep(0.4)
+    return p
+
+
+async def test_a_trial_answered_429_does_not_hold_the_model_out_for_30s(
+    origin: FakeOrigin,
+    fallback: FakeOrigin,
+    make_proxy: Any,
+) -> None:
+    p = await model_x_ejected_briefly(origin, fallback, make_proxy)
     origin.model_failures["model-x"] = ModelFailure(status=429, retry_after="1")
     assert (await ask(p.url, "model-x"))[0] == 200  # the trial: a 429, rescued by the fallback
     del origin.model_failures["model-x"]
@@ -103,12 +110,7 @@ async def test_a_trial_whose_client_left_does_not_hold_the_model_out_for_30s(
     fallback: FakeOrigin,
     make_proxy: Any,
 ) -> None:
-    ejection = {"origin_errors": 2, "base_time": "300ms", "max_time": "300ms"}
-    p = await make_proxy(primary_and_fallback(origin.url, fallback.url, failover={"ejection": ejection}))
-    origin.model_failures["model-x"] = ModelFailure(status=503)
-    for _ in range(2):
-        assert (await ask(p.url, "model-x"))[0] == 200
-    await asyncio.sleep(0.4)
+    p = await model_x_ejected_briefly(origin, fallback, make_proxy)
     origin.model_failures["model-x"] = ModelFailure(status=None, delay=1.0)  # recovered, but slow
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(0.3):

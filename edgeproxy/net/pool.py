@@ -268,24 +268,30 @@ class Pool:
             return 0
         ready = len(self._idle) + self._connecting
         n = max(0, min(n - ready, self.max_size - ready - len(self._active)))
-        for _ in range(n):
-            self._spawn(self._warm_one())
+        self._warm(n)
         return n
 
     def stand_by(self, n: int) -> None:
         """Keep ``n`` connections open from now on (idle, or busy with requests), opening the
         missing ones now: this path takes another's traffic at once if that one's line dies."""
         self.floor = n
-        if not self._closed and time.monotonic() >= self._warm_next:  # (a path refusing new ones: backed off)
-            for _ in range(self._wanted_warm()):
-                self._spawn(self._warm_one())
+        if not self._closed:
+            self._top_up()
+
+    def _top_up(self) -> None:
+        """Open what ``warm`` and ``floor`` want (expired idle ones go), unless warming is
+        backed off (a path that refuses new connections)."""
+        wanted = self._wanted_warm()
+        if wanted and time.monotonic() >= self._warm_next:
+            self._warm(wanted)
+
+    def _warm(self, n: int) -> None:
+        for _ in range(n):
+            self._spawn(self._warm_one())
 
     async def _maintain(self) -> None:
         while not self._closed:
-            wanted = self._wanted_warm()
-            if wanted and time.monotonic() >= self._warm_next:
-                for _ in range(wanted):
-                    self._spawn(self._warm_one())
+            self._top_up()
             await asyncio.sleep(MAINTAIN_INTERVAL)
 
     async def _warm_one(self) -> None:

@@ -31,7 +31,7 @@ import orjson
 from ..ops.server import Proxy
 from .conversation import ANSWER_WORDS, Conversation, answer_for
 from .results import EdgeResults, Event, Turn, TurnRow, edge_summary, kb, recent
-from .screen import Screen, Segment, keep_drawn
+from .screen import Screen, Segment, keep_drawn, state_style
 from .world import FakeOrigin, Line, start_edge, start_sidecar
 
 if TYPE_CHECKING:
@@ -379,7 +379,7 @@ class EdgeDemo:
                 (f"  border {name[1]}  ", "b"),
                 (f"{sim:<16}", "r" if line.dead else ""),
                 (f"  {srtt:>16}  ", ""),
-                (f"{state:<8}", "g" if state == "up" else "r" if state in ("down", "ejected") else "y"),
+                (f"{state:<8}", state_style(state)),
                 (f"  {p.inflight:7}  {p.requests:8}", ""),
             ]
             if name == preferred:

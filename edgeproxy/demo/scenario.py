@@ -15,7 +15,7 @@ import aiohttp
 
 from ..ops.server import Proxy
 from .results import Event, Request, Results, recent, summary
-from .screen import Screen, Segment, keep_drawn
+from .screen import Screen, Segment, keep_drawn, state_style
 from .world import FakeOrigin, Line, start_proxy
 
 __all__ = ["PHASES", "Demo"]
@@ -225,7 +225,7 @@ class Demo:
                 (f"  {name:<4}  ", "b"),
                 (f"{sim:<9}", "r" if line.dead else ""),
                 (f"  {srtt:>16}  ", ""),
-                (f"{state:<9}", "g" if state == "up" else "r" if state in ("down", "ejected") else "y"),
+                (f"{state:<9}", state_style(state)),
                 (f"  {rate:5.1f}", ""),
             ]
             if name == busiest:

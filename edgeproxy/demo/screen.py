@@ -9,13 +9,18 @@ import time
 from collections.abc import Callable
 from typing import Final, TextIO
 
-__all__ = ["REFRESH", "STYLES", "Screen", "Segment", "keep_drawn"]
+__all__ = ["REFRESH", "STYLES", "Screen", "Segment", "keep_drawn", "state_style"]
 
 REFRESH: Final = 0.5  # seconds between redraws of a scene's live block
 
 # ANSI styles: bold, dim, red, green, yellow, cyan
 STYLES: Final = {"b": "1", "d": "2", "r": "31", "g": "32", "y": "33", "c": "36", "rb": "1;31", "gb": "1;32"}
 Segment = tuple[str, str]  # (text, style key or "")
+
+
+def state_style(state: str) -> str:
+    """A path's state in a table: green up, red down or ejected, yellow anything between."""
+    return "g" if state == "up" else "r" if state in ("down", "ejected") else "y"
 
 
 class Screen:

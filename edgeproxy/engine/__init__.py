@@ -9,6 +9,7 @@ What a filter may import (the public interface; see docs/architecture.md):
 
 from .ctx import Attempt, Continuation, Ctx, Reply, Transform, Usage
 from .filter import ACCEPT, AGAIN, Chain, Filter, PathChain, Pipeline, SendAgain, Verdict
+from .flight import Flight
 
 __all__ = [
     "ACCEPT",
@@ -18,6 +19,7 @@ __all__ = [
     "Continuation",
     "Ctx",
     "Filter",
+    "Flight",
     "PathChain",
     "Pipeline",
     "Reply",

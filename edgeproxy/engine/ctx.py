@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ..routing.lines import Path
     from ..routing.state import State, Upstream
     from .auth import ListenerAuth
+    from .flight import Flight
 
 __all__ = ["Attempt", "Continuation", "Ctx", "Reply", "Transform", "Usage"]
 
@@ -77,8 +78,10 @@ class Ctx:
         "bytes_out",
         "committed",
         "error",
+        "flight",
         "held",
         "metered",
+        "leads",
         "method",
         "model",
         "path",
@@ -89,6 +92,7 @@ class Ctx:
         "request_id",
         "retrying",
         "started",
+        "shared_headers",
         "state",
         "status",
         "streamed",
@@ -145,6 +149,12 @@ class Ctx:
         self.error: str | None = None
         self.attempt_log: list[dict[str, object]] = []
         self.waited = False  # a 429's short Retry-After was waited out already
+        # Set by a filter (the cache): the answer this request shares with others asking the
+        # same at the same moment (engine/flight.py); whether it fetches it; the headers its
+        # client gets on top of the shared ones.
+        self.flight: Flight | None = None
+        self.leads = False
+        self.shared_headers: list[tuple[str, str]] | None = None
         self.usage: Usage | None = None  # tokens the answer used, once a filter read them
         # Counted in the request metrics; a filter answering for edgeproxy itself (a probe
         # from a sidecar) says no: such answers are not the traffic operators alert on.

@@ -44,7 +44,8 @@ from .auth import AuthThrottle, ListenerAuth
 from .body import BodyBudget, read_body
 from .ctx import HOP_BY_HOP, Ctx, Reply, Transform
 from .guard import BrowserGuard
-from .relay import push_body
+from .relay import one_tap, push_body
+from .sharing import Sharing
 
 if TYPE_CHECKING:
     from ..config import ListenerConfig
@@ -72,7 +73,7 @@ def _set_request_id(ctx: Ctx) -> None:
     ctx.request_id = rid if ok else f"{_RID_PREFIX}{next(_rid_counter):012x}"  # type: ignore[assignment]
 
 
-class Engine(Failover):
+class Engine(Failover, Sharing):
     """Runs requests through the phases. One per listener; the pipeline is swapped on reload."""
 
     __slots__ = ("_inflight", "access", "auth", "bodies", "guard", "listener", "metrics", "on_slow_path", "pipeline")
@@ -157,14 +158,22 @@ class Engine(Failover):
             response = self._error_response(ctx, "internal", "edgeproxy internal error")
             return response
         finally:
-            if ctx.trials:
-                release_trials(ctx.trials)
-            if ctx.held:
-                self.bodies.give_back(ctx)
-            chain = self._inflight.pop(ctx, None)
-            if chain is not None:
-                self._end(ctx, chain)
-            self._log(ctx, chain)
+            fetch = ctx.flight.task if ctx.leads and ctx.flight is not None else None
+            if fetch is not None and not fetch.done():
+                # Its fetch goes on for the others sharing it: the request ends with it.
+                fetch.add_done_callback(lambda _: self._finish(ctx))
+            else:
+                self._finish(ctx)
+
+    def _finish(self, ctx: Ctx) -> None:
+        if ctx.trials:
+            release_trials(ctx.trials)
+        if ctx.held:
+            self.bodies.give_back(ctx)
+        chain = self._inflight.pop(ctx, None)
+        if chain is not None:
+            self._end(ctx, chain)
+        self._log(ctx, chain)
 
     # -- phases ----------------------------------------------------------------------------
     async def _run(self, ctx: Ctx, pipeline: Pipeline) -> web.StreamResponse:
@@ -186,13 +195,18 @@ class Engine(Failover):
                 return early
         await read_body(ctx, self.bodies)
         for request_body_filter in chain.request_body:
-            await request_body_filter(ctx)
+            early = await request_body_filter(ctx)
+            if early is not None:
+                ctx.status = early.status  # (answered by a filter: a cache hit)
+                return early
         body = ctx.body if ctx.body_coding is None else None
         if body is not None and len(body) >= THREAD_MIN:
             # (a body naming "model" twice is parsed whole: megabytes take tens of ms)
             ctx.model = await asyncio.to_thread(request_model, body, ctx.raw_path)
         else:
             ctx.model = request_model(body, ctx.raw_path)
+        if ctx.flight is not None:
+            return await self._shared(ctx, upstream, chain)
         resp = await self._attempts(ctx, upstream, chain)
         return await self._relay(ctx, upstream, chain, resp)
 
@@ -284,7 +298,7 @@ class Engine(Failover):
         streams = self.metrics.active_streams if reply.sse else None
         stream_labels = (upstream.name,)
         outer = transform = _one_transform(reply.transforms)
-        tap = _one_tap(reply.taps) if reply.framed else None
+        tap = one_tap(reply.taps) if reply.framed else None
         ctx.committed = True  # the first byte goes out now
         ctx.ttfb = time.monotonic() - ctx.started
         if streams is not None:
@@ -527,16 +541,3 @@ def _is_event_stream(resp: Response) -> bool:
     """An answer whose events can be seen (and so continue a stream): SSE, not content-coded."""
     ctype = resp.header(b"content-type")
     return ctype is not None and ctype[:17].lower() == b"text/event-stream" and resp.header(b"content-encoding") is None
-
-
-def _one_tap(taps: list[Callable[[bytes], None]]) -> Callable[[bytes], None] | None:
-    if not taps:
-        return None
-    if len(taps) == 1:
-        return taps[0]
-
-    def every(data: bytes) -> None:
-        for tap in taps:
-            tap(data)
-
-    return every

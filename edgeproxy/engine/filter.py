@@ -90,10 +90,13 @@ class Filter:
         return None
 
     # -- request body ------------------------------------------------------------------------
-    async def request_body_filter(self, ctx: Ctx) -> None:
+    async def request_body_filter(self, ctx: Ctx) -> web.StreamResponse | None:
         """The body is read: ``ctx.body`` holds it whole, or ``ctx.body_stream`` streams it
         (too big to keep for a retry). May replace either (decode, rebuild); a filter that
-        changes a streamed body's length sets ``ctx.body_length`` to None (sent chunked)."""
+        changes a streamed body's length sets ``ctx.body_length`` to None (sent chunked).
+        May answer (a response: a cache hit), or give the request a shared answer
+        (``ctx.flight``, ``ctx.leads``: see engine/flight.py)."""
+        return None
 
     # -- plan --------------------------------------------------------------------------------
     def path_filter(self, ctx: Ctx, path: Path) -> bool:

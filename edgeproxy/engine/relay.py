@@ -20,10 +20,10 @@ from aiohttp import web
 
 from ..net.client import Response
 from ..proto.errors import ProxyError
-from ..proto.sse import last_event_end
+from ..proto.sse import ends_stream, last_event_end
 from .ctx import Transform
 
-__all__ = ["push_body"]
+__all__ = ["EventFramer", "one_tap", "push_body", "push_to"]
 
 # Client socket bytes buffered before we stop reading from the origin.
 CLIENT_HIGH_WATER: Final = 256 * 1024
@@ -84,34 +84,14 @@ async def push_body(
 
     send = emit if transform is None else _transforming(emit, transform)
 
-    held = last = b""
-
-    def sse_sink(data: bytes) -> bool:
-        nonlocal held, last
-        if held:
-            data, held = held + data, b""
-        if data[-2:] != b"\n\n":  # the common case: a chunk that ends an event
-            end = last_event_end(data)
-            if end < 0 and len(data) <= MAX_HELD_EVENT:
-                held = data
-                return True
-            if 0 <= end < len(data):
-                data, held = data[:end], data[end:]
-        last = data
-        if tap is not None:
-            tap(data)
-        more = send(data)
-        if delivered is not None and _ends_stream(data):
-            delivered()
-        return more
-
-    resp.push_to(sse_sink if sse else send)
+    framer = EventFramer(send, tap, delivered)
+    resp.push_to(framer if sse else send)
     while True:
         try:
             if await resp.wait_pushed(idle_timeout):
                 break
         except ProxyError:
-            if sse and _ends_stream(last):
+            if sse and ends_stream(framer.last):
                 # The stream's own end marker already went out; a cut or stall after it
                 # loses nothing: finish cleanly instead of appending an error after the end.
                 await _end(out, write, transform, writer.chunked)  # type: ignore[attr-defined]
@@ -127,11 +107,74 @@ async def push_body(
         if transport.is_closing():
             raise ConnectionResetError("client went away")
         resp.resume_push()
-    if held:
-        send(held)  # a last event without its blank line: passed on as the origin sent it
+    if sse:
+        framer.flush()
     if delivered is not None:
         delivered()
     await _end(out, write, transform, writer.chunked)  # type: ignore[attr-defined]
+
+
+async def push_to(
+    resp: Response, add: Callable[[bytes], bool], idle_timeout: float, sse: bool, tap: Callable[[bytes], None] | None
+) -> None:
+    """``push_body`` for an answer that goes to a sink (``add``: a shared flight), not to one
+    client: whole events for SSE, seen by ``tap``. Raises ProxyError if the origin fails or
+    falls silent for ``idle_timeout`` before the stream's own end."""
+    framer = EventFramer(add, tap)
+    resp.push_to(framer if sse else add)
+    while True:
+        try:
+            if await resp.wait_pushed(idle_timeout):
+                break
+        except ProxyError:
+            if sse and ends_stream(framer.last):
+                return  # (a cut after the stream's own end loses nothing)
+            raise
+        resp.resume_push()
+    if sse:
+        framer.flush()
+
+
+class EventFramer:
+    """An SSE sink that passes on whole events only: a partial event is held until its blank
+    line arrives (no delay: a client cannot use half an event), so that if the origin breaks
+    off, an in-band error that follows starts on an event boundary. ``tap`` sees every run of
+    whole events passed on; ``delivered`` is called once the stream's own end has been."""
+
+    __slots__ = ("delivered", "held", "last", "send", "tap")
+
+    def __init__(
+        self,
+        send: Callable[[bytes], bool],
+        tap: Callable[[bytes], None] | None = None,
+        delivered: Callable[[], None] | None = None,
+    ) -> None:
+        self.send, self.tap, self.delivered = send, tap, delivered
+        self.held = self.last = b""
+
+    def __call__(self, data: bytes) -> bool:
+        if self.held:
+            data, self.held = self.held + data, b""
+        if data[-2:] != b"\n\n":  # the common case: a chunk that ends an event
+            end = last_event_end(data)
+            if end < 0 and len(data) <= MAX_HELD_EVENT:
+                self.held = data
+                return True
+            if 0 <= end < len(data):
+                data, self.held = data[:end], data[end:]
+        self.last = data
+        if self.tap is not None:
+            self.tap(data)
+        more = self.send(data)
+        if self.delivered is not None and ends_stream(data):
+            self.delivered()
+        return more
+
+    def flush(self) -> None:
+        """At a clean end: a last event without its blank line goes on as the origin sent it."""
+        if self.held:
+            self.send(self.held)
+            self.held = b""
 
 
 def _transforming(emit: Callable[[bytes], bool], transform: Transform) -> Callable[[bytes], bool]:
@@ -154,10 +197,15 @@ async def _end(
     await out.write_eof()
 
 
-# The last event of a stream, as each provider sends it.
-_END_MARKERS: Final = (b"data: [DONE]", b"event: message_stop")
+def one_tap(taps: list[Callable[[bytes], None]]) -> Callable[[bytes], None] | None:
+    """A reply's taps as one callable (None when there are none)."""
+    if not taps:
+        return None
+    if len(taps) == 1:
+        return taps[0]
 
+    def every(data: bytes) -> None:
+        for tap in taps:
+            tap(data)
 
-def _ends_stream(events: bytes) -> bool:
-    """Did these (whole) events include the stream's own end?"""
-    return any(marker in events for marker in _END_MARKERS)
+    return every

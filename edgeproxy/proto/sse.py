@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["last_event_end"]
+__all__ = ["ends_stream", "last_event_end"]
 
 # Two line ends in a row, in every spelling a server may use (longest first where one is a
 # prefix of another, so the end index is the whole separator).
@@ -23,3 +23,12 @@ def last_event_end(data: bytes) -> int:
         if i >= 0 and i + len(sep) > end:
             end = i + len(sep)
     return end
+
+
+# The last event of a stream, as each provider that has one sends it (Gemini's streams just end).
+END_MARKERS: Final = (b"data: [DONE]", b"event: message_stop")
+
+
+def ends_stream(events: bytes) -> bool:
+    """Do these (whole) events include the stream's own end?"""
+    return any(marker in events for marker in END_MARKERS)

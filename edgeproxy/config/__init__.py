@@ -30,6 +30,7 @@ from .load import default_config, load_dict, load_file
 from .redact import dump_redacted
 from .schema import (
     AdminConfig,
+    CacheConfig,
     Config,
     EjectionConfig,
     EndpointConfig,
@@ -45,6 +46,7 @@ from .schema import (
     RouteConfig,
     Timeouts,
     TLSConfig,
+    UpstreamCacheConfig,
     UpstreamConfig,
     key_id,
 )
@@ -52,6 +54,7 @@ from .units import parse_duration, parse_size
 
 __all__ = [
     "AdminConfig",
+    "CacheConfig",
     "Config",
     "ConfigError",
     "EjectionConfig",
@@ -68,6 +71,7 @@ __all__ = [
     "RouteConfig",
     "TLSConfig",
     "Timeouts",
+    "UpstreamCacheConfig",
     "UpstreamConfig",
     "default_config",
     "dump_redacted",

@@ -17,8 +17,10 @@ from .context import ConfigError, _Ctx
 from .interpolate import _interpolate
 from .lines import _lines
 from .listeners import _conflicts, _listener, _parse_address
+from .redact import _redact_url
 from .schema import (
     AdminConfig,
+    CacheConfig,
     Config,
     FailoverConfig,
     LimitsConfig,
@@ -43,6 +45,7 @@ _TOP_KEYS = (
     "limits",
     "log",
     "drain_timeout",
+    "cache",
 )
 _DEFAULT_LISTEN: Final = "127.0.0.1:8787"
 _DEFAULT_ADMIN: Final = "127.0.0.1:8788"
@@ -160,11 +163,42 @@ def load_dict(data: object, *, source: str | None = None, env: Mapping[str, str]
         ctx.size(m, "buffer", "log", 4 << 20, 64 << 10),
     )
     drain = ctx.duration(top, "drain_timeout", "", 30.0, zero_ok=True)
+    cache = _cache_store(ctx, top.get("cache"))
 
     if ctx.errors:
         raise ConfigError(ctx.messages(), source)
     return Config(
-        tuple(lc for _, lc in listen), admin, lines, upstreams, probe, route, failover, pool, limits, log, drain, source
+        tuple(lc for _, lc in listen),
+        admin,
+        lines,
+        upstreams,
+        probe,
+        route,
+        failover,
+        pool,
+        limits,
+        log,
+        drain,
+        source,
+        cache,
+    )
+
+
+def _cache_store(ctx: _Ctx, raw: object) -> CacheConfig:
+    m = ctx.section(raw, "cache", ("store", "max_memory", "max_entry"))
+    store = "memory"
+    if m.get("store") is not None:
+        text = ctx.string(m["store"], "cache.store", "memory or a redis:// URL")
+        if text is not None:
+            text = text.strip()
+            if text == "memory" or text.startswith(("redis://", "rediss://", "unix://")):
+                store = text
+            else:
+                ctx.err("cache.store", f"{_redact_url(text)!r} is neither memory nor a redis:// (or rediss://) URL")
+    return CacheConfig(
+        store,
+        ctx.size(m, "max_memory", "cache", 256 << 20, 1 << 20),
+        ctx.size(m, "max_entry", "cache", 8 << 20, 1 << 10),
     )
 
 

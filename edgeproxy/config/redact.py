@@ -79,6 +79,7 @@ def dump_redacted(cfg: Config) -> dict[str, Any]:
                 "endpoints": [endpoint(e) for e in u.endpoints],
                 "failover": failover(u.failover),
                 "fallbacks": [{"on": f.on, "model": f.model, "from": f.from_model} for f in u.fallbacks],
+                "cache": None if u.cache is None else {"ttl": u.cache.ttl, "shared": u.cache.shared},
             }
             for u in cfg.upstreams
         },
@@ -104,4 +105,9 @@ def dump_redacted(cfg: Config) -> dict[str, Any]:
         },
         "log": {"access": cfg.log.access, "level": cfg.log.level, "buffer": cfg.log.buffer},
         "drain_timeout": cfg.drain_timeout,
+        "cache": {
+            "store": _redact_url(cfg.cache.store),
+            "max_memory": cfg.cache.max_memory,
+            "max_entry": cfg.cache.max_entry,
+        },
     }

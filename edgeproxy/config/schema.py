@@ -214,6 +214,15 @@ class FallbackConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamCacheConfig:
+    """An upstream's ``cache``: its complete 200 answers are kept ``ttl`` seconds; per client
+    credential unless ``shared`` (then every client of this upstream gets the same answers)."""
+
+    ttl: float
+    shared: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     prefix: str
@@ -221,6 +230,7 @@ class UpstreamConfig:
     endpoints: tuple[EndpointConfig, ...]
     failover: FailoverConfig
     fallbacks: tuple[FallbackConfig, ...] = ()
+    cache: UpstreamCacheConfig | None = None  # off when absent
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +271,15 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The store every caching upstream shares: ``memory`` (this process) or a ``redis://`` URL."""
+
+    store: str = "memory"
+    max_memory: int = 256 << 20  # the memory store's bound, least recently used out first
+    max_entry: int = 8 << 20  # larger answers are not stored
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     access: str = "json"
     level: str = "info"
@@ -281,6 +300,7 @@ class Config:
     log: LogConfig
     drain_timeout: float = 30.0
     source: str | None = None
+    cache: CacheConfig = CacheConfig()
 
     def line(self, name: str) -> LineConfig:
         for line in self.lines:

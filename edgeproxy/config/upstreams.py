@@ -21,6 +21,7 @@ from .schema import (
     FallbackConfig,
     KeyConfig,
     ModelTimeouts,
+    UpstreamCacheConfig,
     UpstreamConfig,
     key_id,
 )
@@ -400,7 +401,7 @@ def _upstreams(ctx: _Ctx, raw: object, all_lines: Sequence[str], base: FailoverC
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             ctx.err(path, "an upstream name uses only a-z, 0-9, _ and -")
             continue
-        m = ctx.section(spec, path, ("prefix", "provider", "endpoints", "failover", "fallbacks"))
+        m = ctx.section(spec, path, ("prefix", "provider", "endpoints", "failover", "fallbacks", "cache"))
         if not isinstance(spec, dict):
             if spec is None:
                 ctx.err(path, "missing settings (prefix and endpoints)")
@@ -442,6 +443,20 @@ def _upstreams(ctx: _Ctx, raw: object, all_lines: Sequence[str], base: FailoverC
             provider = ctx.choice(m, "provider", path, provider, _PROVIDERS)
         failover = _failover(ctx, m.get("failover"), f"{path}.failover", base)
         fallbacks = _fallbacks(ctx, m.get("fallbacks"), f"{path}.fallbacks", provider)
+        cache = _cache(ctx, m.get("cache"), f"{path}.cache")
         if prefix is not None:
-            out.append(UpstreamConfig(name, prefix, provider, tuple(endpoints), failover, fallbacks))
+            out.append(UpstreamConfig(name, prefix, provider, tuple(endpoints), failover, fallbacks, cache))
     return tuple(out)
+
+
+def _cache(ctx: _Ctx, raw: object, path: str) -> UpstreamCacheConfig | None:
+    """``cache: {ttl: 1h, shared: off}``; absent, null or ``off``: no cache."""
+    if raw is None or raw is False or raw is _BAD or (isinstance(raw, str) and raw.strip().lower() == "off"):
+        return None
+    m = ctx.section(raw, path, ("ttl", "shared"))
+    if not isinstance(raw, dict):
+        return None
+    if m.get("ttl") is None:
+        ctx.err(f"{path}.ttl", "missing: how long answers are kept (e.g. ttl: 1h)")
+        return None
+    return UpstreamCacheConfig(ctx.duration(m, "ttl", path, 3600.0), ctx.switch(m, "shared", path, False))

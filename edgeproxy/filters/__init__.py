@@ -2,6 +2,7 @@
 
 | filter | module | on |
 |---|---|---|
+| ``Cache`` | cache.py (+ cachestore.py, redisstore.py) | upstreams with ``cache``: first on their chain |
 | ``EdgeRole`` | edge.py | route filter of every listener; first on the chains of hop requests |
 | ``KeyPools`` | keys.py (+ keypool.py, keycheck.py) | upstreams with an endpoint that has ``keys`` |
 | ``UsageMeter`` | metering.py | every upstream |
@@ -11,7 +12,8 @@
 | ``ViaHop`` | hop.py | paths on a `via` line |
 
 A reload assembles a new pipeline for the new State; what must outlive it (key pools, the
-bodies a `via` line sent lately, the edge's bases) is taken over from the old one.
+bodies a `via` line sent lately, the edge's bases, the cache's store and answers in flight
+while ``cache:`` stays the same) is taken over from the old one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..engine import Chain, Filter, Pipeline
+from .cache import Cache, SharedCache
 from .deltas import Bases
 from .edge import EdgeRole
 from .fallbacks import Fallbacks, fallbacks_for
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     from ..telemetry.metrics import Metrics
 
 __all__ = [
+    "Cache",
     "EdgeRole",
     "Fallbacks",
     "FilterFactory",
@@ -66,10 +70,13 @@ def assemble(
     old_keys = {f.name: f for f in previous if isinstance(f, KeyPools)}
     old_hops = {(f.line, f.via_url): f for f in previous if isinstance(f, ViaHop)}
     edge = EdgeRole(metrics, edge_bases)
+    cache = _shared_cache(state, previous)
     hops: dict[Line, ViaHop] = {}
     chains: dict[str, Chain] = {}
     for upstream in state.upstreams:
         filters: list[Filter] = []
+        if upstream.config.cache is not None and cache is not None:
+            filters.append(Cache(upstream.name, upstream.config.cache, cache, metrics))
         if any(ep.keys for ep in upstream.config.endpoints):
             filters.append(KeyPools(upstream, metrics, old_keys.get(upstream.name)))
         filters.append(UsageMeter(upstream.name, metrics))
@@ -101,3 +108,12 @@ def assemble(
         chains[upstream.name] = Chain(filters, per_path)
         edge.chains[upstream.name] = Chain([edge, *filters], per_path)
     return Pipeline(state, chains, (edge,))
+
+
+def _shared_cache(state: State, previous: list[Filter]) -> SharedCache | None:
+    """The cache's store, if any upstream caches: the old one while ``cache:`` is unchanged."""
+    if not any(u.config.cache is not None for u in state.upstreams):
+        return None
+    config = state.config.cache
+    kept = next((f.shared for f in previous if isinstance(f, Cache)), None)
+    return kept if kept is not None and kept.config == config else SharedCache(config)

@@ -186,6 +186,22 @@ class Metrics(Collector):
         self.tokens = Counter(
             "edgeproxy_tokens", "Tokens used, from the responses' usage", ("upstream", "model", "key", "type")
         )
+        self.cache_requests = Counter(
+            "edgeproxy_cache_requests",
+            "Requests to caching upstreams by result (hit, miss, coalesced, bypass)",
+            ("upstream", "result"),
+        )
+        self.tokens_saved = Counter(
+            "edgeproxy_tokens_saved", "Tokens answers from the cache (hits, coalesced) did not spend", ("upstream",)
+        )
+        self.cache_entries = Gauge("edgeproxy_cache_entries", "Answers in the cache (memory store)", ("store",))
+        self.cache_bytes = Gauge("edgeproxy_cache_bytes", "Bytes of answers in the cache (memory store)", ("store",))
+        self.cache_evictions = Counter(
+            "edgeproxy_cache_evictions", "Answers the memory store dropped for room", ("store",)
+        )
+        self.cache_errors = Counter(
+            "edgeproxy_cache_store_errors", "Cache store calls that failed or timed out (each a miss)", ("store",)
+        )
         self.client_limits = Counter(
             "edgeproxy_client_limits",
             "Client connections or requests stopped by a limit (header_timeout, body_timeout,"

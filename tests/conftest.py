@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -59,6 +63,50 @@ async def lines(origin: FakeOrigin) -> AsyncIterator[tuple[LineSim, LineSim]]:
     yield near, far
     await near.stop()
     await far.stop()
+
+
+class RedisServer:
+    """A real redis-server on a loopback port, in a temp dir, persisting nothing."""
+
+    def __init__(self, exe: str, workdir: Path) -> None:
+        self.exe, self.workdir = exe, workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start (again, on the same port); return when it answers PING."""
+        args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen(args, cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError("redis-server did not answer PING within 10 s")
+
+    def stop(self) -> None:
+        """Kill it (SIGKILL: no goodbye to clients, as when a host dies)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    server = RedisServer(exe, tmp_path)
+    server.start()
+    yield server
+    server.stop()
 
 
 def proxy_config(origin_url: str, **overrides: Any) -> dict[str, Any]:

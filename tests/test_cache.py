@@ -201,7 +201,7 @@ async def test_the_memory_store_drops_the_least_recently_used_first() -> None:
     assert await store.get(b"a") is not None  # a is used: b is now the oldest
     await store.put(b"d", entry, 60)
     assert await store.get(b"b") is None and await store.get(b"a") is not None
-    assert store.evictions == 1 and store.bytes <= 3000
+    assert store.evictions == 1 and store.stored_bytes <= 3000
     await store.put(b"e", entry, 0.01)
     await asyncio.sleep(0.02)
     assert await store.get(b"e") is None  # expired

@@ -78,7 +78,7 @@ async def test_round_trip_json_and_sse(redis_server: RedisServer, stores: Callab
     assert got_sse == SSE and got_sse is not None and got_sse.body == SSE.body
     assert await store.get(b"\x03" * 32) is None  # never stored: a miss
     assert (store.name, store.errors, store.available) == ("redis", 0, True)
-    assert (store.entries, store.bytes, store.evictions) == (0, 0, 0)  # Redis's INFO tells those
+    assert (store.entries, store.stored_bytes, store.evictions) == (0, 0, 0)  # Redis's INFO tells those
 
 
 async def test_entries_expire_in_redis(redis_server: RedisServer, stores: Callable[..., RedisStore]) -> None:

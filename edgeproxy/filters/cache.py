@@ -74,7 +74,7 @@ class SharedCache:
         labels = (store.name,)
         if store.name == "memory":
             metrics.cache_entries.set(labels, store.entries)
-            metrics.cache_bytes.set(labels, store.bytes)
+            metrics.cache_bytes.set(labels, store.stored_bytes)
         evictions, errors = self._scraped
         metrics.cache_evictions.inc(labels, store.evictions - evictions)
         metrics.cache_errors.inc(labels, store.errors - errors)

@@ -68,7 +68,7 @@ class Store(Protocol):
 
     name: str
     entries: int
-    bytes: int
+    stored_bytes: int
     evictions: int
     errors: int
 
@@ -83,13 +83,13 @@ class MemoryStore:
     """Entries in this process, at most ``max_memory`` bytes in all; the least recently used
     go first, expired ones when they are found."""
 
-    __slots__ = ("_items", "bytes", "entries", "errors", "evictions", "max_memory", "name")
+    __slots__ = ("_items", "entries", "errors", "evictions", "max_memory", "name", "stored_bytes")
 
     def __init__(self, max_memory: int) -> None:
         self.name = "memory"
         self.max_memory = max_memory
         self._items: collections.OrderedDict[bytes, tuple[Entry, float]] = collections.OrderedDict()
-        self.entries = self.bytes = self.evictions = self.errors = 0
+        self.entries = self.stored_bytes = self.evictions = self.errors = 0
 
     async def get(self, key: bytes) -> Entry | None:
         item = self._items.get(key)
@@ -109,19 +109,19 @@ class MemoryStore:
         old = self._items.get(key)
         if old is not None:
             self._drop(key, old[0])
-        while self._items and self.bytes + size > self.max_memory:
+        while self._items and self.stored_bytes + size > self.max_memory:
             oldest, (gone, _) = next(iter(self._items.items()))
             self._drop(oldest, gone)
             self.evictions += 1
         self._items[key] = (entry, time.monotonic() + ttl)
         self.entries += 1
-        self.bytes += size
+        self.stored_bytes += size
 
     def _drop(self, key: bytes, entry: Entry) -> None:
         del self._items[key]
         self.entries -= 1
-        self.bytes -= entry.size
+        self.stored_bytes -= entry.size
 
     async def close(self) -> None:
         self._items.clear()
-        self.entries = self.bytes = 0
+        self.entries = self.stored_bytes = 0

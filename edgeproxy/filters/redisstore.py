@@ -16,7 +16,7 @@ back-off is the only one. An error Redis answers with (WRONGTYPE on a key anothe
 wrote, OOM, READONLY) is counted in ``errors`` too, but starts no back-off: it came at once, and
 Redis is there.
 
-``entries``, ``bytes`` and ``evictions`` stay 0: they are Redis's to tell (INFO keyspace,
+``entries``, ``stored_bytes`` and ``evictions`` stay 0: they are Redis's to tell (INFO keyspace,
 ``used_memory``, ``evicted_keys``), not this process's; the store counts only ``errors``.
 
 redis is an optional extra (``pip install 'edgeproxy[redis]'``): it is imported when a
@@ -64,7 +64,7 @@ class RedisStore:
         "_pool",
         "_trying",
         "_until",
-        "bytes",
+        "stored_bytes",
         "entries",
         "errors",
         "evictions",
@@ -84,7 +84,7 @@ class RedisStore:
         self.name = "redis"
         self.timeout = timeout
         self.shown = redacted(url)
-        self.entries = self.bytes = self.evictions = self.errors = 0
+        self.entries = self.stored_bytes = self.evictions = self.errors = 0
         self._fails = 0  # failures since the last success: the back-off's exponent
         self._until = 0.0  # monotonic time the back-off ends
         self._trying = False  # a call is trying Redis again after a back-off

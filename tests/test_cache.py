@@ -12,16 +12,16 @@ import pytest
 
 from edgeproxy.config import ConfigError, load_dict
 from edgeproxy.filters.cachestore import Entry, MemoryStore, decode, encode
-from tests.conftest import RunningProxy, proxy_config
+from tests.conftest import RedisServer, RunningProxy, proxy_config
 from tests.fakes.origin import FakeOrigin
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "classify this"}]}
 STREAM = {**CHAT, "stream": True}
 
 
-def cached(origin: FakeOrigin, cache: dict[str, Any] | None = None, **over: Any) -> dict[str, Any]:
+def cached(origin: FakeOrigin, upstream_cache: dict[str, Any] | None = None, **over: Any) -> dict[str, Any]:
     cfg = proxy_config(origin.url, **over)
-    cfg["upstreams"]["openai"]["cache"] = cache or {"ttl": "1h"}
+    cfg["upstreams"]["openai"]["cache"] = upstream_cache or {"ttl": "1h"}
     return cfg
 
 
@@ -174,9 +174,7 @@ async def test_the_client_says_how_its_request_uses_the_cache(origin: FakeOrigin
 
 
 async def test_answers_over_max_entry_are_not_stored(origin: FakeOrigin, make_proxy: Any) -> None:
-    cfg = cached(origin)
-    cfg["cache"] = {"max_entry": "1KiB"}
-    p = await make_proxy(cfg)
+    p = await make_proxy(cached(origin, cache={"max_entry": "1KiB"}))
     origin.events = 40
     await ask(p, STREAM)  # a stream of 40 events: several KB
     _, headers, _ = await ask(p, STREAM)
@@ -215,3 +213,42 @@ def test_cache_config_errors_name_the_key_path() -> None:
         load_dict(cfg)
     text = str(err.value)
     assert "cache.store" in text and "cache.max_entry" in text and "upstreams.openai.cache.tll" in text
+
+
+async def test_a_redis_store_shares_answers_across_proxies(
+    origin: FakeOrigin, make_proxy: Any, redis_server: RedisServer
+) -> None:
+    """Two edgeproxy processes (two hosts) naming one Redis: one upstream call between them."""
+    a = await make_proxy(cached(origin, cache={"store": redis_server.url}))
+    b = await make_proxy(cached(origin, cache={"store": redis_server.url}))
+    _, headers, first = await ask(a, STREAM)
+    assert headers["x-edgeproxy-cache"] == "miss"
+    await asyncio.sleep(0.1)  # (the write to Redis goes on after the answer)
+    _, headers, second = await ask(b, STREAM)
+    assert headers["x-edgeproxy-cache"] == "hit" and second == first and calls(origin) == 1
+
+
+async def test_redis_going_away_costs_no_client_anything(
+    origin: FakeOrigin, make_proxy: Any, redis_server: RedisServer
+) -> None:
+    p = await make_proxy(cached(origin, cache={"store": redis_server.url}))
+    await ask(p)
+    await asyncio.sleep(0.1)
+    assert (await ask(p))[1]["x-edgeproxy-cache"] == "hit"
+    redis_server.stop()
+    results = await asyncio.gather(*(ask(p, {**CHAT, "seed": i}) for i in range(50)))
+    assert {r[0] for r in results} == {200}  # 0 client errors
+    assert {r[1]["x-edgeproxy-cache"] for r in results} <= {"miss", "bypass"}
+    assert p.proxy.metrics.cache_errors.values or any(r[1]["x-edgeproxy-cache"] == "bypass" for r in results)
+    redis_server.start()
+    loop = asyncio.get_running_loop()
+    deadline, seed = loop.time() + 15, 1000
+    while loop.time() < deadline:  # the back-off ends, the store is asked again, it answers
+        seed += 1
+        await ask(p, {**CHAT, "seed": seed})
+        await asyncio.sleep(0.1)
+        if (await ask(p, {**CHAT, "seed": seed}))[1]["x-edgeproxy-cache"] == "hit":
+            break
+        await asyncio.sleep(0.4)
+    else:
+        raise AssertionError("the cache did not recover when Redis came back")

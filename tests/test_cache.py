@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
 import orjson
 import pytest
+import yaml  # type: ignore[import-untyped]
 
-from edgeproxy.config import ConfigError, load_dict
+from edgeproxy.config import ConfigError, load_dict, load_file
 from edgeproxy.filters.cachestore import Entry, MemoryStore, decode, encode
+from edgeproxy.ops.server import Proxy
 from tests.conftest import RedisServer, RunningProxy, proxy_config
 from tests.fakes.origin import FakeOrigin
 
@@ -252,3 +255,32 @@ async def test_redis_going_away_costs_no_client_anything(
         await asyncio.sleep(0.4)
     else:
         raise AssertionError("the cache did not recover when Redis came back")
+
+
+async def test_when_every_client_has_left_the_origin_stops_generating(origin: FakeOrigin, make_proxy: Any) -> None:
+    origin.events, origin.event_interval = 40, 0.05
+    p = await make_proxy(cached(origin))
+    async with aiohttp.ClientSession() as s, s.post(p.url + "/v1/chat/completions", json=STREAM) as r:
+        await r.content.readline()  # the first event; then the only client asking goes away
+    await origin.wait_disconnects(1, 2.0)  # the fetch was cancelled: its connection closed
+    _, headers, body = await ask(p, STREAM)
+    assert headers["x-edgeproxy-cache"] == "miss" and body.rstrip().endswith(b"data: [DONE]")
+
+
+async def test_a_reload_keeps_the_cache(origin: FakeOrigin, tmp_path: Path) -> None:
+    conf = tmp_path / "c.yaml"
+    cfg = cached(origin)
+    conf.write_text(yaml.safe_dump(cfg))
+    proxy = Proxy(load_file(str(conf)))
+    await proxy.start()
+    try:
+        p = RunningProxy(proxy)
+        _, _, first = await ask(p)
+        cfg["upstreams"]["openai"]["cache"] = {"ttl": "2h"}  # the upstream's TTL changes, the store does not
+        conf.write_text(yaml.safe_dump(cfg))
+        ok, summary = await proxy.reload()
+        assert ok, summary
+        _, headers, again = await ask(p)
+        assert headers["x-edgeproxy-cache"] == "hit" and again == first
+    finally:
+        await proxy.stop(1.0)

@@ -44,7 +44,7 @@ from .auth import AuthThrottle, ListenerAuth
 from .body import BodyBudget, read_body
 from .ctx import HOP_BY_HOP, Ctx, Reply, Transform
 from .guard import BrowserGuard
-from .relay import one_tap, push_body
+from .relay import STATUS_CLIENT_CLOSED, one_tap, push_body
 from .sharing import Sharing
 
 if TYPE_CHECKING:
@@ -61,7 +61,6 @@ __all__ = ["Engine"]
 log = logging.getLogger("edgeproxy")
 
 RESPONSE_SKIP: Final = HOP_BY_HOP | {b"content-length"}
-STATUS_CLIENT_CLOSED: Final = 499  # nginx's convention for "client went away first"
 # Request ids: a random per-process prefix and a counter; unique without a uuid4 per request.
 _RID_PREFIX: Final = os.urandom(6).hex()
 _rid_counter = itertools.count(1)

@@ -23,8 +23,9 @@ from ..proto.errors import ProxyError
 from ..proto.sse import ends_stream, last_event_end
 from .ctx import Transform
 
-__all__ = ["EventFramer", "one_tap", "push_body", "push_to"]
+__all__ = ["STATUS_CLIENT_CLOSED", "EventFramer", "one_tap", "push_body", "push_to"]
 
+STATUS_CLIENT_CLOSED: Final = 499  # nginx's convention for "client went away first"
 # Client socket bytes buffered before we stop reading from the origin.
 CLIENT_HIGH_WATER: Final = 256 * 1024
 # An "event" longer than this without a blank line is not SSE we can frame: pass it on.

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from ..proto.errors import ProxyError
 from ..proto.providers import sse_error_event
-from .relay import one_tap, push_to
+from .relay import STATUS_CLIENT_CLOSED, one_tap, push_to
 
 if TYPE_CHECKING:
     from ..net.client import Response
@@ -110,10 +110,11 @@ class Sharing:
                 while not flight.done:
                     await flight.changed()
                 if flight.broken:  # a body cut short must look cut short
+                    ctx.error = ctx.error or "shared_answer_broke"
                     transport = ctx.request.transport
                     if transport is not None:
                         transport.abort()
-                    raise ConnectionResetError("the shared answer broke")
+                    return web.StreamResponse(status=flight.status, headers=headers)
                 body = b"".join(flight.chunks)
                 ctx.bytes_out, ctx.committed = len(body), True
                 ctx.ttfb = time.monotonic() - ctx.started
@@ -123,17 +124,34 @@ class Sharing:
             ctx.streamed = ctx.committed = True
             ctx.ttfb = time.monotonic() - ctx.started
             await out.prepare(ctx.request)
-            sent = 0
-            while True:
-                while sent < len(flight.chunks):
-                    data = flight.chunks[sent]
-                    sent += 1
-                    ctx.bytes_out += len(data)
-                    await out.write(data)
-                if flight.done:
-                    break
-                await flight.changed()
-            await out.write_eof()
+            try:
+                await self._send(ctx, out, flight)
+            except ConnectionResetError:
+                ctx.status, ctx.error = STATUS_CLIENT_CLOSED, "client_disconnected"
             return out
         finally:
             flight.leave()
+
+    async def _send(self, ctx: Ctx, out: web.StreamResponse, flight: Flight) -> None:
+        """A shared stream to one client: what is in, then each chunk as it comes. Raises
+        ConnectionResetError if the client goes away or stops reading."""
+        upstream = ctx.upstream
+        idle = (ctx.timeouts or upstream.timeouts(ctx.model, True)).stream_idle if upstream else 300.0
+        sent = 0
+        while True:
+            while sent < len(flight.chunks):
+                data = flight.chunks[sent]
+                sent += 1
+                ctx.bytes_out += len(data)
+                try:
+                    # A client that stops reading must not hold the shared answer for ever.
+                    async with asyncio.timeout(idle):
+                        await out.write(data)
+                except TimeoutError:
+                    if ctx.request.transport is not None:
+                        ctx.request.transport.abort()
+                    raise ConnectionResetError(f"client read nothing for {idle:g}s") from None
+            if flight.done:
+                break
+            await flight.changed()
+        await out.write_eof()

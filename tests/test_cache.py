@@ -284,3 +284,18 @@ async def test_a_reload_keeps_the_cache(origin: FakeOrigin, tmp_path: Path) -> N
         assert headers["x-edgeproxy-cache"] == "hit" and again == first
     finally:
         await proxy.stop(1.0)
+
+
+async def test_the_access_log_and_metrics_say_what_the_cache_did(
+    origin: FakeOrigin, make_proxy: Any, capfd: pytest.CaptureFixture[str]
+) -> None:
+    p = await make_proxy(cached(origin, log={"access": "json"}))
+    for _ in range(2):
+        await ask(p, headers={"Authorization": "Bearer sk-secret-alice"})
+    await asyncio.sleep(0.3)  # (the access log is written without blocking)
+    records = [orjson.loads(line) for line in capfd.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r.get("cache") for r in records if r.get("path") == "/v1/chat/completions"] == ["miss", "hit"]
+    metrics = p.proxy.metrics.render().decode()
+    assert 'edgeproxy_cache_requests_total{result="hit",upstream="openai"} 1.0' in metrics
+    assert 'edgeproxy_cache_entries{store="memory"} 1.0' in metrics
+    assert "sk-secret-alice" not in metrics

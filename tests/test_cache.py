@@ -13,6 +13,8 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 
 from edgeproxy.config import ConfigError, load_dict, load_file
+from edgeproxy.engine import Flight
+from edgeproxy.filters.cache import _storable
 from edgeproxy.filters.cachestore import Entry, MemoryStore, decode, encode
 from edgeproxy.ops.server import Proxy
 from tests.conftest import RedisServer, RunningProxy, proxy_config
@@ -299,3 +301,39 @@ async def test_the_access_log_and_metrics_say_what_the_cache_did(
     assert 'edgeproxy_cache_requests_total{result="hit",upstream="openai"} 1.0' in metrics
     assert 'edgeproxy_cache_entries{store="memory"} 1.0' in metrics
     assert "sk-secret-alice" not in metrics
+
+
+async def test_what_changes_the_answer_is_in_the_key_and_state_changes_are_never_cached(
+    origin: FakeOrigin, make_proxy: Any
+) -> None:
+    p = await make_proxy(cached(origin))
+    await ask(p, headers={"anthropic-beta": "a", "Accept-Encoding": "gzip"})
+    _, headers, _ = await ask(p, headers={"anthropic-beta": "b"})
+    assert headers["x-edgeproxy-cache"] == "miss"  # another API beta: another answer
+    assert "accept-encoding" not in {k.lower() for k in origin.requests[-1].headers}  # a plain answer, for anyone
+    for _ in range(2):
+        async with aiohttp.ClientSession() as s, s.post(p.url + "/v1/threads/t1/messages", json=CHAT) as r:
+            assert r.headers["x-edgeproxy-cache"] == "bypass"
+    assert len([r for r in origin.requests if "/threads/" in r.path]) == 2  # both reached the API
+
+
+def test_only_a_whole_clean_answer_is_stored_and_without_its_per_request_headers() -> None:
+    def flight(body: bytes, ctype: str = "text/event-stream", **extra: str) -> Flight:
+        f = Flight(b"k")
+        f.begin(200, [("Content-Type", ctype), ("Set-Cookie", "__cf_bm=x"), ("x-ratelimit-remaining-requests", "9"),
+                      *extra.items()], ctype == "text/event-stream")  # fmt: skip
+        f.add(body)
+        f.finish()
+        return f
+
+    done = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+    entry = _storable(flight(done), 3, 1 << 20, "openai", False)
+    assert entry is not None and entry.body == done
+    assert [k for k, _ in entry.headers] == ["Content-Type"]  # no cookie, no rate-limit counters
+    error_then_done = b'data: {"error": {"message": "' + b"x" * 600 + b'"}}\n\ndata: [DONE]\n\n'
+    assert _storable(flight(error_then_done), 0, 1 << 20, "openai", False) is None
+    assert _storable(flight(done[:-16]), 0, 1 << 20, "openai", False) is None  # no [DONE]: cut short
+    assert _storable(flight(done, **{"Cache-Control": "no-store"}), 0, 1 << 20, "openai", False) is None
+    assert _storable(flight(done, **{"Cache-Control": "private"}), 0, 1 << 20, "openai", True) is None
+    assert _storable(flight(done, **{"Content-Encoding": "gzip"}), 0, 1 << 20, "openai", False) is None
+    assert _storable(flight(b'{"id": 1}', "application/json"), 0, 4, "openai", False) is None  # over max_entry

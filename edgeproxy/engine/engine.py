@@ -120,7 +120,7 @@ class Engine(Failover, Sharing):
         ended = 0
         for ctx in self._inflight:
             reply = ctx.reply
-            if reply is not None and ctx.committed and not reply.resp.complete:
+            if reply is not None and (ctx.committed or ctx.leads) and not reply.resp.complete:
                 reply.resp.fail(ShuttingDown("edgeproxy is shutting down (drain_timeout ended)"))
                 ended += 1
         return ended
@@ -157,7 +157,10 @@ class Engine(Failover, Sharing):
             response = self._error_response(ctx, "internal", "edgeproxy internal error")
             return response
         finally:
-            fetch = ctx.flight.task if ctx.leads and ctx.flight is not None else None
+            flight = ctx.flight
+            fetch = flight.task if flight is not None and ctx.leads else None
+            if flight is not None:
+                flight.leave(ctx.leads)
             if fetch is not None and not fetch.done():
                 # Its fetch goes on for the others sharing it: the request ends with it.
                 fetch.add_done_callback(lambda _: self._finish(ctx))

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from ..proto.errors import LeaderGone
+
 if TYPE_CHECKING:
     from ..proto.errors import ProxyError
 
@@ -87,12 +89,21 @@ class Flight:
         self._changed.clear()
 
     def join(self) -> None:
+        """A request shares this answer from now on (the filter that gave it the flight says so
+        at once: a fetch is not cancelled while one that will wait for it is on its way)."""
         self.sharers += 1
         self.joined += 1
 
-    def leave(self) -> None:
+    def leave(self, leader: bool = False) -> None:
         """A sharer is done (served, or its client left); the last one out cancels a fetch
-        still running: nobody is waiting for it."""
+        still running: nobody is waiting for it. A leader leaving before its fetch began
+        (gone while its body was read) fails the flight: nobody will fetch it."""
         self.sharers -= 1
-        if self.sharers <= 0 and not self.done and self.task is not None:
+        if self.done:
+            return
+        if self.task is None:
+            if leader:
+                self.finish(error=LeaderGone("the identical request this one waited for went away first", 1.0))
+        elif self.sharers <= 0:
             self.task.cancel()
+

@@ -86,7 +86,7 @@ async def push_body(
     send = emit if transform is None else _transforming(emit, transform)
 
     framer = EventFramer(send, tap, delivered)
-    resp.push_to(framer if sse else send)
+    resp.push_to(framer.push if sse else send)
     while True:
         try:
             if await resp.wait_pushed(idle_timeout):
@@ -122,7 +122,7 @@ async def push_to(
     client: whole events for SSE, seen by ``tap``. Raises ProxyError if the origin fails or
     falls silent for ``idle_timeout`` before the stream's own end."""
     framer = EventFramer(add, tap)
-    resp.push_to(framer if sse else add)
+    resp.push_to(framer.push if sse else add)
     while True:
         try:
             if await resp.wait_pushed(idle_timeout):
@@ -153,7 +153,7 @@ class EventFramer:
         self.send, self.tap, self.delivered = send, tap, delivered
         self.held = self.last = b""
 
-    def __call__(self, data: bytes) -> bool:
+    def push(self, data: bytes) -> bool:
         if self.held:
             data, self.held = self.held + data, b""
         if data[-2:] != b"\n\n":  # the common case: a chunk that ends an event

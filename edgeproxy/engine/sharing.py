@@ -98,39 +98,35 @@ class Sharing:
         """Answer ``ctx``'s client from ``flight``: its head once it is there, then the body
         already in and each chunk as it comes. Raises the flight's error if it failed before
         commit."""
-        flight.join()
-        try:
-            while flight.status == 0 and not flight.done:
+        while flight.status == 0 and not flight.done:
+            await flight.changed()
+        if flight.error is not None and flight.status == 0:
+            raise flight.error
+        ctx.status = flight.status
+        headers = [*flight.headers, ("x-request-id", ctx.request_id), *(ctx.shared_headers or ())]
+        if not flight.sse:
+            while not flight.done:
                 await flight.changed()
-            if flight.error is not None and flight.status == 0:
-                raise flight.error
-            ctx.status = flight.status
-            headers = [*flight.headers, ("x-request-id", ctx.request_id), *(ctx.shared_headers or ())]
-            if not flight.sse:
-                while not flight.done:
-                    await flight.changed()
-                if flight.broken:  # a body cut short must look cut short
-                    ctx.error = ctx.error or "shared_answer_broke"
-                    transport = ctx.request.transport
-                    if transport is not None:
-                        transport.abort()
-                    return web.StreamResponse(status=flight.status, headers=headers)
-                body = b"".join(flight.chunks)
-                ctx.bytes_out, ctx.committed = len(body), True
-                ctx.ttfb = time.monotonic() - ctx.started
-                return web.Response(status=flight.status, headers=headers, body=body)
-            out = web.StreamResponse(status=flight.status, headers=headers)
-            out.headers["X-Accel-Buffering"] = "no"
-            ctx.streamed = ctx.committed = True
+            if flight.broken:  # a body cut short must look cut short
+                ctx.error = ctx.error or "shared_answer_broke"
+                transport = ctx.request.transport
+                if transport is not None:
+                    transport.abort()
+                return web.StreamResponse(status=flight.status, headers=headers)
+            body = b"".join(flight.chunks)
+            ctx.bytes_out, ctx.committed = len(body), True
             ctx.ttfb = time.monotonic() - ctx.started
-            await out.prepare(ctx.request)
-            try:
-                await self._send(ctx, out, flight)
-            except ConnectionResetError:
-                ctx.status, ctx.error = STATUS_CLIENT_CLOSED, "client_disconnected"
-            return out
-        finally:
-            flight.leave()
+            return web.Response(status=flight.status, headers=headers, body=body)
+        out = web.StreamResponse(status=flight.status, headers=headers)
+        out.headers["X-Accel-Buffering"] = "no"
+        ctx.streamed = ctx.committed = True
+        ctx.ttfb = time.monotonic() - ctx.started
+        await out.prepare(ctx.request)
+        try:
+            await self._send(ctx, out, flight)
+        except ConnectionResetError:
+            ctx.status, ctx.error = STATUS_CLIENT_CLOSED, "client_disconnected"
+        return out
 
     async def _send(self, ctx: Ctx, out: web.StreamResponse, flight: Flight) -> None:
         """A shared stream to one client: what is in, then each chunk as it comes. Raises

@@ -76,7 +76,7 @@ def assemble(
     for upstream in state.upstreams:
         filters: list[Filter] = []
         if upstream.config.cache is not None and cache is not None:
-            filters.append(Cache(upstream.name, upstream.config.cache, cache, metrics))
+            filters.append(Cache(upstream.name, upstream.provider, upstream.config.cache, cache, metrics))
         if any(ep.keys for ep in upstream.config.endpoints):
             filters.append(KeyPools(upstream, metrics, old_keys.get(upstream.name)))
         filters.append(UsageMeter(upstream.name, metrics))

@@ -40,7 +40,7 @@ from .cachestore import Entry, MemoryStore, Store
 
 if TYPE_CHECKING:
     from ..config import CacheConfig, UpstreamCacheConfig
-    from ..engine import Ctx, Reply
+    from ..engine import Attempt, Ctx, Reply
     from ..telemetry.metrics import Metrics
 
 __all__ = ["Cache", "SharedCache"]
@@ -48,6 +48,34 @@ __all__ = ["Cache", "SharedCache"]
 log = logging.getLogger("edgeproxy")
 
 HEADER: Final = "x-edgeproxy-cache"
+# What is cached: POSTs to the APIs that generate (a POST elsewhere may change state: a thread's
+# messages, a batch, a file), by how their paths end.
+GENERATING: Final = (
+    "/chat/completions",
+    "/completions",
+    "/embeddings",
+    "/responses",
+    "/moderations",
+    "/v1/messages",  # (Anthropic's; an Assistants thread's /threads/<id>/messages is state)
+    "/v1/messages/count_tokens",
+    ":generateContent",
+    ":streamGenerateContent",
+    ":embedContent",
+    ":batchEmbedContents",
+    ":countTokens",
+)
+# Request headers that change the answer (API versions, betas, the account billed): in the key.
+VARY: Final = (
+    "anthropic-version",
+    "anthropic-beta",
+    "openai-organization",
+    "openai-project",
+    "openai-beta",
+)
+# Answer headers about one request or client, never stored nor replayed.
+PRIVATE: Final = ("set-cookie", "date", "age", "retry-after", "cf-ray", "server-timing", "request-id")
+PRIVATE_PREFIXES: Final = ("x-ratelimit-", "anthropic-ratelimit-", "openai-processing", "x-envoy-")
+NO_ENCODING: Final = frozenset({b"accept-encoding"})
 # The headers a client's credential travels in, by provider (and our own listener token).
 CREDENTIALS: Final = ("authorization", "x-api-key", "x-goog-api-key", "api-key", "x-edgeproxy-token")
 STORED_TYPES: Final = ("application/json", "text/event-stream")
@@ -90,10 +118,13 @@ def _redis(url: str) -> Store:
 class Cache(Filter):
     """On the chain of an upstream with ``cache``: first, so a hit costs the least."""
 
-    __slots__ = ("metrics", "shared", "shared_key", "ttl", "upstream")
+    __slots__ = ("metrics", "provider", "shared", "shared_key", "ttl", "upstream")
 
-    def __init__(self, upstream: str, config: UpstreamCacheConfig, shared: SharedCache, metrics: Metrics) -> None:
+    def __init__(
+        self, upstream: str, provider: str, config: UpstreamCacheConfig, shared: SharedCache, metrics: Metrics
+    ) -> None:
         self.upstream = upstream
+        self.provider = provider
         self.ttl = config.ttl
         self.shared_key = config.shared
         self.shared = shared
@@ -103,25 +134,39 @@ class Cache(Filter):
         if ctx.pin is not None:
             return None  # a hop from a sidecar: its own cache decides
         off, refresh, ttl = self._control(ctx)
-        if off or ctx.body is None or ctx.body_coding is not None:
+        if off or not _generates(ctx) or ctx.body is None or ctx.body_coding is not None:
             return self._result(ctx, "bypass")
         key = await self._key(ctx)
         shared = self.shared
-        if not refresh:
-            entry = await shared.store.get(key)
-            if entry is not None:
-                self._result(ctx, "hit")
-                if entry.tokens:
-                    self.metrics.tokens_saved.inc((self.upstream,), entry.tokens)
-                return self._replay(ctx, entry)
         flight = shared.flights.get(key)
         if flight is not None and flight.error is None and not flight.broken:
+            flight.join()  # at once: its fetch is not cancelled while this one is on its way
             ctx.flight = flight
             return self._result(ctx, "coalesced")
-        ctx.flight = shared.flights[key] = Flight(key)
+        # This request looks the key up and, on a miss, fetches: identical ones that come
+        # meanwhile share the one lookup and the one fetch.
+        flight = ctx.flight = shared.flights[key] = Flight(key)
+        flight.join()
         ctx.leads = True
+        entry = None if refresh else await shared.store.get(key)
+        if entry is not None:
+            ctx.leads = False  # (nothing to fetch: the sharers get the entry)
+            flight.begin(entry.status, list(entry.headers), entry.sse)
+            flight.add(entry.body)
+            flight.finish()
+            _forget(shared, flight)
+            self._result(ctx, "hit")
+            if entry.tokens:
+                self.metrics.tokens_saved.inc((self.upstream,), entry.tokens * flight.joined)
+            return self._replay(ctx, entry)
         ctx.keep(self, ttl)
         return self._result(ctx, "miss" if getattr(shared.store, "available", True) else "bypass")
+
+    def upstream_request_filter(self, ctx: Ctx, attempt: Attempt) -> None:
+        if ctx.flight is not None:
+            # An answer shared or stored is one every client can read: not content-coded for
+            # whichever client asked first (and an encoded stream cannot be checked whole).
+            attempt.drop(NO_ENCODING)
 
     def _result(self, ctx: Ctx, result: str) -> None:
         self.metrics.cache_requests.inc((self.upstream, result))
@@ -152,6 +197,7 @@ class Cache(Filter):
                     ttl = 0.0
                 if ttl <= 0:
                     raise ClientError(f"{HEADER}: {ours[:40]!r} is not ttl=<duration> (e.g. ttl=10m)")
+                ttl = min(ttl, self.ttl)  # a client may keep its answer shorter, not longer
             else:
                 raise ClientError(f"{HEADER}: expected off, refresh or ttl=<duration>, got {ours[:40]!r}")
         return off, refresh, ttl
@@ -162,10 +208,10 @@ class Cache(Filter):
         h = hashlib.blake2b(digest_size=32)
         for part in (ctx.method, self.upstream, ctx.raw_path):
             h.update(part.encode("utf-8", "surrogateescape") + b"\0")
-        if not self.shared_key:
-            headers = ctx.request.headers
-            who = "\0".join(f"{name}={headers.get(name, '')}" for name in CREDENTIALS)
-            h.update(hashlib.blake2b(who.encode("utf-8", "surrogateescape"), digest_size=16).digest())
+        headers = ctx.request.headers
+        names = VARY if self.shared_key else VARY + CREDENTIALS
+        who = "\0".join(f"{name}={headers.get(name, '')}" for name in names)
+        h.update(hashlib.blake2b(who.encode("utf-8", "surrogateescape"), digest_size=16).digest())
         h.update(b"\0")
         h.update(canonical)
         return h.digest()
@@ -188,7 +234,7 @@ class Cache(Filter):
         tokens = ctx.usage.input + ctx.usage.output if ctx.usage is not None else 0
         if tokens and flight.joined > 1:
             self.metrics.tokens_saved.inc((self.upstream,), tokens * (flight.joined - 1))
-        entry = _storable(flight, tokens, self.shared.config.max_entry)
+        entry = _storable(flight, tokens, self.shared.config.max_entry, self.provider, self.shared_key)
         if entry is None:
             _forget(shared, flight)
             return
@@ -210,6 +256,14 @@ class Cache(Filter):
         self.shared.on_scrape(metrics)
 
 
+def _generates(ctx: Ctx) -> bool:
+    """A POST to an API that generates (see GENERATING)?"""
+    if ctx.method != "POST":
+        return False
+    path = ctx.raw_path.split("?", 1)[0]
+    return path.endswith(GENERATING)
+
+
 def _canonical(body: bytes) -> bytes:
     """A JSON body with its keys sorted and no whitespace; any other body as it is."""
     try:
@@ -218,36 +272,43 @@ def _canonical(body: bytes) -> bytes:
         return body
 
 
-def _storable(flight: Flight, tokens: int, max_entry: int) -> Entry | None:
-    """The flight's answer as an entry, if it may be stored: a complete 200 JSON or SSE answer
-    the origin did not mark no-store, not over ``max_entry``."""
+def _storable(flight: Flight, tokens: int, max_entry: int, provider: str, shared: bool) -> Entry | None:
+    """The flight's answer as an entry, if it may be stored: a complete 200 JSON or SSE answer,
+    not content-coded, not over ``max_entry``, that the origin did not mark no-store (nor
+    private, on a cache ``shared`` between clients); its per-request headers left out."""
     if not flight.done or flight.error is not None or flight.broken or flight.status != 200:
         return None
     if flight.size > max_entry:
         return None
     ctype = ""
+    kept: list[tuple[str, str]] = []
     for name, value in flight.headers:
         lname = name.lower()
-        if lname == "cache-control" and "no-store" in value.lower():
+        if lname == "cache-control" and ("no-store" in value.lower() or (shared and "private" in value.lower())):
+            return None
+        if lname == "content-encoding":
             return None
         if lname == "content-type":
             ctype = value.split(";", 1)[0].strip().lower()
-        if lname == "content-encoding":
-            return None  # (only answers we can see: an SSE stream must be checked whole)
+        if lname in PRIVATE or lname.startswith(PRIVATE_PREFIXES):
+            continue
+        kept.append((name, value))
     if ctype not in STORED_TYPES:
         return None
     sse = ctype == "text/event-stream"
     body = b"".join(flight.chunks)
-    if sse and not _ended(body):
+    if sse and not _whole(body, provider):
         return None
-    return Entry(200, tuple(flight.headers), body, sse, tokens, time.time())
+    return Entry(200, tuple(kept), body, sse, tokens, time.time())
 
 
-def _ended(stream: bytes) -> bool:
+def _whole(stream: bytes, provider: str) -> bool:
     """Did the stream end as its protocol ends it (OpenAI's [DONE], Anthropic's message_stop;
-    Gemini's streams just end: a whole one without an error event passes)?"""
-    tail = stream[-512:]
-    return ends_stream(tail) or (b"event: error" not in stream and b'"error"' not in tail)
+    Gemini's streams just end), with no error event anywhere in it (an error event starts a
+    line: inside an event's JSON its quotes are escaped)?"""
+    if b"event: error" in stream or b'data: {"error"' in stream:
+        return False
+    return provider == "gemini" or ends_stream(stream[-512:])
 
 
 def _forget(shared: SharedCache, flight: Flight) -> None:

@@ -225,6 +225,13 @@ class BodyTimeout(ClientError):
     kind = "body_timeout"
 
 
+class LeaderGone(ComeBackLater):
+    """The identical request this one was to share an answer with went away before it was
+    sent (engine/flight.py): nothing was fetched; sending again fetches it."""
+
+    kind = "shared_request_gone"
+
+
 class Busy(ComeBackLater):
     """We hold as many request bodies as ``limits.buffer_memory`` allows: come back shortly."""
 
@@ -275,6 +282,7 @@ ERRORS: Final[dict[str, tuple[int, str, str]]] = {
     "unsupported_encoding": (415, "invalid_request_error", "unsupported_content_encoding"),
     "body_timeout": (408, "invalid_request_error", "request_body_timeout"),
     "busy": (503, "api_error", "buffer_memory_full"),
+    "shared_request_gone": (503, "api_error", "shared_request_gone"),
     "shutting_down": (503, "api_error", "edgeproxy_shutting_down"),
     "http_version": (505, "invalid_request_error", "http_version_not_supported"),
     "hop_base_unknown": (409, "invalid_request_error", "hop_base_unknown"),

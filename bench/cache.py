@@ -9,8 +9,9 @@ two edgeproxies on free loopback ports:
 
 1. Latency and throughput: the same small chat body again and again (every request after the first
    is a hit), variants plain (proxied, no cache) / memory hit / redis hit, alternating in rounds:
-   sequential (one keep-alive client) p50/p99, then a concurrent pass (--clients) for req/s, and
-   edgeproxy's CPU per request. Plain at the 1 s origin: only the concurrent pass, 50 clients.
+   sequential p50/p99 (one keep-alive raw-socket client, as in overhead.py: it costs little), then a
+   concurrent pass (--clients, aiohttp with keep-alive) for req/s, and edgeproxy's CPU per request.
+   Plain at the 1 s origin: only the concurrent pass, 50 clients.
 2. Coalescing: 100 identical requests at once with a fresh key per round (JSON; SSE), per origin and
    store; then 50 + 50 with two credentials. Upstream calls from edgeproxy's
    `edgeproxy_attempts_total` for that upstream (and distinct chatcmpl-fake ids in the answers:
@@ -142,11 +143,54 @@ class Client:
 # --------------------------------------------------------------------------- 1. latency and throughput
 
 
-async def sequential(cl: Client, url: str, body: bytes, n: int, lat: list[float], res: Counter[str]) -> int:
-    errors = 0
+class RawConn:
+    """A blocking keep-alive HTTP/1.1 client (as in overhead.py): one prebuilt POST, exactly one response
+    read, so the client costs little and the same for every variant. Returns (status, x-edgeproxy-cache)."""
+
+    def __init__(self, port: int, path: str, body: bytes) -> None:
+        self.s = socket.create_connection(("127.0.0.1", port))
+        self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        head = "".join(f"{k}: {v}\r\n" for k, v in HEADERS.items())
+        self.req = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{head}Content-Length: {len(body)}\r\n\r\n"
+        self.req_bytes = self.req.encode() + body
+        self.buf = b""
+
+    def _recv(self) -> bytes:
+        if not (d := self.s.recv(65536)):
+            raise ConnectionError("server closed the connection")
+        return d
+
+    def roundtrip(self) -> tuple[int, str]:
+        self.s.sendall(self.req_bytes)
+        buf = self.buf
+        while (i := buf.find(b"\r\n\r\n")) < 0:
+            buf += self._recv()
+        head, rest = buf[:i].lower(), buf[i + 4 :]
+        j = head.find(b"\r\ncontent-length:")
+        if j < 0:
+            raise RuntimeError(f"response without Content-Length: {head[:200]!r}")
+        e = head.find(b"\r\n", j + 2)
+        n = int(head[j + 17 : e if e >= 0 else None])
+        while len(rest) < n:
+            rest += self._recv()
+        self.buf = rest[n:]
+        k = head.find(b"\r\nx-edgeproxy-cache:")
+        cache = "-"
+        if k >= 0:
+            end = head.find(b"\r\n", k + 2)
+            cache = head[k + 20 : end if end >= 0 else None].strip().decode()
+        return int(head[9:12]), cache
+
+    def close(self) -> None:
+        self.s.close()
+
+
+def sequential(conn: RawConn, n: int, lat: list[float], res: Counter[str]) -> int:
+    errors, clock = 0, time.perf_counter_ns
     for _ in range(n):
-        st, cache, _, dt = await cl.post(url, body)
-        lat.append(dt * 1000)
+        t0 = clock()
+        st, cache = conn.roundtrip()
+        lat.append((clock() - t0) / 1e6)
         res[cache] += 1
         errors += st != 200
     return errors
@@ -178,12 +222,15 @@ async def latency_row(cl: Client, edges: dict[str, dict[str, Any]], a: argparse.
         slow_plain = origin == "1s"
         acc = {v: {"seq": [], "load": [], "res": Counter(), "errors": 0, "secs": 0.0, "n": 0, "cpu": 0.0}
                for v in VARIANTS}  # fmt: skip
+        conns: dict[str, RawConn] = {}
         for v, (e, prefix) in where.items():  # warm-up: the first request is the miss that fills the cache
             url = e["url"] + prefix + CHAT_PATH
             if slow_plain and v == "plain":
                 await concurrent(cl, url, body, 20, 20, [], Counter())
             else:
-                await sequential(cl, url, body, a.warmup, [], Counter())
+                conns[v] = RawConn(e["port"], prefix + CHAT_PATH, body)
+                sequential(conns[v], a.warmup, [], Counter())
+                await concurrent(cl, url, body, a.warmup, a.clients, [], Counter())
         await asyncio.sleep(0.2)
         print(f"latency @{origin}: {a.rounds} rounds x {len(VARIANTS)} variants...", flush=True)
         for r in range(a.rounds):
@@ -193,8 +240,8 @@ async def latency_row(cl: Client, edges: dict[str, dict[str, Any]], a: argparse.
                 url, x = e["url"] + prefix + CHAT_PATH, acc[v]
                 gc.disable()
                 try:
-                    if not (slow_plain and v == "plain"):
-                        x["errors"] += await sequential(cl, url, body, a.n_seq // a.rounds, x["seq"], x["res"])
+                    if v in conns:
+                        x["errors"] += sequential(conns[v], a.n_seq // a.rounds, x["seq"], x["res"])
                     n, k = (100, 50) if slow_plain and v == "plain" else (a.n_load // a.rounds, a.clients)
                     cpu0 = c.cpu_seconds(e["proc"].pid)
                     err, secs = await concurrent(cl, url, body, n, k, x["load"], x["res"])
@@ -204,6 +251,8 @@ async def latency_row(cl: Client, edges: dict[str, dict[str, Any]], a: argparse.
                 x["errors"] += err
                 x["secs"] += secs
                 x["n"] += n
+        for conn in conns.values():
+            conn.close()
         rows = {}
         for v, x in acc.items():
             s, ld = c.summarize(x["seq"]), c.summarize(x["load"])
@@ -251,9 +300,11 @@ async def coalesce_once(cl: Client, edge: dict[str, Any], up: str, kind: str, te
     url = edge["url"] + f"/{up}" + CHAT_PATH
     who = [f"Bearer sk-tenant-{'ab'[i % tenants]}" for i in range(n)]
     before = await cl.attempts(edge["admin"], up)
+    errs0 = sum((await cl.metric(edge["admin"], "edgeproxy_cache_store_errors")).values())
     results = await asyncio.gather(*(cl.post(url, body, {**HEADERS, "Authorization": w}) for w in who))
     await asyncio.sleep(0.05)
     calls = await cl.attempts(edge["admin"], up) - before
+    store_errors = sum((await cl.metric(edge["admin"], "edgeproxy_cache_store_errors")).values()) - errs0
     groups: dict[str, set[bytes]] = {}
     for w, (_st, _cache, data, _dt) in zip(who, results, strict=True):
         groups.setdefault(w, set()).add(data)
@@ -264,6 +315,7 @@ async def coalesce_once(cl: Client, edge: dict[str, Any], up: str, kind: str, te
                   and len(distinct_ids) == tenants and not bad_sse)  # fmt: skip
     return {
         "calls": int(calls),
+        "store_errors": int(store_errors),
         "distinct_ids": len(distinct_ids),
         "statuses": dict(Counter(r[0] for r in results)),
         "cache": dict(Counter(r[1] for r in results)),
@@ -289,6 +341,7 @@ async def coalesce_row(cl: Client, edges: dict[str, dict[str, Any]], a: argparse
                         "origin": origin, "tenants": tenants, "kind": kind, "store": store, "runs": runs,
                         "calls": [r["calls"] for r in runs], "ids": [r["distinct_ids"] for r in runs],
                         "cache": dict(cache), "met": all(r["met"] for r in runs),
+                        "store_errors": sum(r["store_errors"] for r in runs),
                     })  # fmt: skip
         print(f"coalescing @{origin} done", flush=True)
     return cells
@@ -462,9 +515,9 @@ def report(res: dict[str, Any]) -> None:
                      "yes" if ident else "NO", ",".join(f"{k}:{n}" for k, n in sorted(statuses.items())),
                      "; ".join(probs[:1]) or "ok" if cell["kind"] == "sse" else "-",
                      " ".join(f"{k}:{n}" for k, n in sorted(cell["cache"].items())),
-                     max(r["max_ms"] for r in cell["runs"]), met(cell["met"])])  # fmt: skip
+                     cell["store_errors"], max(r["max_ms"] for r in cell["runs"]), met(cell["met"])])  # fmt: skip
     c.print_table(["cell", "tenants", "upstream calls", "answer ids", "identical", "statuses", "SSE order",
-                   "x-edgeproxy-cache", "slowest ms", "target"], rows)  # fmt: skip
+                   "x-edgeproxy-cache", "store errors", "slowest ms", "target"], rows)  # fmt: skip
 
     print(f"\n3. Redis killed for {out['down_s']} s under {out['rate']:g} req/s (70 % repeats of 10 bodies, 30 % new)")
     rows = [[w, out[w]["n"], out[w]["errors"], out[w]["p50_ms"], out[w]["p99_ms"],

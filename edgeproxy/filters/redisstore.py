@@ -120,7 +120,7 @@ class RedisStore:
         finally:
             if trying:
                 self._trying = False
-        self._succeeded()
+        self._succeeded(trying)
         return decode(data) if isinstance(data, bytes) else None
 
     async def put(self, key: bytes, entry: Entry, ttl: float) -> None:
@@ -139,7 +139,7 @@ class RedisStore:
         finally:
             if trying:
                 self._trying = False
-        self._succeeded()
+        self._succeeded(trying)
 
     async def close(self) -> None:
         try:
@@ -161,7 +161,7 @@ class RedisStore:
         self.errors += 1
         if isinstance(e, self._answered):
             log.debug("redis cache store %s: %s", self.shown, _why(e))
-            self._succeeded()
+            self._succeeded(True)
             return
         if time.monotonic() < self._until:
             return  # a call begun before the back-off did: it is already counted in the back-off
@@ -174,7 +174,9 @@ class RedisStore:
         else:
             log.debug("redis cache store %s still failing (%s); bypassing it for %.1f s", self.shown, _why(e), wait)
 
-    def _succeeded(self) -> None:
+    def _succeeded(self, trying: bool | None) -> None:
+        if self._fails and not trying and time.monotonic() < self._until:
+            return  # a call begun before the back-off: the retry after it says whether Redis is back
         if self._fails:
             log.warning("redis cache store %s is back", self.shown)
         self._fails = 0

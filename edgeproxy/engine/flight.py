@@ -106,4 +106,3 @@ class Flight:
                 self.finish(error=LeaderGone("the identical request this one waited for went away first", 1.0))
         elif self.sharers <= 0:
             self.task.cancel()
-

@@ -13,7 +13,7 @@ is ours to frame (chunked or raw, as aiohttp chose), and ``write_eof()`` still e
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from aiohttp import web
@@ -85,19 +85,7 @@ async def push_body(
 
     send = emit if transform is None else _transforming(emit, transform)
 
-    framer = EventFramer(send, tap, delivered)
-    resp.push_to(framer.push if sse else send)
-    while True:
-        try:
-            if await resp.wait_pushed(idle_timeout):
-                break
-        except ProxyError:
-            if sse and ends_stream(framer.last):
-                # The stream's own end marker already went out; a cut or stall after it
-                # loses nothing: finish cleanly instead of appending an error after the end.
-                await _end(out, write, transform, writer.chunked)  # type: ignore[attr-defined]
-                return
-            raise
+    async def drained() -> None:
         try:
             # A client that stops reading must not hold an upstream connection for ever.
             async with asyncio.timeout(idle_timeout):
@@ -107,10 +95,11 @@ async def push_body(
             raise ConnectionResetError(f"client read nothing for {idle_timeout:g}s") from None
         if transport.is_closing():
             raise ConnectionResetError("client went away")
-        resp.resume_push()
-    if sse:
-        framer.flush()
-    if delivered is not None:
+
+    framer = EventFramer(send, tap, delivered) if sse else None
+    # (a cut or stall after the stream's own end marker went out loses nothing: finish cleanly
+    # instead of appending an error after the end)
+    if await _pump(resp, send, framer, idle_timeout, drained) and delivered is not None:
         delivered()
     await _end(out, write, transform, writer.chunked)  # type: ignore[attr-defined]
 
@@ -121,19 +110,34 @@ async def push_to(
     """``push_body`` for an answer that goes to a sink (``add``: a shared flight), not to one
     client: whole events for SSE, seen by ``tap``. Raises ProxyError if the origin fails or
     falls silent for ``idle_timeout`` before the stream's own end."""
-    framer = EventFramer(add, tap)
-    resp.push_to(framer.push if sse else add)
+    await _pump(resp, add, EventFramer(add, tap) if sse else None, idle_timeout, None)
+
+
+async def _pump(
+    resp: Response,
+    sink: Callable[[bytes], bool],
+    framer: EventFramer | None,
+    idle_timeout: float,
+    drained: Callable[[], Awaitable[None]] | None,
+) -> bool:
+    """Push ``resp``'s body into ``sink`` (through ``framer``, for SSE) until its end: True.
+    False: the origin broke off after the stream's own end event went on (nothing lost).
+    ``drained``: awaited whenever the sink asks to pause, before reading on."""
+    resp.push_to(framer.push if framer is not None else sink)
     while True:
         try:
             if await resp.wait_pushed(idle_timeout):
                 break
         except ProxyError:
-            if sse and ends_stream(framer.last):
-                return  # (a cut after the stream's own end loses nothing)
+            if framer is not None and ends_stream(framer.last):
+                return False
             raise
+        if drained is not None:
+            await drained()
         resp.resume_push()
-    if sse:
+    if framer is not None:
         framer.flush()
+    return True
 
 
 class EventFramer:

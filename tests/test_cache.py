@@ -337,3 +337,15 @@ def test_only_a_whole_clean_answer_is_stored_and_without_its_per_request_headers
     assert _storable(flight(done, **{"Cache-Control": "private"}), 0, 1 << 20, "openai", True) is None
     assert _storable(flight(done, **{"Content-Encoding": "gzip"}), 0, 1 << 20, "openai", False) is None
     assert _storable(flight(b'{"id": 1}', "application/json"), 0, 4, "openai", False) is None  # over max_entry
+
+
+async def test_an_error_edgeproxy_answers_on_a_caching_upstream_says_what_the_cache_did(make_proxy: Any) -> None:
+    dead = FakeOrigin()
+    await dead.start()
+    url = dead.url
+    await dead.stop()  # nothing listens there any more
+    cfg = proxy_config(url, failover={"retries": 0})
+    cfg["upstreams"]["openai"]["cache"] = {"ttl": "1h"}
+    p = await make_proxy(cfg)
+    status, headers, _ = await ask(p)
+    assert status == 502 and headers["x-edgeproxy-cache"] == "miss"

@@ -425,6 +425,8 @@ class Engine(Failover, Sharing):
             headers["x-request-id"] = ctx.request_id
         if kind == "unauthorized":
             headers["WWW-Authenticate"] = 'Bearer realm="edgeproxy"'
+        if ctx.shared_headers:
+            headers.update(ctx.shared_headers)  # (a caching upstream's result, on its errors too)
         if retry_after is not None:
             # Whole seconds (RFC 9110), rounded up so a client that obeys is not early; the
             # exact wait too, in the header both the OpenAI and Anthropic SDKs read first.

@@ -147,3 +147,14 @@ async def test_drop_and_stall(origin: FakeOrigin) -> None:
         assert len(got) == 2
     await origin.wait_disconnects(1, timeout=1.0)
     assert origin.streams_completed == 0
+
+
+@pytest.mark.asyncio
+async def test_capacity_serves_so_many_at_once_and_the_rest_in_turn(origin: FakeOrigin) -> None:
+    origin.capacity, origin.latency = 2, 0.2
+    async with aoai(origin) as client:
+        t0 = time.monotonic()
+        await asyncio.gather(*(client.chat.completions.create(model="m", messages=MSG) for _ in range(5)))
+        took = time.monotonic() - t0
+    assert origin.max_serving == 2 and origin.serving == 0
+    assert took >= 0.55  # three turns of 0.2 s: 5 requests, 2 at a time

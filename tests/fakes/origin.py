@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import gzip
 import hashlib
 import itertools
@@ -48,7 +49,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -407,6 +408,10 @@ class FakeOrigin(Threaded):
         # Failures of one model only (a body's "model", or a Gemini URL's): model -> how it fails
         # (every other model is served). See ModelFailure.
         self.model_failures: dict[str, ModelFailure] = {}
+        # At most this many client requests are served at once; the others wait their turn at
+        # the origin, in arrival order (None: no limit). Probes and key checks never wait.
+        self.capacity: int | None = None
+        self._turns: tuple[int, asyncio.Semaphore] | None = None
         # observations
         self.requests: list[Recorded] = []
         self.request_count: int = 0  # client requests, counted even when record is False
@@ -415,6 +420,8 @@ class FakeOrigin(Threaded):
         self.streams_completed: int = 0
         self.streams_dropped: int = 0  # streams the origin aborted itself (drop_after_events)
         self.active_streams: int = 0
+        self.serving: int = 0  # client requests being served now (past the capacity wait)
+        self.max_serving: int = 0  # the most ever served at once
         self.key_served: Counter[str] = Counter()  # per key: requests admitted (limited keys only)
         self.key_limited: Counter[str] = Counter()  # per key: 429s sent
         self.key_refused: Counter[str] = Counter()  # per key: refusals of a revoked key, key checks aside
@@ -595,44 +602,74 @@ class FakeOrigin(Threaded):
                     )
             if self._waiters:
                 self._notify()
-
-            if self.require_key is not None and not self._authorized(request, k):
-                await self._latency(request)
-                return self._error(k, 401, "Incorrect API key provided.")
-            if (self.revoked_keys or self.key_limits or self.restricted_keys) and agent != KEY_CHECK_AGENT:
-                refused = self._key_check(request, k, body)
-                if refused is not None:
-                    await self._latency(request)
-                    return refused
-            if self.model_failures:
-                failure = self.model_failures.get(_model_of(request, body) or "")
-                if failure is not None and (failure.status is not None or failure.silent):
-                    return await self._model_failure(request, k, failure)
-                if failure is not None:
-                    await asyncio.sleep(failure.delay)  # slow, then served
-            status = self.fail_status
-            if status is not None:
-                if self.fail_times > 0:
-                    self.fail_times -= 1
-                    if self.fail_times == 0:
-                        self.fail_status = None
-                await self._latency(request)
-                return self._error(k, status, f"fake origin failure ({status})", self.retry_after)
-
-            data: Any = None
-            if parse:
-                try:
-                    data = orjson.loads(body) if body else {}
-                except orjson.JSONDecodeError:
-                    data = None
-                if not isinstance(data, dict):
-                    return self._error(k, 400, "We could not parse the JSON body of your request.")
-            try:
-                return await handler(request, data, size, sha)
-            except _BadRequest as e:
-                return self._error(k, 400, str(e))
+            if self.capacity is not None and agent not in (PROBE_AGENT, KEY_CHECK_AGENT):
+                async with self._turn(self.capacity):
+                    return await self._serve(request, handler, k, body, agent, size, sha, parse)
+            return await self._serve(request, handler, k, body, agent, size, sha, parse)
 
         return wrapped
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, capacity: int) -> AsyncIterator[None]:
+        """Wait for one of ``capacity`` turns (arrival order); ``serving`` counts the held ones."""
+        if self._turns is None or self._turns[0] != capacity:
+            self._turns = (capacity, asyncio.Semaphore(capacity))
+        sem = self._turns[1]
+        async with sem:
+            self.serving += 1
+            self.max_serving = max(self.max_serving, self.serving)
+            try:
+                yield
+            finally:
+                self.serving -= 1
+
+    async def _serve(
+        self,
+        request: web.Request,
+        handler: Callable[..., Any],
+        k: str,
+        body: bytes,
+        agent: str | None,
+        size: int | None,
+        sha: str | None,
+        parse: bool,
+    ) -> web.StreamResponse:
+        """A client request past the capacity wait: the failure knobs, then the handler."""
+        if self.require_key is not None and not self._authorized(request, k):
+            await self._latency(request)
+            return self._error(k, 401, "Incorrect API key provided.")
+        if (self.revoked_keys or self.key_limits or self.restricted_keys) and agent != KEY_CHECK_AGENT:
+            refused = self._key_check(request, k, body)
+            if refused is not None:
+                await self._latency(request)
+                return refused
+        if self.model_failures:
+            failure = self.model_failures.get(_model_of(request, body) or "")
+            if failure is not None and (failure.status is not None or failure.silent):
+                return await self._model_failure(request, k, failure)
+            if failure is not None:
+                await asyncio.sleep(failure.delay)  # slow, then served
+        status = self.fail_status
+        if status is not None:
+            if self.fail_times > 0:
+                self.fail_times -= 1
+                if self.fail_times == 0:
+                    self.fail_status = None
+            await self._latency(request)
+            return self._error(k, status, f"fake origin failure ({status})", self.retry_after)
+
+        data: Any = None
+        if parse:
+            try:
+                data = orjson.loads(body) if body else {}
+            except orjson.JSONDecodeError:
+                data = None
+            if not isinstance(data, dict):
+                return self._error(k, 400, "We could not parse the JSON body of your request.")
+        try:
+            return await handler(request, data, size, sha)
+        except _BadRequest as e:
+            return self._error(k, 400, str(e))
 
     def _key_check(self, request: web.Request, kind: str, body: bytes) -> web.Response | None:
         """Per-key limits and revocations: an error to send, or None to serve the request."""
@@ -1221,6 +1258,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latency", type=float, default=0.0, help="seconds before response headers")
     p.add_argument("--reply", default=None, help="fixed reply text instead of 'echo: <prompt>'")
     p.add_argument("--record", action="store_true", help="keep every request in memory (off by default)")
+    p.add_argument("--capacity", type=int, default=None, help="serve at most N requests at once; others wait")
     args = p.parse_args(argv)
 
     origin = FakeOrigin(host=args.host, port=args.port)
@@ -1229,6 +1267,7 @@ def main(argv: list[str] | None = None) -> None:
     origin.latency = args.latency
     origin.reply = args.reply
     origin.record = args.record
+    origin.capacity = args.capacity
 
     serve_forever(origin, lambda: f"fake origin listening on {origin.url}")
 

@@ -82,11 +82,10 @@ class Admission(Filter):
             return False  # it holds a slot: keys are short (the key pools wait)
         queue = self.queue
         short = queue.keys_short()
-        if short is not None and not queue.queued:
-            if short == float("inf"):
-                return False  # every key refused: the key pools say so
-            if time.monotonic() + short > ticket.arrived + queue.config.queue_timeout:
-                raise self._keys_short(ticket, short)  # (no key before its deadline: say so now)
+        if short == float("inf"):
+            return False  # every key refused: the key pools say so
+        if short is not None and time.monotonic() + short > ticket.arrived + queue.config.queue_timeout:
+            raise self._keys_short(ticket, short)  # (no key before its deadline: say so now)
         outcome = await queue.wait(ticket)
         if outcome == GRANTED:
             return True

@@ -144,7 +144,7 @@ class Upstream:
         gate = self.gate
         origins = self.origins
         order = self.order
-        if self.split is not None and not tried and only is None:
+        if self.split is not None and take and not tried and only is None:
             order = self.split.pick() or order  # (weights: this request's endpoint first)
         for path in order:
             url = path.endpoint.url

@@ -94,13 +94,14 @@ async def test_the_origin_never_sees_more_than_max_inflight(origin: FakeOrigin, 
 
 async def test_high_goes_before_low_that_came_first_and_low_is_not_starved(origin: FakeOrigin, make_proxy: Any) -> None:
     p = await make_proxy(admitted(origin, {"max_inflight": 1}))
-    origin.latency = 0.1
+    origin.latency = 1.0  # (the blocker holds the one slot while the others queue)
     blocker = asyncio.ensure_future(ask(p, "blocker"))
     await origin.wait_requests(1)
     lows = [asyncio.ensure_future(ask(p, f"low{i}", "low")) for i in range(3)]
     await waiting(p, 3)
     highs = [asyncio.ensure_future(ask(p, f"high{i}", "high")) for i in range(12)]
     await waiting(p, 15)
+    origin.latency = 0.01
     results = await asyncio.gather(blocker, *lows, *highs)
     assert all(status == 200 for status, _, _ in results)
     order = served_order(origin)
@@ -114,12 +115,13 @@ async def test_a_full_queue_answers_503_with_retry_after_in_the_providers_shape(
     origin: FakeOrigin, make_proxy: Any
 ) -> None:
     p = await make_proxy(admitted(origin, {"max_inflight": 1, "queue": 2}))
-    origin.latency = 0.3
+    origin.latency = 2.0
     first = [asyncio.ensure_future(ask(p, f"r{i}")) for i in range(3)]
     await waiting(p, 2)
     client = openai.AsyncOpenAI(base_url=p.url + "/v1", api_key="sk-a", max_retries=0)
     with pytest.raises(openai.InternalServerError) as err:
         await client.chat.completions.create(**chat("one too many"))
+    origin.latency = 0.01
     assert err.value.status_code == 503
     assert err.value.response.headers["x-edgeproxy-error"] == "overloaded"
     assert int(err.value.response.headers["Retry-After"]) >= 1
@@ -130,13 +132,14 @@ async def test_a_full_queue_answers_503_with_retry_after_in_the_providers_shape(
 
 async def test_a_full_queue_turns_away_the_newest_low_not_a_high(origin: FakeOrigin, make_proxy: Any) -> None:
     p = await make_proxy(admitted(origin, {"max_inflight": 1, "queue": 2}))
-    origin.latency = 0.2
+    origin.latency = 1.0
     blocker = asyncio.ensure_future(ask(p, "blocker"))
     await origin.wait_requests(1)
     low0 = asyncio.ensure_future(ask(p, "low0", "low"))
     await waiting(p, 1)
     low1 = asyncio.ensure_future(ask(p, "low1", "low"))
     await waiting(p, 2)
+    origin.latency = 0.01
     high, turned_away = await asyncio.wait_for(asyncio.gather(ask(p, "high", "high"), low1), 5)
     assert high[0] == 200
     assert turned_away[0] == 503 and turned_away[1]["x-edgeproxy-error"] == "overloaded"  # low1 made room
@@ -160,13 +163,14 @@ async def test_a_request_waits_no_longer_than_queue_timeout(origin: FakeOrigin, 
 
 async def test_a_client_that_leaves_the_queue_frees_its_place(origin: FakeOrigin, make_proxy: Any) -> None:
     p = await make_proxy(admitted(origin, {"max_inflight": 1, "queue": 1}))
-    origin.latency = 0.3
+    origin.latency = 1.0
     blocker = asyncio.ensure_future(ask(p, "blocker"))
     await origin.wait_requests(1)
     leaver = asyncio.ensure_future(ask(p, "leaver"))
     await waiting(p, 1)
     leaver.cancel()
     await waiting(p, 0)
+    origin.latency = 0.01
     assert (await ask(p, "next"))[0] == 200  # the queue's one place was free again
     assert (await blocker)[0] == 200
     assert "leaver" not in served_order(origin)

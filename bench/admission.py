@@ -273,8 +273,8 @@ async def closed_loop(url: str, clients: int, duration: float, timeout: float) -
                 except (TimeoutError, aiohttp.ClientError, OSError) as e:
                     st = f"exc:{type(e).__name__}"
                 recs.append((prio, started - t0, mono() - started, st, ra is not None))
-                if st != 200:  # do not spin on refusals: back off as a client would (at most 1 s)
-                    back = 0.1
+                if st != 200:  # do not spin on refusals: back off as a client would (Retry-After, at most 1 s)
+                    back = 0.5
                     with contextlib.suppress(TypeError, ValueError):
                         back = min(1.0, float(ra))  # type: ignore[arg-type]
                     await asyncio.sleep(back)
@@ -601,7 +601,7 @@ def report(res: Res, a: argparse.Namespace) -> list[list[Any]]:
             x = r["per_priority"][p]
             if x["other_statuses"] or x["conn_errors"]:
                 print(f"  {n} {p}: other statuses {x['other_statuses']}, connection errors {x['conn_errors']}")
-        if "log_other_priority" in r["per_priority"]:
+        if "log_other_priority" in r["per_priority"] and n == "admission":
             print(f"  {n}: access-log records without a known priority: {r['per_priority']['log_other_priority']}")
     adm = ov["admission"]["per_priority"]
     hi, lo = adm["high"]["wait_p99_ms"], adm["low"]["wait_p99_ms"]

@@ -29,7 +29,9 @@ from .hosts import norm_host
 from .load import default_config, load_dict, load_file
 from .redact import dump_redacted
 from .schema import (
+    PRIORITIES,
     AdminConfig,
+    AdmissionConfig,
     CacheConfig,
     Config,
     EjectionConfig,
@@ -46,6 +48,7 @@ from .schema import (
     RouteConfig,
     Timeouts,
     TLSConfig,
+    TokenClass,
     UpstreamCacheConfig,
     UpstreamConfig,
     key_id,
@@ -53,7 +56,9 @@ from .schema import (
 from .units import parse_duration, parse_size
 
 __all__ = [
+    "PRIORITIES",
     "AdminConfig",
+    "AdmissionConfig",
     "CacheConfig",
     "Config",
     "ConfigError",
@@ -71,6 +76,7 @@ __all__ = [
     "RouteConfig",
     "TLSConfig",
     "Timeouts",
+    "TokenClass",
     "UpstreamCacheConfig",
     "UpstreamConfig",
     "default_config",

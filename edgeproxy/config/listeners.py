@@ -12,10 +12,11 @@ from typing import Final
 
 from .context import _BAD, _Ctx, _str_list
 from .hosts import _ip_or_none, norm_host
-from .schema import ListenerConfig, TLSConfig
+from .schema import PRIORITIES, ListenerConfig, TLSConfig, TokenClass
 from .tokens import weakness
 from .units import _tname
 
+_TOKEN_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _MIN_TOKEN = 16  # shorter bearer tokens can be guessed by a patient client
 _ORIGIN: Final = re.compile(r"([a-z][a-z0-9+.-]*)://(\[[0-9a-f:.]+\]|[^\[\]/:?#@\s]+)(?::([0-9]{1,5}))?/?")
 _DEFAULT_PORTS: Final = {"http": "80", "https": "443"}
@@ -89,6 +90,24 @@ def _token(ctx: _Ctx, v: object, path: str, exposed: bool) -> str | None:
         ctx.err(path, why)
         return None
     return tok
+
+
+def _token_class(ctx: _Ctx, m: dict[str, object], path: str) -> tuple[object, TokenClass]:
+    """A token written as ``{token, name, priority, max_priority}``: (the token, its class)."""
+    m = ctx.section(m, path, ("token", "name", "priority", "max_priority"))
+    if m.get("token") is None:
+        ctx.err(f"{path}.token", "missing (the secret clients send)")
+    name = None
+    if m.get("name") is not None:
+        name = ctx.string(m["name"], f"{path}.name", "a name")
+        if name is not None and not _TOKEN_NAME.fullmatch(name):
+            ctx.err(f"{path}.name", f"{name!r}: use 1-64 letters, digits, _ . or - (it names the client in logs)")
+            name = None
+    cap = ctx.choice(m, "max_priority", path, "high", PRIORITIES)
+    priority = ctx.choice(m, "priority", path, max("normal", cap, key=PRIORITIES.index), PRIORITIES)
+    if PRIORITIES.index(priority) < PRIORITIES.index(cap):
+        ctx.err(f"{path}.priority", f"{priority} is above max_priority ({cap})")
+    return m.get("token"), TokenClass(name, priority, cap)
 
 
 def _host_name(ctx: _Ctx, v: object, path: str) -> str | None:
@@ -194,11 +213,20 @@ def _listener(ctx: _Ctx, raw: object, path: str) -> ListenerConfig | None:
         problem = _socket_dir_problem(lc.unix)
         if problem is not None:
             ctx.err(addr_path, problem)
-    tokens = []
+    tokens: list[str] = []
+    classes: list[TokenClass] = []
     for i, item in _str_list(m.get("tokens") or []):
-        tok = _token(ctx, item, f"{path}.tokens" + ("" if i is None else f"[{i}]"), not lc.is_loopback())
+        item_path = f"{path}.tokens" + ("" if i is None else f"[{i}]")
+        cls = TokenClass()
+        if isinstance(item, dict):
+            item, cls = _token_class(ctx, item, item_path)
+            item_path += ".token"
+            if item is None:
+                continue  # (reported)
+        tok = _token(ctx, item, item_path, not lc.is_loopback())
         if tok is not None:
             tokens.append(tok)
+            classes.append(cls)
     tls = None
     if m.get("tls") is not None:
         t = ctx.section(m["tls"], f"{path}.tls", ("cert", "key"))
@@ -214,7 +242,7 @@ def _listener(ctx: _Ctx, raw: object, path: str) -> ListenerConfig | None:
             f"{lc.address} is reachable from other hosts; set {path}.tokens (clients send x-edgeproxy-token)"
             " or listen on 127.0.0.1",
         )
-    return _browser_keys(ctx, m, path, replace(lc, tokens=tuple(tokens), tls=tls))
+    return _browser_keys(ctx, m, path, replace(lc, tokens=tuple(tokens), token_classes=tuple(classes), tls=tls))
 
 
 def _socket_dir_problem(path: str) -> str | None:

@@ -31,6 +31,9 @@ def dump_redacted(cfg: Config) -> dict[str, Any]:
         return {
             "address": lc.address,
             "tokens": ["***"] * len(lc.tokens),
+            "token_classes": [
+                {"name": c.name, "priority": c.priority, "max_priority": c.max_priority} for c in lc.token_classes
+            ],
             "tls": tls,
             "hosts": list(lc.hosts),
             "origins": list(lc.origins),
@@ -64,6 +67,7 @@ def dump_redacted(cfg: Config) -> dict[str, Any]:
             "key_pool": [{"id": k.id, "rpm": k.rpm, "tpm": k.tpm} for k in e.key_configs()],
             "lines": list(e.lines),
             "priority": e.priority,
+            "weight": e.weight,
             "models": e.model_map(),
         }
 
@@ -80,6 +84,13 @@ def dump_redacted(cfg: Config) -> dict[str, Any]:
                 "failover": failover(u.failover),
                 "fallbacks": [{"on": f.on, "model": f.model, "from": f.from_model} for f in u.fallbacks],
                 "cache": None if u.cache is None else {"ttl": u.cache.ttl, "shared": u.cache.shared},
+                "admission": None
+                if u.admission is None
+                else {
+                    "max_inflight": u.admission.max_inflight,
+                    "queue": u.admission.queue,
+                    "queue_timeout": u.admission.queue_timeout,
+                },
             }
             for u in cfg.upstreams
         },

@@ -12,6 +12,19 @@ from typing import Final
 
 from .hosts import _is_loopback_host
 
+# A request's class in an upstream's admission queue, best first (``x-edgeproxy-priority``).
+PRIORITIES: Final = ("high", "normal", "low")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenClass:
+    """Who a listener token says the client is: a name for logs and metrics (never the token)
+    and its priority class: ``priority`` by default, at most ``max_priority`` if it asks."""
+
+    name: str | None = None
+    priority: str = "normal"
+    max_priority: str = "high"
+
 
 @dataclass(frozen=True, slots=True)
 class TLSConfig:
@@ -28,6 +41,8 @@ class ListenerConfig:
     port: int | None
     unix: str | None
     tokens: tuple[str, ...] = field(default=(), repr=False)  # secrets: never in a repr
+    # Each token's class (same order as ``tokens``): its name and priority.
+    token_classes: tuple[TokenClass, ...] = ()
     tls: TLSConfig | None = None
     # Browser guard (engine/guard.py): extra Host names a loopback listener answers to
     # (lower-case, no port; '*.suffix' for a whole domain, '*' for any), and the browser
@@ -94,6 +109,8 @@ class EndpointConfig:
     key_pool: tuple[KeyConfig, ...] = field(default=(), repr=False)
     # A PEM bundle trusted for this endpoint's certificate, in addition to the system CAs.
     ca: str | None = None
+    # Its share of its tier's requests (None: not set; 1 when another endpoint sets one).
+    weight: int | None = None
 
     @property
     def origin(self) -> str:
@@ -223,6 +240,17 @@ class UpstreamCacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    """An upstream's ``admission``: at most ``max_inflight`` requests at its origins at once
+    (None: no cap; the queue then only orders waits for keys), ``queue`` more waiting, each
+    for ``queue_timeout`` seconds from its arrival at most."""
+
+    max_inflight: int | None = None
+    queue: int = 10_000
+    queue_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     prefix: str
@@ -231,6 +259,7 @@ class UpstreamConfig:
     failover: FailoverConfig
     fallbacks: tuple[FallbackConfig, ...] = ()
     cache: UpstreamCacheConfig | None = None  # off when absent
+    admission: AdmissionConfig | None = None  # off when absent
 
 
 @dataclass(frozen=True, slots=True)

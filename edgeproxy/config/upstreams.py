@@ -15,6 +15,7 @@ from .lines import _NAME_RE, _split_url
 from .listeners import _ca_file
 from .schema import (
     BUILTIN_MODEL_TIMEOUTS,
+    AdmissionConfig,
     EjectionConfig,
     EndpointConfig,
     FailoverConfig,
@@ -181,10 +182,11 @@ def _endpoint(ctx: _Ctx, raw: object, path: str, all_lines: Sequence[str]) -> En
         return None
     if not isinstance(raw, (str, dict)):
         ctx.err(
-            path, f"expected a mapping with url (and keys, lines, priority, models, ca) or a URL, got {_tname(raw)}"
+            path,
+            f"expected a mapping with url (and keys, lines, priority, weight, models, ca) or a URL, got {_tname(raw)}",
         )
         return None
-    fields = ("url", "keys", "lines", "priority", "models", "ca")
+    fields = ("url", "keys", "lines", "priority", "weight", "models", "ca")
     m: dict[str, object] = {"url": raw} if isinstance(raw, str) else ctx.section(raw, path, fields)
     url_path = path if isinstance(raw, str) else f"{path}.url"
     parts = None
@@ -240,6 +242,7 @@ def _endpoint(ctx: _Ctx, raw: object, path: str, all_lines: Sequence[str]) -> En
                 else:
                     models.append((src, dst))
     priority = ctx.int_(m, "priority", path, 1, 1)
+    weight = ctx.int_(m, "weight", path, 0, 1, 1_000_000) if m.get("weight") is not None else None
     ca = _ca_file(ctx, m["ca"], f"{path}.ca") if m.get("ca") is not None else None
     if ca is not None and parts is not None and parts.scheme.lower() != "https":
         ctx.err(f"{path}.ca", "only applies to an https:// endpoint (this one is plain http)")
@@ -263,6 +266,7 @@ def _endpoint(ctx: _Ctx, raw: object, path: str, all_lines: Sequence[str]) -> En
         tuple(models),
         tuple(keys),
         ca,
+        weight,
     )
 
 
@@ -401,7 +405,7 @@ def _upstreams(ctx: _Ctx, raw: object, all_lines: Sequence[str], base: FailoverC
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             ctx.err(path, "an upstream name uses only a-z, 0-9, _ and -")
             continue
-        m = ctx.section(spec, path, ("prefix", "provider", "endpoints", "failover", "fallbacks", "cache"))
+        m = ctx.section(spec, path, ("prefix", "provider", "endpoints", "failover", "fallbacks", "cache", "admission"))
         if not isinstance(spec, dict):
             if spec is None:
                 ctx.err(path, "missing settings (prefix and endpoints)")
@@ -444,8 +448,9 @@ def _upstreams(ctx: _Ctx, raw: object, all_lines: Sequence[str], base: FailoverC
         failover = _failover(ctx, m.get("failover"), f"{path}.failover", base)
         fallbacks = _fallbacks(ctx, m.get("fallbacks"), f"{path}.fallbacks", provider)
         cache = _cache(ctx, m.get("cache"), f"{path}.cache")
+        admission = _admission(ctx, m.get("admission"), f"{path}.admission")
         if prefix is not None:
-            out.append(UpstreamConfig(name, prefix, provider, tuple(endpoints), failover, fallbacks, cache))
+            out.append(UpstreamConfig(name, prefix, provider, tuple(endpoints), failover, fallbacks, cache, admission))
     return tuple(out)
 
 
@@ -460,3 +465,20 @@ def _cache(ctx: _Ctx, raw: object, path: str) -> UpstreamCacheConfig | None:
         ctx.err(f"{path}.ttl", "missing: how long answers are kept (e.g. ttl: 1h)")
         return None
     return UpstreamCacheConfig(ctx.duration(m, "ttl", path, 3600.0), ctx.switch(m, "shared", path, False))
+
+
+def _admission(ctx: _Ctx, raw: object, path: str) -> AdmissionConfig | None:
+    """``admission: {max_inflight: 64, queue: 10000, queue_timeout: 30s}``; absent, null or
+    ``off``: none (no cap, no queue, priorities ignored)."""
+    if raw is None or raw is False or raw is _BAD or (isinstance(raw, str) and raw.strip().lower() == "off"):
+        return None
+    m = ctx.section(raw, path, ("max_inflight", "queue", "queue_timeout"))
+    if not isinstance(raw, dict):
+        return None
+    base = AdmissionConfig()
+    cap = ctx.int_(m, "max_inflight", path, 0, 1, 1_000_000) if m.get("max_inflight") is not None else None
+    return AdmissionConfig(
+        cap,
+        ctx.int_(m, "queue", path, base.queue, 0, 10_000_000),
+        ctx.duration(m, "queue_timeout", path, base.queue_timeout, zero_ok=True),
+    )

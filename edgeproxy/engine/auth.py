@@ -12,8 +12,9 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
+from ..config import TokenClass
 from ..proto.hop import TOKEN_HEADER
-from ..proto.providers import client_credential, token_matches
+from ..proto.providers import client_credential, token_index
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -25,25 +26,36 @@ __all__ = ["AuthThrottle", "ListenerAuth", "peer_key"]
 _CREDENTIALS: Final = ("authorization", "x-api-key", "x-goog-api-key")
 
 
+# Who a client is on a listener without tokens, or with a token written as a bare string.
+ANYONE: Final = TokenClass()
+
+
 class ListenerAuth:
-    """One listener's tokens (none: an open listener) and its throttle on guessing."""
+    """One listener's tokens (none: an open listener), their classes, and the throttle on
+    guessing."""
 
-    __slots__ = ("throttle", "tokens")
+    __slots__ = ("classes", "throttle", "tokens")
 
-    def __init__(self, tokens: Sequence[str], throttle: AuthThrottle | None = None) -> None:
+    def __init__(
+        self, tokens: Sequence[str], throttle: AuthThrottle | None = None, classes: Sequence[TokenClass] = ()
+    ) -> None:
         self.tokens = [t.encode() for t in tokens]
+        self.classes = tuple(classes) or (ANYONE,) * len(self.tokens)
         self.throttle = throttle or AuthThrottle()
 
     @property
     def required(self) -> bool:
         return bool(self.tokens)
 
-    def accepts(self, token: str | None) -> bool:
-        return token_matches(token, self.tokens)
+    def identify(self, token: str | None) -> TokenClass | None:
+        """The class of ``token`` if it is one of ours, else None."""
+        i = token_index(token, self.tokens)
+        return self.classes[i] if i >= 0 else None
 
-    def accepts_request(self, request: web.BaseRequest, credential_replaced: bool) -> bool:
-        """Does ``request`` present one of our tokens? ``credential_replaced``: the upstream
-        injects its own keys, so the client's credential header is free to carry our token."""
+    def identify_request(self, request: web.BaseRequest, credential_replaced: bool) -> TokenClass | None:
+        """The class of the token ``request`` presents, or None if it presents none of ours.
+        ``credential_replaced``: the upstream injects its own keys, so the client's credential
+        header is free to carry our token."""
         headers = request.headers
         token = headers.get(TOKEN_HEADER)
         if token is None and credential_replaced:
@@ -52,7 +64,7 @@ class ListenerAuth:
                 if cred is not None:
                     token = client_credential(cred)
                     break
-        return token_matches(token, self.tokens)
+        return self.identify(token)
 
 
 def peer_key(peer: str | None) -> str:

@@ -12,6 +12,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from .auth import ANYONE
+
 if TYPE_CHECKING:
     from aiohttp import web
 
@@ -75,6 +77,7 @@ class Ctx:
         "body_length",
         "body_stream",
         "bytes_in",
+        "client",
         "bytes_out",
         "committed",
         "error",
@@ -110,6 +113,7 @@ class Ctx:
         self.request = request
         self.state = state
         self.auth = auth  # the listener's tokens (route filters check them too)
+        self.client = ANYONE  # who the listener token says the client is (its name, priority)
         self.upstream: Upstream | None = None
         self.started = time.monotonic()
         self.request_id = ""

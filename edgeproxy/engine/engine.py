@@ -98,7 +98,7 @@ class Engine(Failover, Sharing):
         self.access = access
         # Wrong tokens per address: shared by every listener of the process (one guesser,
         # one budget, whichever listener it tries).
-        self.auth = ListenerAuth(listener.tokens, throttle or AuthThrottle())
+        self.auth = ListenerAuth(listener.tokens, throttle or AuthThrottle(), listener.token_classes)
         self.guard = BrowserGuard.for_listener(listener)
         # Requests in flight, with the chain each runs through once routed.
         self._inflight: dict[Ctx, Chain | None] = {}
@@ -107,7 +107,7 @@ class Engine(Failover, Sharing):
         """A reload: new requests see the new pipeline and this listener's new tokens."""
         self.pipeline = pipeline
         self.listener = listener
-        self.auth = ListenerAuth(listener.tokens, self.auth.throttle)
+        self.auth = ListenerAuth(listener.tokens, self.auth.throttle, listener.token_classes)
         self.guard = BrowserGuard.for_listener(listener)
 
     @property
@@ -227,12 +227,15 @@ class Engine(Failover, Sharing):
         if upstream is None:
             # Whoever shows one of our tokens, in any header a client could put it in, learns
             # that the path is unknown; anyone else only that they must authenticate.
-            if auth.required and not auth.accepts_request(ctx.request, credential_replaced=True):
+            if auth.required and auth.identify_request(ctx.request, credential_replaced=True) is None:
                 raise Unauthorized("missing or wrong x-edgeproxy-token")
             raise NoRoute(f"no upstream serves {ctx.raw_path.split('?', 1)[0]}")
         ctx.upstream = upstream
-        if auth.required and not auth.accepts_request(ctx.request, upstream.injects_keys):
-            raise Unauthorized("missing or wrong edgeproxy token (send it as x-edgeproxy-token)")
+        if auth.required:
+            client = auth.identify_request(ctx.request, upstream.injects_keys)
+            if client is None:
+                raise Unauthorized("missing or wrong edgeproxy token (send it as x-edgeproxy-token)")
+            ctx.client = client
         chain = self._inflight[ctx] = pipeline.chain(upstream)
         return chain
 
@@ -474,6 +477,8 @@ class Engine(Failover, Sharing):
             "streamed": ctx.streamed,
             "error": ctx.error,
         }
+        if ctx.client.name is not None:
+            record["client"] = ctx.client.name  # (the token's name, never the token)
         if chain is not None:
             for logging_filter in chain.logging:
                 logging_filter(ctx, record)

@@ -3,6 +3,7 @@
 | filter | module | on |
 |---|---|---|
 | ``Cache`` | cache.py (+ cachestore.py, redisstore.py) | upstreams with ``cache``: first on their chain |
+| ``Admission`` | admission.py (+ fairqueue.py) | upstreams with ``admission``: after the cache |
 | ``EdgeRole`` | edge.py | route filter of every listener; first on the chains of hop requests |
 | ``KeyPools`` | keys.py (+ keypool.py, keycheck.py) | upstreams with an endpoint that has ``keys`` |
 | ``UsageMeter`` | metering.py | every upstream |
@@ -13,7 +14,7 @@
 
 A reload assembles a new pipeline for the new State; what must outlive it (key pools, the
 bodies a `via` line sent lately, the edge's bases, the cache's store and answers in flight
-while ``cache:`` stays the same) is taken over from the old one.
+while ``cache:`` stays the same, an upstream's admission queue) is taken over from the old one.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..engine import Chain, Filter, Pipeline
+from .admission import Admission
 from .cache import Cache, SharedCache
 from .deltas import Bases
 from .edge import EdgeRole
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from ..telemetry.metrics import Metrics
 
 __all__ = [
+    "Admission",
     "Cache",
     "EdgeRole",
     "Fallbacks",
@@ -68,6 +71,7 @@ def assemble(
     (request side: last; response side: first, before compression for the hop)."""
     previous = [f for chain in old.chains.values() for f in chain.all_filters()] if old is not None else []
     old_keys = {f.name: f for f in previous if isinstance(f, KeyPools)}
+    old_admission = {f.name: f for f in previous if isinstance(f, Admission)}
     old_hops = {(f.line, f.via_url): f for f in previous if isinstance(f, ViaHop)}
     edge = EdgeRole(metrics, edge_bases)
     cache = _shared_cache(state, previous)
@@ -77,6 +81,9 @@ def assemble(
         filters: list[Filter] = []
         if upstream.config.cache is not None and cache is not None:
             filters.append(Cache(upstream.name, upstream.provider, upstream.config.cache, cache, metrics))
+        if upstream.config.admission is not None:
+            queue_of = old_admission.get(upstream.name)
+            filters.append(Admission(upstream, upstream.config.admission, metrics, queue_of))
         if any(ep.keys for ep in upstream.config.endpoints):
             filters.append(KeyPools(upstream, metrics, old_keys.get(upstream.name)))
         filters.append(UsageMeter(upstream.name, metrics))

@@ -144,8 +144,10 @@ class EdgeRole(Filter):
         auth = ctx.auth
         if not auth.required:
             raise Forbidden("hop requests (absolute-form targets) need a listener with tokens (the edge role)")
-        if not auth.accepts(headers.get(TOKEN_HEADER)):
+        client = auth.identify(headers.get(TOKEN_HEADER))
+        if client is None:
             raise Unauthorized("missing or wrong x-edgeproxy-token")
+        ctx.client = client
         split = split_target(ctx.raw_path)
         found = ctx.state.hop_route(*split, headers.get(ENDPOINT_HEADER)) if split is not None else None
         if found is None:

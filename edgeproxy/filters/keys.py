@@ -9,8 +9,9 @@ goes again at once with another key; or whether the refusal was about the reques
 restricted key missing a scope, a model only some keys may use), and then every key stays
 enabled and the request goes again once, with another key of the same endpoint if one is
 ready, before the client gets the origin's answer. When every key is busy the request waits
-up to `failover.queue_timeout` of its arrival, then gets a 429 whose Retry-After says when a
-key frees up. Tokens metered from answers (``ctx.usage``) drain each key's token buckets.
+up to `failover.queue_timeout` of its arrival (`admission.queue_timeout` when the upstream has
+admission: its queue orders these waits by priority), then gets a 429 whose Retry-After says
+when a key frees up. Tokens metered from answers (``ctx.usage``) drain each key's token buckets.
 The pools (``keypool.py``) outlive reloads: a kept key keeps what we know of it.
 """
 
@@ -66,7 +67,7 @@ class _Keys:
 class KeyPools(Filter):
     """The key pools of one upstream's endpoints that have keys."""
 
-    __slots__ = ("auth_header", "checks", "max_retries", "metrics", "name", "pools", "upstream")
+    __slots__ = ("auth_header", "checks", "max_retries", "metrics", "name", "pools", "queue_timeout", "upstream")
 
     def __init__(self, upstream: Upstream, metrics: Metrics, old: KeyPools | None = None) -> None:
         config = upstream.config
@@ -93,6 +94,15 @@ class KeyPools(Filter):
         # on every key must not spin us).
         self.max_retries = 2 * sum(len(p.keys) for p in self.pools.values()) + 2
         upstream.gate = self.is_ready
+        upstream.ready_in = self.ready_in
+        # The longest a request waits for a key (from its arrival): the admission queue's
+        # wait when the upstream has one (it queues the waits for keys too).
+        admission = config.admission
+        self.queue_timeout = admission.queue_timeout if admission is not None else config.failover.queue_timeout
+
+    def ready_in(self, now: float) -> float | None:
+        """Seconds until a key of some endpoint is ready (None: never, all disabled)."""
+        return self._wait([], None, None)
 
     def is_ready(self, path: Path, now: float) -> bool:
         """The plan's gate: a path of an endpoint whose keys are all disabled or rate-limited
@@ -127,7 +137,7 @@ class KeyPools(Filter):
 
     async def no_path_filter(self, ctx: Ctx) -> bool:
         """If keys are only busy (rate-limited, out of local headroom), wait for the first to
-        free up within `failover.queue_timeout` of the request's arrival; else raise
+        free up within ``queue_timeout`` of the request's arrival; else raise
         RateLimited, whose Retry-After says how long until one is free."""
         wait = self._wait(ctx.tried, ctx.pin, ctx.model)
         if wait is None:
@@ -136,7 +146,7 @@ class KeyPools(Filter):
                 " they stay disabled until the next reload"
             )
         now = time.monotonic()
-        if now + wait > ctx.started + self.upstream.config.failover.queue_timeout:
+        if now + wait > ctx.started + self.queue_timeout:
             self.metrics.keys_exhausted.inc((self.name,))
             raise RateLimited(f"every API key of upstream {self.name} is rate-limited; retry in {wait:.2f}s", wait)
         keys: _Keys | None = ctx.local(self)

@@ -26,6 +26,7 @@ __all__ = [
     "HopBaseUnknown",
     "KeysRefused",
     "NoRoute",
+    "Overloaded",
     "PathDown",
     "PoolExhausted",
     "ProxyError",
@@ -173,6 +174,13 @@ class RateLimited(ComeBackLater):
     kind = "rate_limited"
 
 
+class Overloaded(ComeBackLater):
+    """The upstream's admission queue is full, or the request waited in it for
+    `admission.queue_timeout`: the client gets a 503 with ``retry_after``."""
+
+    kind = "overloaded"
+
+
 class KeysRefused(ProxyError):
     """The origin refused every key we could inject (401/403): they stay disabled until the
     next reload, so the request is not sent with any of them."""
@@ -298,7 +306,7 @@ ERRORS: Final[dict[str, tuple[int, str, str]]] = {
     "first_event_timeout": (504, "api_error", "upstream_first_event_timeout"),
     "path_down": (502, "api_error", "upstream_path_down"),
     "pool_exhausted": (503, "api_error", "upstream_pool_exhausted"),
-    "overloaded": (503, "api_error", "retry_budget_exhausted"),
+    "overloaded": (503, "overloaded_error", "overloaded"),
     "rate_limited": (429, "rate_limit_error", "rate_limit_exceeded"),
     "keys_refused": (401, "authentication_error", "upstream_keys_refused"),
     "internal": (500, "api_error", "internal_error"),

@@ -29,6 +29,7 @@ __all__ = [
     "probe_target",
     "retry_wait",
     "sse_error_event",
+    "token_index",
     "token_matches",
 ]
 
@@ -62,13 +63,19 @@ def client_credential(value: str) -> str:
 
 def token_matches(token: str | None, tokens: list[bytes]) -> bool:
     """Is ``token`` one of ``tokens``? Compared with every one, each in constant time."""
+    return token_index(token, tokens) >= 0
+
+
+def token_index(token: str | None, tokens: list[bytes]) -> int:
+    """Which of ``tokens`` ``token`` is (-1: none). Compared with every one, in constant time."""
     if token is None:
-        return False
+        return -1
     given = token.encode("utf-8", "surrogateescape")  # aiohttp keeps odd header bytes that way
-    ok = False
-    for expected in tokens:
-        ok |= hmac.compare_digest(given, expected)
-    return ok
+    found = -1
+    for i, expected in enumerate(tokens):
+        if hmac.compare_digest(given, expected) and found < 0:
+            found = i
+    return found
 
 
 def error_body(provider: str, kind: str, message: str) -> tuple[int, bytes]:

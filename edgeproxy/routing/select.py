@@ -14,15 +14,25 @@ by the caller into ``Candidate`` rows; ``order`` decides. Rules, in order:
 Spilling (a path whose in-flight requests reached its pool size goes after the others) is
 decided per request by the caller, on top of this order, because in-flight counts change
 with every request while this order changes only with probes.
+
+Weights (``Split``): when an upstream's endpoints have a ``weight``, a request's first attempt
+goes to an endpoint of the best healthy tier chosen by smooth weighted round robin (as nginx
+does it: each pick adds every member's weight to its credit, the member with the most credit
+goes and pays back the total), so the shares are exact over any run of picks and interleaved,
+not in bursts; that endpoint's paths come first, in the order above (its best line), then the
+rest. An endpoint with no healthy path is not a member: its share goes to the others, and
+comes back when it is healthy again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-__all__ = ["Candidate", "order"]
+T = TypeVar("T")
+
+__all__ = ["Candidate", "Split", "order"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,3 +97,42 @@ def _keep_current(tier: list[Candidate], current: Hashable, tolerance: float) ->
     if best.score < cur.score - tolerance:
         return tier  # a real gain: switch
     return [cur, *(c for c in tier if c is not cur)]
+
+
+class Split(Generic[T]):
+    """Weighted shares of a tier's requests between endpoints (smooth weighted round robin)."""
+
+    __slots__ = ("_credit", "_members", "_orders", "weights")
+
+    def __init__(self, weights: dict[str, int]) -> None:
+        self.weights = weights  # endpoint URL -> weight
+        self._credit = dict.fromkeys(weights, 0)
+        self._members: tuple[str, ...] = ()
+        self._orders: dict[str, tuple[T, ...]] = {}
+
+    def update(self, order: Sequence[T], members: Collection[str], url_of: Callable[[T], str]) -> None:
+        """The try order changed: ``members`` (URLs) share the first attempts; each one's
+        order is its own paths first, then the others, all as in ``order``."""
+        self._members = tuple(url for url in self.weights if url in members)
+        for url in self.weights:
+            if url not in members:
+                self._credit[url] = 0  # (back with a clean slate)
+        self._orders = {
+            url: (*(p for p in order if url_of(p) == url), *(p for p in order if url_of(p) != url))
+            for url in self._members
+        }
+
+    def pick(self) -> tuple[T, ...] | None:
+        """The try order for the next request (None: no member, keep the plain order)."""
+        members = self._members
+        if len(members) < 2:
+            return self._orders[members[0]] if members else None
+        credit, weights = self._credit, self.weights
+        best, total = members[0], 0
+        for url in members:
+            credit[url] += weights[url]
+            total += weights[url]
+            if credit[url] > credit[best]:
+                best = url
+        credit[best] -= total
+        return self._orders[best]

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .budget import RetryBudget
 from .health import OriginHealth, _Ejection
 from .lines import Line, Path, PathKey, same_connections
-from .select import Candidate, order
+from .select import Candidate, Split, order
 
 if TYPE_CHECKING:
     from ..config import Config, EndpointConfig, Timeouts, UpstreamConfig
@@ -51,6 +51,10 @@ def release_trials(claims: list[tuple[_Ejection, float]]) -> None:
             entry.trial = False
 
 
+def _url_of(path: Path) -> str:
+    return path.endpoint.url
+
+
 class Upstream:
     """An upstream at run time: where it is mounted and the paths that can serve it."""
 
@@ -67,9 +71,11 @@ class Upstream:
         "injects_keys",
         "budget",
         "gate",
+        "ready_in",
         "origins",
         "_timeouts",
         "_arrivals",
+        "split",
     )
 
     def __init__(self, config: UpstreamConfig, paths: list[Path], tolerance: float) -> None:
@@ -90,11 +96,17 @@ class Upstream:
         # Set by a filter that can tell a path cannot take a request now whatever its health
         # (every key of its endpoint busy): plan() passes such paths over.
         self.gate: Callable[[Path, float], bool] | None = None
+        # Set with ``gate``: seconds from ``now`` until some path can take a request (None:
+        # never); the admission queue waits that long for keys.
+        self.ready_in: Callable[[float], float | None] | None = None
         # The origin's health per (endpoint URL, model; None: the whole endpoint), only while
         # something is wrong there (empty: nothing to check on the hot path).
         self.origins: dict[tuple[str, str | None], OriginHealth] = {}
         self._timeouts: dict[tuple[str | None, bool], Timeouts] = {}
         self._arrivals: tuple[Path, float, int, float] | None = None  # (first path, when, its requests, rate)
+        # Endpoint weights (only when one sets a weight): first attempts shared by weight.
+        weights = {ep.url: ep.weight or 1 for ep in config.endpoints}
+        self.split: Split[Path] | None = Split(weights) if any(ep.weight for ep in config.endpoints) else None
         self.reselect()
 
     def __repr__(self) -> str:
@@ -131,7 +143,10 @@ class Upstream:
         now = time.monotonic()
         gate = self.gate
         origins = self.origins
-        for path in self.order:
+        order = self.order
+        if self.split is not None and not tried and only is None:
+            order = self.split.pick() or order  # (weights: this request's endpoint first)
+        for path in order:
             url = path.endpoint.url
             if path in tried or (only is not None and url != only):
                 continue
@@ -177,6 +192,11 @@ class Upstream:
         ]
         by_key = {p.key: p for p in self.paths}
         self.order = tuple(by_key[c.key] for c in order(candidates, self.current, self.tolerance))
+        if self.split is not None:
+            healthy = [c for c in candidates if c.healthy]
+            best = min((c.priority for c in healthy), default=None)
+            members = {by_key[c.key].endpoint.url for c in healthy if c.priority == best}
+            self.split.update(self.order, members, _url_of)
         first = self.order[0].key if self.order else None
         switched = self.current is not None and first != self.current
         if switched:

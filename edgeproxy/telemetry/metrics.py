@@ -202,6 +202,22 @@ class Metrics(Collector):
         self.cache_errors = Counter(
             "edgeproxy_cache_store_errors", "Cache store calls that failed or timed out (each a miss)", ("store",)
         )
+        self.admission_inflight = Gauge(
+            "edgeproxy_admission_inflight", "Requests holding an admission slot (at the origins)", ("upstream",)
+        )
+        self.admission_depth = Gauge(
+            "edgeproxy_admission_queue_depth", "Requests waiting in the admission queue", ("upstream", "priority")
+        )
+        self.admission_wait = Histogram(
+            "edgeproxy_admission_wait_seconds",
+            "Time requests waited in the admission queue (0: admitted at once)",
+            ("upstream", "priority"),
+        )
+        self.admission_refused = Counter(
+            "edgeproxy_admission_refused",
+            "Requests the admission queue refused (queue_full, shed, timeout, rate_limited)",
+            ("upstream", "priority", "reason"),
+        )
         self.client_limits = Counter(
             "edgeproxy_client_limits",
             "Client connections or requests stopped by a limit (header_timeout, body_timeout,"

@@ -602,19 +602,23 @@ class FakeOrigin(Threaded):
                     )
             if self._waiters:
                 self._notify()
-            if self.capacity is not None and agent not in (PROBE_AGENT, KEY_CHECK_AGENT):
-                async with self._turn(self.capacity):
-                    return await self._serve(request, handler, k, body, agent, size, sha, parse)
-            return await self._serve(request, handler, k, body, agent, size, sha, parse)
+            if agent in (PROBE_AGENT, KEY_CHECK_AGENT):
+                return await self._serve(request, handler, k, body, agent, size, sha, parse)
+            async with self._turn(self.capacity):
+                return await self._serve(request, handler, k, body, agent, size, sha, parse)
 
         return wrapped
 
     @contextlib.asynccontextmanager
-    async def _turn(self, capacity: int) -> AsyncIterator[None]:
-        """Wait for one of ``capacity`` turns (arrival order); ``serving`` counts the held ones."""
-        if self._turns is None or self._turns[0] != capacity:
-            self._turns = (capacity, asyncio.Semaphore(capacity))
-        sem = self._turns[1]
+    async def _turn(self, capacity: int | None) -> AsyncIterator[None]:
+        """Wait for one of ``capacity`` turns (arrival order; None: at once); ``serving``
+        counts the held ones."""
+        if capacity is None:
+            sem: Any = contextlib.nullcontext()
+        else:
+            if self._turns is None or self._turns[0] != capacity:
+                self._turns = (capacity, asyncio.Semaphore(capacity))
+            sem = self._turns[1]
         async with sem:
             self.serving += 1
             self.max_serving = max(self.max_serving, self.serving)

@@ -17,8 +17,12 @@ loopback ports, access log (JSON, to a file) and metrics on:
     the previous one is answered, non-streaming; the n-th request of the run gets priority by n mod 10
     (1 high, 3 normal, 6 low: arrivals are exactly 10/30/60 %) in `x-edgeproxy-priority`. Variants
     edge-admission and edge-none, alternating in rounds (2 x 12 s each; quick 1 x 8 s), same origin.
-    Per priority: wait = client latency - 0.5 s (the origin's service time), p50/p99/max; the access
-    log's queue_ms; answers, 503s (with / without Retry-After), other errors, lost (no answer,
+    The clients start over 2 s (64 per service time): with a fixed service time, clients that all
+    start in the same millisecond keep the origin's 64 places freeing in one burst every 0.5 s, and
+    a high request that comes just after a burst waits a whole service time whatever the queue
+    does (`--burst` shows it). Per priority, for requests sent after those 2 s: wait = client
+    latency - 0.5 s (the origin's service time), p50/p99/max, and the access log's queue_ms; for
+    every request: answers, 503s (with / without Retry-After), other errors, lost (no answer,
     a connection error, or a 503 without Retry-After); edgeproxy RSS before / peak / after, CPU;
     the admission metrics (queue depth sampled every 0.5 s, refusals, wait histogram count).
     Targets (admission): high p99 wait <= 1/10 of low's p99 wait; low answered > 0 and no request
@@ -29,7 +33,7 @@ loopback ports, access log (JSON, to a file) and metrics on:
     0.25 s). Recovery = from A listening again to the first request from which A served 80 % +- 5
     points of the requests sent in the next 2 s. Targets: 0 client errors; recovery <= 10 s.
 
-Usage: .venv/bin/python bench/admission.py [--quick] [--no-feature]   (full ~2.5 min, quick < 1 min)
+Usage: .venv/bin/python bench/admission.py [--quick] [--burst] [--no-feature]   (full ~1.7 min, quick ~50 s)
 `--no-feature` leaves out the `weight` and `admission` keys (for a build without issue 15: both
 overload variants then run the same config). Output: tables, targets PASS/MISS, a noise note, and as
 the last line one JSON object {"bench": "admission", ...}. Exit status 0 whatever the targets say.
@@ -248,19 +252,23 @@ async def part_weights(edge: dict[str, Any], n: int, conc: int, a_host: str) -> 
 Rec = tuple[str, float, float, int | str, bool]
 
 
-async def closed_loop(url: str, clients: int, duration: float, timeout: float) -> tuple[list[Rec], float, float]:
-    """``clients`` closed-loop clients for ``duration`` s; each finishes its last request.
-    Returns (records, seconds until the last answer, client CPU seconds)."""
+async def closed_loop(
+    url: str, clients: int, duration: float, timeout: float, ramp: float
+) -> tuple[list[Rec], float, float, float]:
+    """``clients`` closed-loop clients for ``duration`` s, client i starting at i * ramp / clients;
+    each finishes its last request. Returns (records, seconds until the last answer, client CPU
+    seconds, time.time() at the start)."""
     recs: list[Rec] = []
     counter = itertools.count()
     cpu0 = time.process_time()
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)) as s:
-        t0 = time.monotonic()
+        t0, t0_wall = time.monotonic(), time.time()
         end = t0 + duration
 
-        async def client() -> None:
+        async def client(i: int) -> None:
             mono = time.monotonic
+            await asyncio.sleep(i * ramp / clients)
             while mono() < end:
                 prio = MIX[next(counter) % 10]
                 started = mono()
@@ -279,30 +287,40 @@ async def closed_loop(url: str, clients: int, duration: float, timeout: float) -
                         back = min(1.0, float(ra))  # type: ignore[arg-type]
                     await asyncio.sleep(back)
 
-        await asyncio.gather(*(client() for _ in range(clients)))
+        await asyncio.gather(*(client(i) for i in range(clients)))
         last = time.monotonic() - t0
-    return recs, last, time.process_time() - cpu0
+    return recs, last, time.process_time() - cpu0, t0_wall
 
 
-def overload_stats(recs: list[Rec], access: list[dict[str, Any]]) -> dict[str, Any]:
+def overload_stats(
+    recs: list[Rec], access: list[dict[str, Any]], ramp: float, windows: list[tuple[float, float]]
+) -> dict[str, Any]:
+    """Per priority. Counts: every request. Waits and queue_ms: requests sent after the ramp (``windows``:
+    the wall-clock spans after each round's ramp, to pick the access log's records by their start)."""
     per: dict[str, Any] = {}
     by_prio_log: dict[str, list[dict[str, Any]]] = {p: [] for p in PRIOS}
     for r in access:
         if r.get("path") == CHAT_PATH:
             by_prio_log.setdefault(str(r.get("priority")), []).append(r)
+
+    def steady(x: dict[str, Any]) -> bool:
+        t = float(x.get("time", 0)) - float(x.get("duration_ms") or 0) / 1000
+        return any(w0 <= t < w1 for w0, w1 in windows)
+
     for p in PRIOS:
         rows = [r for r in recs if r[0] == p]
-        ok = [r[2] - SERVICE for r in rows if r[3] == 200]
+        ok = [r[2] - SERVICE for r in rows if r[3] == 200 and r[1] >= ramp]
         r503 = [r for r in rows if r[3] == 503]
         other = [r for r in rows if r[3] not in (200, 503) and not str(r[3]).startswith("exc:")]
         exc = [r for r in rows if str(r[3]).startswith("exc:")]
         w = c.summarize(ok)
         logged = by_prio_log.get(p, [])
-        qms = [float(x["queue_ms"]) for x in logged if x.get("queue_ms") is not None]
+        qms = [float(x["queue_ms"]) for x in logged if x.get("queue_ms") is not None and steady(x)]
         q = c.summarize(qms)
         per[p] = {
             "sent": len(rows),
-            "answered": len(ok),
+            "answered": sum(1 for r in rows if r[3] == 200),
+            "waits_measured": len(ok),
             "wait_p50_ms": ms(w["p50"]),
             "wait_p99_ms": ms(w["p99"]),
             "wait_max_ms": ms(w["max"]),
@@ -349,6 +367,7 @@ async def part_overload(edges: dict[str, dict[str, Any]], a: argparse.Namespace)
     rss0 = {n: c.rss_mb(e["proc"].pid) for n, e in edges.items()}
     cpu0 = {n: c.cpu_seconds(e["proc"].pid) for n, e in edges.items()}
     info: dict[str, dict[str, Any]] = {n: {"rounds": [], "client_cpu_s": 0.0, "depth_max": Counter()} for n in names}
+    windows: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     peak: dict[str, float] = {}
     async with aiohttp.ClientSession() as ms_:
         for rnd in range(a.rounds):
@@ -356,7 +375,10 @@ async def part_overload(edges: dict[str, dict[str, Any]], a: argparse.Namespace)
             for n in order:
                 e = edges[n]
                 with Sampler(ms_, {n: e["proc"].pid}, e["admin"]) as smp:
-                    rr, last, ccpu = await closed_loop(e["url"] + CHAT_PATH, CLIENTS, a.load_s, QUEUE_TIMEOUT + 5)
+                    rr, last, ccpu, t0w = await closed_loop(
+                        e["url"] + CHAT_PATH, CLIENTS, a.load_s, QUEUE_TIMEOUT + 5, a.ramp
+                    )
+                windows[n].append((t0w + a.ramp, t0w + a.load_s + 1.0))
                 for k, v in smp.peak.items():
                     peak[k] = max(peak.get(k, 0.0), v)
                 for k, v in smp.depth_max.items():
@@ -373,7 +395,7 @@ async def part_overload(edges: dict[str, dict[str, Any]], a: argparse.Namespace)
         for n, e in edges.items():
             pid = e["proc"].pid
             access = read_access(e["dir"] / "access.log")
-            st = overload_stats(recs[n], access)
+            st = overload_stats(recs[n], access, a.ramp, windows[n])
             out[n] = {
                 "per_priority": st,
                 "throughput_per_s": round(
@@ -529,8 +551,8 @@ async def bench(a: argparse.Namespace, tmp: Path, procs: c.Procs, res: Res) -> N
     res["weights"] = await part_weights(ew, a.n_weights, a.conc, "127.0.0.1")
     print(f"  {res['weights']}", flush=True)
 
-    print(f"(b) overload: {CLIENTS} closed-loop clients, {a.rounds} round(s) x {a.load_s:g} s per variant ...",
-          flush=True)  # fmt: skip
+    print(f"(b) overload: {CLIENTS} closed-loop clients (starting over {a.ramp:g} s), {a.rounds} round(s) x "
+          f"{a.load_s:g} s per variant ...", flush=True)  # fmt: skip
     res["overload"] = await part_overload(edges, a)
 
     print(f"(c) endpoint down: {a.down_rate:g} req/s for {a.down_s:g} s, A killed at {a.kill_at:g} s, "
@@ -576,16 +598,18 @@ def report(res: Res, a: argparse.Namespace) -> list[list[Any]]:
 
     ov = res["overload"]
     print(f"\n(b) overload: origin capacity {CAPACITY}, service {SERVICE} s; {CLIENTS} closed-loop clients; "
-          f"{a.rounds} x {a.load_s:g} s per variant. wait = latency - {SERVICE} s (ms)")  # fmt: skip
+          f"{a.rounds} x {a.load_s:g} s per variant, clients starting over {a.ramp:g} s. wait = latency - "
+          f"{SERVICE} s (ms), and queue_ms: of requests sent after those {a.ramp:g} s ('measured'); "
+          "the counts: every request")  # fmt: skip
     rows = []
     for n, r in ov.items():
         for p in PRIOS:
             x = r["per_priority"][p]
-            rows.append([n, p, x["sent"], x["answered"], x["wait_p50_ms"], x["wait_p99_ms"], x["wait_max_ms"],
-                         x["queue_ms_p50"], x["queue_ms_p99"], f"{x['r503']} ({x['r503_with_retry_after']} RA)",
-                         x["other_errors"], x["lost"]])  # fmt: skip
-    c.print_table(["variant", "priority", "sent", "answered", "wait p50", "wait p99", "wait max", "queue_ms p50",
-                   "queue_ms p99", "503 (Retry-After)", "other err", "lost"], rows)  # fmt: skip
+            rows.append([n, p, x["sent"], x["answered"], x["waits_measured"], x["wait_p50_ms"], x["wait_p99_ms"],
+                         x["wait_max_ms"], x["queue_ms_p50"], x["queue_ms_p99"],
+                         f"{x['r503']} ({x['r503_with_retry_after']} RA)", x["other_errors"], x["lost"]])  # fmt: skip
+    c.print_table(["variant", "priority", "sent", "answered", "measured", "wait p50", "wait p99", "wait max",
+                   "queue_ms p50", "queue_ms p99", "503 (Retry-After)", "other err", "lost"], rows)  # fmt: skip
     print()
     c.print_table(
         ["variant", "answers/s", "RSS before MB", "RSS peak MB", "RSS after MB", "edge CPU s", "client CPU s",
@@ -655,12 +679,18 @@ def main() -> None:
     ap.add_argument("--conc", type=int, default=16, help="concurrency of (a)")
     ap.add_argument("--rounds", type=int, help="alternating rounds of (b) (default 2; quick 1)")
     ap.add_argument("--load-s", type=float, help="seconds per variant per round of (b) (default 12; quick 8)")
+    ap.add_argument(
+        "--burst",
+        action="store_true",
+        help="(b): start all 256 clients at once instead of over 2 s (slots then free in bursts)",
+    )
     ap.add_argument("--down-rate", type=float, default=50.0, help="requests/s of (c)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, access logs)")
     a = ap.parse_args()
     a.n_weights = a.n_weights or (1000 if a.quick else 2000)
     a.rounds = a.rounds or (1 if a.quick else 2)
     a.load_s = a.load_s or (8.0 if a.quick else 12.0)
+    a.ramp = 0.0 if a.burst else CLIENTS / CAPACITY * SERVICE  # 64 clients per service time: 2 s
     a.down_s, a.kill_at, a.back_at = (20.0, 5.0, 11.0) if a.quick else (30.0, 8.0, 18.0)
     c.raise_nofile()
     bg = c.background_cpu(1.0)
@@ -670,6 +700,7 @@ def main() -> None:
           f"{la0}; background CPU {bg['busy_pct']}% busy, {bg['steal_pct']}% steal", flush=True)  # fmt: skip
     res: Res = {"bench": "admission", "quick": a.quick, "no_feature": a.no_feature, "revision": rev.stdout.strip(),
                 "n_weights": a.n_weights, "concurrency_a": a.conc, "rounds": a.rounds, "load_s": a.load_s,
+                "ramp_s": a.ramp,
                 "clients": CLIENTS, "capacity": CAPACITY, "service_s": SERVICE, "loadavg_before": la0,
                 "background": bg}  # fmt: skip
     t0 = time.monotonic()

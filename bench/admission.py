@@ -9,7 +9,8 @@ loopback ports, access log (JSON, to a file) and metrics on:
     (128 req/s at most); the others wait at the origin in arrival order;
   * edge-weights: upstream /v1 -> A (weight 80), B (weight 20), `probe: {interval: 1s}`;
   * edge-admission: /v1 -> C with `admission: {max_inflight: 64, queue: 10000, queue_timeout: 30s}`;
-  * edge-none: /v1 -> C without admission (the baseline: every request goes to the origin at once).
+  * edge-none: /v1 -> C without admission (the baseline: every request goes to the origin at once);
+  * edge-tight: /v1 -> C with a short queue, `admission: {max_inflight: 64, queue: 64, queue_timeout: 1s}`.
 
 (a) Weights: 2,000 small chat requests (quick: 1,000), 16 at a time (aiohttp, keep-alive), through
     edge-weights; who served each. Target: A's share 80 % +- 3 points.
@@ -27,6 +28,9 @@ loopback ports, access log (JSON, to a file) and metrics on:
     the admission metrics (queue depth sampled every 0.5 s, refusals, wait histogram count).
     Targets (admission): high p99 wait <= 1/10 of low's p99 wait; low answered > 0 and no request
     waited past queue_timeout + 1 s; 0 lost; RSS peak growth <= 50 MB. edge-none is the baseline.
+(b2) Refusals: the same load for 8 s (quick 4 s) against edge-tight, `admission: {max_inflight: 64,
+    queue: 64, queue_timeout: 1s}`. Target: every refusal a 503 with `x-edgeproxy-error: overloaded`
+    and Retry-After, 0 lost, no wait past queue_timeout + 1 s.
 (c) Endpoint down: open loop, 50 req/s for 30 s (quick 20 s) through edge-weights; origin A (weight
     80) is SIGKILLed at 8 s (quick 5 s) and started again on the same port at 18 s (quick 11 s).
     Split per 2 s window (by send time), client errors, A's path state from /-/status (polled every
@@ -63,6 +67,7 @@ SERVICE = 0.5  # origin C's fixed service time (s)
 CAPACITY = 64
 CLIENTS = 4 * CAPACITY
 QUEUE_TIMEOUT = 30.0
+TIGHT_QUEUE, TIGHT_TIMEOUT = 64, 1.0  # (b2): a short queue, so that edgeproxy refuses
 CHAT_PATH = "/v1/chat/completions"
 CHAT = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "admission bench"}]})
 JSON_CT = {"Content-Type": "application/json"}
@@ -124,9 +129,9 @@ def weights_body(a_url: str, b_url: str, feature: bool) -> str:
     )
 
 
-def overload_body(origin: str, admission: bool) -> str:
+def overload_body(origin: str, admission: bool, queue: int = 10000, timeout: float = QUEUE_TIMEOUT) -> str:
     adm = (
-        f"    admission: {{max_inflight: {CAPACITY}, queue: 10000, queue_timeout: {QUEUE_TIMEOUT:g}s}}\n"
+        f"    admission: {{max_inflight: {CAPACITY}, queue: {queue}, queue_timeout: {timeout:g}s}}\n"
         if admission
         else ""
     )
@@ -248,8 +253,9 @@ async def part_weights(edge: dict[str, Any], n: int, conc: int, a_host: str) -> 
 
 # --------------------------------------------------------------------------- (b) overload
 
-# A record per answer: (priority, start offset s, latency s, status or 'exc:...', has Retry-After)
-Rec = tuple[str, float, float, int | str, bool]
+# A record per answer: (priority, start offset s, latency s, status or 'exc:...', has Retry-After,
+# x-edgeproxy-error)
+Rec = tuple[str, float, float, int | str, bool, str | None]
 
 
 async def closed_loop(
@@ -273,14 +279,16 @@ async def closed_loop(
                 prio = MIX[next(counter) % 10]
                 started = mono()
                 ra: str | None = None
+                xerr: str | None = None
                 try:
                     async with s.post(url, data=CHAT, headers=PRIO_HEADERS[prio]) as r:
                         await r.read()
                         st: int | str = r.status
-                        ra = r.headers.get("Retry-After")
+                        if st != 200:
+                            ra, xerr = r.headers.get("Retry-After"), r.headers.get("x-edgeproxy-error")
                 except (TimeoutError, aiohttp.ClientError, OSError) as e:
                     st = f"exc:{type(e).__name__}"
-                recs.append((prio, started - t0, mono() - started, st, ra is not None))
+                recs.append((prio, started - t0, mono() - started, st, ra is not None, xerr))
                 if st != 200:  # do not spin on refusals: back off as a client would (Retry-After, at most 1 s)
                     back = 0.5
                     with contextlib.suppress(TypeError, ValueError):
@@ -328,6 +336,7 @@ def overload_stats(
             "wait_longest_s": round(max((r[2] - SERVICE if r[3] == 200 else r[2] for r in rows), default=0.0), 3),
             "r503": len(r503),
             "r503_with_retry_after": sum(1 for r in r503 if r[4]),
+            "r503_overloaded": sum(1 for r in r503 if r[5] == "overloaded"),
             "other_errors": len(other),
             "other_statuses": dict(Counter(str(r[3]) for r in other)),
             "conn_errors": dict(Counter(str(r[3]) for r in exc)),
@@ -411,6 +420,23 @@ async def part_overload(edges: dict[str, dict[str, Any]], a: argparse.Namespace)
                 "metrics": await admission_metrics(ms_, e["admin"]),
             }
     return out
+
+
+async def part_refusals(edge: dict[str, Any], a: argparse.Namespace) -> Res:
+    """(b2): the same load against a short queue, so that edgeproxy refuses: every refusal must be a
+    503 overloaded with Retry-After, and nobody may wait past queue_timeout + 1 s."""
+    rr, last, _, t0w = await closed_loop(edge["url"] + CHAT_PATH, CLIENTS, a.tight_s, TIGHT_TIMEOUT + 5, a.ramp)
+    await asyncio.sleep(0.7)
+    access = read_access(edge["dir"] / "access.log")
+    async with aiohttp.ClientSession() as s:
+        metrics = await admission_metrics(s, edge["admin"])
+    return {
+        "per_priority": overload_stats(rr, access, a.ramp, [(t0w + a.ramp, t0w + a.tight_s + 1.0)]),
+        "until_last_s": round(last, 2),
+        "throughput_per_s": round(sum(1 for r in rr if r[3] == 200) / last, 1),
+        "x_edgeproxy_error": dict(Counter(f"{r[3]} {r[5]}" for r in rr if r[3] != 200)),
+        "metrics": metrics,
+    }
 
 
 # --------------------------------------------------------------------------- (c) endpoint down
@@ -544,7 +570,8 @@ async def bench(a: argparse.Namespace, tmp: Path, procs: c.Procs, res: Res) -> N
         "admission": start_edge(procs, tmp, "edge-admission", overload_body(c_url, feature)),
         "none": start_edge(procs, tmp, "edge-none", overload_body(c_url, False)),
     }
-    res["configs"] = {e["name"]: (e["dir"] / "edgeproxy.yaml").read_text() for e in (ew, *edges.values())}
+    tight = start_edge(procs, tmp, "edge-tight", overload_body(c_url, feature, TIGHT_QUEUE, TIGHT_TIMEOUT))
+    res["configs"] = {e["name"]: (e["dir"] / "edgeproxy.yaml").read_text() for e in (ew, *edges.values(), tight)}
     await asyncio.sleep(1.5)  # both of edge-weights' paths probed up
 
     print(f"(a) weights: {a.n_weights} requests, {a.conc} at a time ...", flush=True)
@@ -554,13 +581,16 @@ async def bench(a: argparse.Namespace, tmp: Path, procs: c.Procs, res: Res) -> N
     print(f"(b) overload: {CLIENTS} closed-loop clients (starting over {a.ramp:g} s), {a.rounds} round(s) x "
           f"{a.load_s:g} s per variant ...", flush=True)  # fmt: skip
     res["overload"] = await part_overload(edges, a)
+    print(f"(b2) refusals: the same load, queue {TIGHT_QUEUE}, queue_timeout {TIGHT_TIMEOUT:g} s, {a.tight_s:g} s ...",
+          flush=True)  # fmt: skip
+    res["refusals"] = await part_refusals(tight, a)
 
     print(f"(c) endpoint down: {a.down_rate:g} req/s for {a.down_s:g} s, A killed at {a.kill_at:g} s, "
           f"back at {a.back_at:g} s ...", flush=True)  # fmt: skip
     res["down"] = await part_down(ew, origin_a, procs, a)
     res["died"] = [d for d in procs.died() if not d.startswith("origin-A exited with -9")]
     res["findings"] = {}
-    for e in (ew, *edges.values()):
+    for e in (ew, *edges.values(), tight):
         res["findings"][e["name"]] = findings(e["dir"])
 
 
@@ -651,6 +681,27 @@ def report(res: Res, a: argparse.Namespace) -> list[list[Any]]:
                     f"{nb['high']['wait_p99_ms']} ms / {nb['low']['wait_p99_ms']} ms",
                     f"lost {sum(nb[p]['lost'] for p in PRIOS)}", "baseline"])  # fmt: skip
 
+    rf = res["refusals"]
+    print(f"\n(b2) refusals: edge-tight, admission {{max_inflight: {CAPACITY}, queue: {TIGHT_QUEUE}, queue_timeout: "
+          f"{TIGHT_TIMEOUT:g}s}}, the same 256 clients for {a.tight_s:g} s (a client waits out Retry-After, at most "
+          "1 s, after a refusal); waits of the requests sent after the ramp")  # fmt: skip
+    c.print_table(["priority", "sent", "answered", "wait p50", "wait p99", "longest wait s", "503", "with Retry-After",
+                   "overloaded", "other err", "lost"],
+                  [[p, x["sent"], x["answered"], x["wait_p50_ms"], x["wait_p99_ms"], x["wait_longest_s"], x["r503"],
+                    x["r503_with_retry_after"], x["r503_overloaded"], x["other_errors"], x["lost"]]
+                   for p, x in ((p, rf["per_priority"][p]) for p in PRIOS)])  # fmt: skip
+    print(f"answers/s {rf['throughput_per_s']}; non-200 (status x-edgeproxy-error): {rf['x_edgeproxy_error'] or 0}; "
+          f"edgeproxy_admission_refused_total: {rf['metrics']['refused'] or 0}")  # fmt: skip
+    rp = rf["per_priority"]
+    n503 = sum(rp[p]["r503"] for p in PRIOS)
+    good = sum(rp[p]["r503_overloaded"] for p in PRIOS)
+    bad = sum(rp[p]["lost"] + rp[p]["other_errors"] for p in PRIOS)
+    longest_t = max(rp[p]["wait_longest_s"] for p in PRIOS)
+    ok_t = n503 > 0 and good == n503 and bad == 0 and longest_t <= TIGHT_TIMEOUT + 1
+    targets.append([f"(b2) short queue: 503 overloaded + Retry-After, 0 lost, wait <= {TIGHT_TIMEOUT + 1:g} s",
+                    f"{good}/{n503} 503s right, {bad} lost/other, longest {longest_t:.2f} s", "all; 0",
+                    "PASS" if ok_t else "MISS"])  # fmt: skip
+
     d = res["down"]
     mk = d["marks_s"]
     print(f"\n(c) endpoint A (weight 80) down: {d['rate_per_s']:g} req/s open loop; A killed at {mk.get('kill')} s, "
@@ -690,6 +741,7 @@ def main() -> None:
     a.n_weights = a.n_weights or (1000 if a.quick else 2000)
     a.rounds = a.rounds or (1 if a.quick else 2)
     a.load_s = a.load_s or (8.0 if a.quick else 12.0)
+    a.tight_s = 4.0 if a.quick else 8.0
     a.ramp = 0.0 if a.burst else CLIENTS / CAPACITY * SERVICE  # 64 clients per service time: 2 s
     a.down_s, a.kill_at, a.back_at = (20.0, 5.0, 11.0) if a.quick else (30.0, 8.0, 18.0)
     c.raise_nofile()

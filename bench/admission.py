@@ -642,8 +642,8 @@ def report(res: Res, a: argparse.Namespace) -> list[list[Any]]:
                    "queue_ms p50", "queue_ms p99", "503 (Retry-After)", "other err", "lost"], rows)  # fmt: skip
     print()
     c.print_table(
-        ["variant", "answers/s", "RSS before MB", "RSS peak MB", "RSS after MB", "edge CPU s", "client CPU s",
-         "max queue depth (metric)"],
+        ["variant", "answers/s (ramp, drain incl.)", "RSS before MB", "RSS peak MB", "RSS after MB", "edge CPU s",
+         "client CPU s", "max queue depth (metric)"],
         [[n, r["throughput_per_s"], r["rss_before_mb"], r["rss_peak_mb"], r["rss_after_mb"], r["edge_cpu_s"],
           r["client_cpu_s"], r["queue_depth_max"] or "-"] for n, r in ov.items()],
     )  # fmt: skip

@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import yaml  # type: ignore[import-untyped]
 
 from edgeproxy.config import AdmissionConfig, load_file
 from edgeproxy.filters.fairqueue import GRANTED, FairQueue, Ticket
 from edgeproxy.ops.server import Proxy
-from tests.conftest import RunningProxy, free_port, proxy_config
+from tests.conftest import RunningProxy
 from tests.fakes.origin import FakeOrigin
 from tests.test_admission import KEYS, admitted, ask, keyed, served_order, waiting
 
@@ -46,8 +45,10 @@ async def test_weights_hold_when_requests_queue_for_a_slot(
     async def client(name: str) -> None:
         async with aiohttp.ClientSession() as s:
             for i in range(20):
-                async with s.post(p.url + "/v1/chat/completions", json={"model": "m", "messages": [
-                    {"role": "user", "content": f"{name}{i}"}]}) as r:
+                async with s.post(
+                    p.url + "/v1/chat/completions",
+                    json={"model": "m", "messages": [{"role": "user", "content": f"{name}{i}"}]},
+                ) as r:
                     assert r.status == 200
                     await r.read()
 
@@ -65,7 +66,7 @@ class _OneKeyUpstream:
         self.tokens = 0
         self.paths = [object()]
         self.gate = lambda path, now: self.tokens > 0
-        self.ready_in = lambda now: None if False else 0.2
+        self.ready_in = lambda now: 0.2
 
 
 async def test_keys_short_grants_one_waiter_per_ready_key() -> None:
@@ -176,3 +177,98 @@ async def test_a_queued_request_is_not_refused_while_the_one_behind_it_is_served
     answers = await asyncio.gather(high, *lows)
     assert [a[0] for a in answers] == [200, 200, 200], [(a[0], a[2][:100]) for a in answers]
     assert served_order(origin) == ["first", "high", "low0", "low1"]
+
+
+# -- 5. every key refused while requests wait: they hang to queue_timeout, then a wrong 503 ------
+async def test_waiters_learn_at_once_that_every_key_was_refused(origin: FakeOrigin, make_proxy: Any) -> None:
+    """A request waits for the cap; the one holding the slot finds the only key revoked (401,
+    the key check confirms: the key is disabled). The queue's _keys_ready() sees keys short
+    for ever (inf) and sets no timer (fairqueue.py:351), so the waiter hangs until its
+    queue_timeout and is then refused 503 "overloaded ... waited 3.0s" (admission.py:94-104)
+    instead of the 401 upstream_keys_refused a request arriving now gets at once."""
+    p = await make_proxy(keyed(origin, {"max_inflight": 1, "queue_timeout": "3s"}))
+    origin.revoked_keys = set(KEYS)
+    origin.latency = 0.3
+    holder = asyncio.ensure_future(ask(p, "holder"))
+    await origin.wait_requests(1)
+    t0 = time.monotonic()
+    status, headers, body = await ask(p, "waiter")
+    took = time.monotonic() - t0
+    assert (await holder)[0] == 401
+    assert (status, headers.get("x-edgeproxy-error")) == (401, "keys_refused"), (status, body[:160])
+    assert took < 1.0, f"waited {took:.1f}s"
+
+
+# -- 6. `queue: 0` (a cap, no queue) turns every wait for a key into a 503 "queue is full" -------
+async def test_no_queue_still_waits_for_a_key_or_says_429(origin: FakeOrigin, make_proxy: Any) -> None:
+    """admission.py:85-90: keys short and within the deadline -> queue.wait(), which with
+    queue: 0 answers FULL at once -> 503 overloaded "queue is full (0 waiting)". Without
+    admission the same request waits the ~0.5 s for its key and is served; a client retrying
+    a 503 sees an outage where there is only a short rate limit."""
+    p = await make_proxy(keyed(origin, {"max_inflight": 4, "queue": 0, "queue_timeout": "5s"}))
+    origin.limit_keys(KEYS, requests=1, window=0.5)
+    assert (await ask(p, "first"))[0] == 200  # the key's next request: in 0.5 s
+    status, headers, body = await ask(p, "second")
+    # (on bc951cd: 503 overloaded, "queue is full (0 waiting); retry in 5s")
+    assert status == 200 or (status == 429 and headers.get("x-edgeproxy-error") == "rate_limited"), (
+        f"{status} {headers.get('x-edgeproxy-error')}: {body[:120]!r}"
+    )
+
+
+# -- (a check that passes) slots come back whatever way requests end -------------------------------
+async def test_every_slot_comes_back_after_a_messy_load(
+    origin: FakeOrigin, origin2: FakeOrigin, make_proxy: Any
+) -> None:
+    """Cancelled while queued / granted / streaming, origin 500s with retries, hedges, shared
+    cache flights whose leader leaves: inflight and queued go back to 0."""
+    import random
+
+    cfg = admitted(origin, {"max_inflight": 3, "queue": 50, "queue_timeout": "2s"})
+    cfg["upstreams"]["openai"]["endpoints"] = [{"url": origin.url + "/v1"}, {"url": origin2.url + "/v1"}]
+    cfg["upstreams"]["openai"]["failover"] = {"hedge": "30ms", "retries": 2}
+    cfg["upstreams"]["openai"]["cache"] = {"ttl": "1h"}
+    p = await make_proxy(cfg)
+    origin.latency, origin2.latency = 0.05, 0.08
+    origin.events, origin.event_interval = 4, 0.02
+    rnd = random.Random(7)
+
+    async def one(i: int) -> None:
+        kind = rnd.choice(["plain", "stream", "same", "prio"])
+        tag = "same" if kind == "same" else f"r{i}"
+        pr = rnd.choice(["high", "normal", "low"]) if kind == "prio" else None
+        task = asyncio.ensure_future(ask(p, tag, pr, stream=kind == "stream"))
+        if rnd.random() < 0.4:
+            await asyncio.sleep(rnd.random() * 0.2)
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    for round_ in range(4):
+        if round_ == 2:
+            origin.fail_status, origin.fail_times = 500, 15
+        await asyncio.gather(*(one(round_ * 100 + i) for i in range(40)))
+    await asyncio.sleep(1.0)
+    queue = the_queue(p)
+    assert (queue.inflight, queue.queued) == (0, 0)
+
+
+# -- 7. "no key before your deadline: said at once" only holds when the queue is empty ------------
+async def test_no_key_before_the_deadline_is_said_at_once_even_behind_a_waiter(
+    origin: FakeOrigin, make_proxy: Any
+) -> None:
+    """admission.py:85: the at-once 429 is skipped when anyone waits (``not queue.queued``):
+    the newcomer then sits out its whole queue_timeout (3 s) for a 429 it could have had at
+    once (the key is ~5 s away), holding a place in the queue meanwhile."""
+    p = await make_proxy(keyed(origin, {"max_inflight": 1, "queue_timeout": "3s"}))
+    origin.limit_keys(KEYS, requests=1, window=5.0)
+    origin.latency = 1.0
+    holder = asyncio.ensure_future(ask(p, "holder"))
+    await origin.wait_requests(1)
+    waiter = asyncio.ensure_future(ask(p, "waiter"))  # waits for the cap
+    await waiting(p, 1)
+    assert (await holder)[0] == 200  # its answer's headers: the key's next request in ~5 s
+    t0 = time.monotonic()
+    status, headers, _ = await ask(p, "late")
+    took = time.monotonic() - t0
+    assert status == 429 and headers["x-edgeproxy-error"] == "rate_limited"
+    assert took < 0.5, f"a 429 after {took:.1f}s"
+    await waiter

@@ -142,8 +142,10 @@ async def test_a_reload_keeps_waiters_for_keys_in_priority_order(origin: FakeOri
     await proxy.start()
     try:
         p = RunningProxy(proxy)
-        origin.limit_keys(KEYS, requests=1, window=1.5)
-        assert (await ask(p, "first"))[0] == 200  # the key's one request: the next in 1.5 s
+        origin.fail_status, origin.fail_times, origin.retry_after = 429, 1, "1.5"
+        first = asyncio.ensure_future(ask(p, "first"))
+        await origin.wait_requests(1)  # refused: the only key cools down for 1.5 s
+        await asyncio.sleep(0.05)
         lows = [asyncio.ensure_future(ask(p, f"low{i}", "low")) for i in range(2)]
         await waiting(p, 2)
         ok, detail = await proxy.reload()
@@ -152,10 +154,11 @@ async def test_a_reload_keeps_waiters_for_keys_in_priority_order(origin: FakeOri
         queue = the_queue(p)
         after_reload = (queue.queued, queue.inflight)
         high = asyncio.ensure_future(ask(p, "high", "high"))
-        answers = await asyncio.gather(high, *lows)
-        assert [a[0] for a in answers] == [200] * 3, [(a[0], a[2][:150]) for a in answers]
-        assert served_order(origin)[1] == "high", f"served {served_order(origin)}"
-        assert after_reload == (2, 0), f"after the reload: {after_reload[0]} wait, {after_reload[1]} let out"
+        answers = await asyncio.gather(first, high, *lows)
+        assert [a[0] for a in answers] == [200] * 4, [(a[0], a[2][:150]) for a in answers]
+        order = [t for t in served_order(origin) if t != "first"]
+        assert order == ["high", "low0", "low1"], f"served {served_order(origin)}"
+        assert after_reload == (2, 1), f"after the reload: {after_reload[0]} wait, {after_reload[1]} hold a slot"
     finally:
         await proxy.stop(1.0)
 

@@ -22,6 +22,7 @@ from ..proto.errors import ConnectAbandoned, PathDown, ProxyError, UpstreamReset
 from ..proto.models import wants_stream
 from ..proto.providers import retry_wait
 from ..routing.events import report_line, report_origin
+from ..routing.state import release_trials
 from .ctx import Attempt
 from .filter import AGAIN, SendAgain
 from .head import request_head
@@ -71,7 +72,10 @@ class Failover:
             retry = ctx.retrying
             path = _plan(ctx, upstream, retry)
             if path is None or (chain.path and not _taken(ctx, chain, path)):
-                await _wait_for_path(ctx, chain)  # something is short (keys): wait, or raise
+                if ctx.trials:  # (the plan's claim on a half-open path: not while it waits)
+                    release_trials(ctx.trials)
+                    ctx.trials.clear()
+                await _wait_for_path(ctx, chain)  # something is short (keys, a slot): wait, or raise
                 continue
             ctx.tried.append(path)
             ctx.path = path
@@ -435,8 +439,13 @@ class Failover:
 
 
 def _plan(ctx: Ctx, upstream: Upstream, retry: bool, take: bool = True) -> Path | None:
-    """The next path for this request (``Upstream.plan`` with what the request knows)."""
-    return upstream.plan(ctx.tried, retry, take, ctx.pin, ctx.model, ctx.avoid, ctx.trials if take else None)
+    """The next path for this request (``Upstream.plan`` with what the request knows). On an
+    upstream split by weights, the request's endpoint is picked once, at its first plan."""
+    order = ctx.order
+    if order is None and upstream.split is not None and take and ctx.pin is None:
+        order = ctx.order = upstream.split.pick()
+    claims = ctx.trials if take else None
+    return upstream.plan(ctx.tried, retry, take, ctx.pin, ctx.model, ctx.avoid, claims, order)
 
 
 def _target(ctx: Ctx, upstream: Upstream, path: Path) -> str:

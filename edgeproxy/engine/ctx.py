@@ -87,6 +87,7 @@ class Ctx:
         "leads",
         "method",
         "model",
+        "order",
         "path",
         "pin",
         "raw_path",
@@ -133,6 +134,8 @@ class Ctx:
         # Gemini URL's), read once the body is in; a filter that changes it says so here.
         self.model: str | None = None
         self.tried: list[Path] = []
+        # Its try order when the upstream splits requests by endpoint weight (picked once).
+        self.order: tuple[Path, ...] | None = None
         # Half-open trials its plans claimed (health entry, when): let go at its end.
         self.trials: list[tuple[Any, float]] = []
         # Endpoints this request prefers not to go back to: their origin failed it (a 5xx,

@@ -158,6 +158,10 @@ class Filter:
         """Last: add fields to the access-log record (never secrets)."""
 
     # -- operations --------------------------------------------------------------------------
+    def commit(self) -> None:
+        """The pipeline this filter is in now serves requests (a reload swapped it in, with its
+        State): apply what must not change before then (a reload can still fail before it)."""
+
     def status(self, now: float) -> dict[str, object]:
         """Fields this filter adds to its upstream's entry in /-/status (no secrets)."""
         return {}
@@ -267,3 +271,11 @@ class Pipeline:
 
     def chain(self, upstream: Upstream) -> Chain:
         return self.chains[upstream.name]
+
+    def commit(self) -> None:
+        """It serves requests from now on: every filter's ``commit``, once each."""
+        done: set[int] = set()
+        for f in (*self.routers, *(f for chain in self.chains.values() for f in chain.all_filters())):
+            if id(f) not in done:
+                done.add(id(f))
+                f.commit()

@@ -47,17 +47,23 @@ _REASONS: Final = {FULL: "queue_full", SHED: "shed", EXPIRED: "timeout"}
 class Admission(Filter):
     """One upstream's admission: its queue (kept across reloads) and its metrics."""
 
-    __slots__ = ("metrics", "name", "queue")
+    __slots__ = ("_taken_over", "metrics", "name", "queue")
 
     def __init__(self, upstream: Upstream, config: AdmissionConfig, metrics: Metrics, old: Admission | None) -> None:
         self.name = upstream.name
         self.metrics = metrics
         self.queue: FairQueue
-        if old is not None:  # the waiters and the slots held stay with their upstream
+        self._taken_over: tuple[AdmissionConfig, Upstream] | None = None
+        if old is not None:  # the waiters and the slots held stay with their upstream ...
             self.queue = old.queue
-            self.queue.reconfigure(config, upstream)
+            self._taken_over = (config, upstream)  # ... and take the new limits at the swap
         else:
             self.queue = FairQueue(config, upstream)
+
+    def commit(self) -> None:
+        if self._taken_over is not None:
+            self.queue.reconfigure(*self._taken_over)
+            self._taken_over = None
 
     async def request_filter(self, ctx: Ctx) -> web.StreamResponse | None:
         client = ctx.client
@@ -90,8 +96,8 @@ class Admission(Filter):
         if outcome == GRANTED:
             return True
         short = queue.keys_short()
-        if outcome == EXPIRED and short is not None and short != float("inf"):
-            raise self._keys_short(ticket, short)
+        if short is not None and short != float("inf"):
+            raise self._keys_short(ticket, short)  # (what it waited for, or would have: keys)
         self._refuse(ticket, _REASONS[outcome])
         retry = queue.retry_after()
         if outcome == EXPIRED:

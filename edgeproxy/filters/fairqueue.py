@@ -176,17 +176,16 @@ class FairQueue:
         cap = self.config.max_inflight
         gated = self.upstream.gate is not None
         while self.queued and (cap is None or self.inflight < cap):
-            if gated:
-                if self._next_key is not None or not self._keys_ready():
-                    return
-                # One at a time: the next after this one has taken its key (its task runs
-                # before this callback: both were scheduled in this order).
-                self._next_key = asyncio.get_running_loop().call_soon(self._after_key)
+            if gated and (self._next_key is not None or not self._keys_ready()):
+                return
             ticket = self._next()
             self.inflight += 1
             ticket.admitted = True
             self._resolve(ticket, GRANTED)
             if gated:
+                # One at a time: the next after this one has taken its key. Its task's
+                # wake-up was scheduled by the grant just above, so it runs before this.
+                self._next_key = asyncio.get_running_loop().call_soon(self._after_key)
                 return
 
     def _after_key(self) -> None:
@@ -200,9 +199,10 @@ class FairQueue:
             self._dispatch()
 
     def _keys_ready(self) -> bool:
-        """Can some path's keys take a request now? If not, look again when one can."""
+        """Can some path's keys take a request now? If not, look again when one can. Every
+        key refused counts as ready: the waiters go on, and the key pools tell them."""
         wait = self.keys_short()
-        if wait is None:
+        if wait is None or wait == float("inf"):
             if self._key_timer is not None:
                 self._key_timer.cancel()
                 self._key_timer = None

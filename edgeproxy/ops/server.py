@@ -241,6 +241,7 @@ class Proxy:
         # Kept paths take their new settings now, not earlier: nothing above may leave them
         # changed under the old state if it fails (no await from here to the swap).
         state.commit()
+        pipeline.commit()
         self.config, self.state, self.pipeline = new, state, pipeline
         self.bodies.limit = new.limits.buffer_memory
         self.access.mode, self.access.limit = new.log.access, new.log.buffer
@@ -348,8 +349,9 @@ class Proxy:
                 rtt[labels] = path.estimator.srtt
             upstream = self.state.upstream(path.upstream)
             up[labels] = 1.0 if upstream is not None and upstream.is_usable(path, None, now) else 0.0
-        self.metrics.key_disabled.values.clear()
-        self.metrics.key_headroom.values.clear()
+        m = self.metrics
+        for gauge in (m.key_disabled, m.key_headroom, m.admission_inflight, m.admission_depth):
+            gauge.values.clear()  # (set again by the filters that are still there)
         for chain in self.pipeline.chains.values():
             for f in chain.all_filters():
                 f.on_scrape(self.metrics, now)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .budget import RetryBudget
@@ -125,6 +125,7 @@ class Upstream:
         model: str | None = None,
         avoid: Collection[str] | None = None,
         claims: list[tuple[_Ejection, float]] | None = None,
+        order: Sequence[Path] | None = None,
     ) -> Path | None:
         """The next path to try for a request for ``model``: the first untried one in
         ``order`` that has room, whose line and whose origin (for that model) are healthy.
@@ -137,16 +138,14 @@ class Upstream:
         retry never goes to an endpoint that asked us to wait. ``take=False`` only looks:
         it does not claim a half-open trial; the trials it claims are added to ``claims``
         (``release_trials`` lets go of those whose outcome never came). ``only``: paths of that endpoint URL only (a
-        hop request names its endpoint; an edge never swaps it for another).
+        hop request names its endpoint; an edge never swaps it for another). ``order``: the
+        request's own order instead of ``order`` (``split.pick()``: picked once per request).
         """
         spill = fallback = None
         now = time.monotonic()
         gate = self.gate
         origins = self.origins
-        order = self.order
-        if self.split is not None and take and not tried and only is None:
-            order = self.split.pick() or order  # (weights: this request's endpoint first)
-        for path in order:
+        for path in order or self.order:
             url = path.endpoint.url
             if path in tried or (only is not None and url != only):
                 continue

@@ -1,7 +1,6 @@
-"""Review of the admission change (bc951cd): each test is a finding, failing on bc951cd.
-
-Run: .venv/bin/python -m pytest -q tests/test_review_admission.py
-"""
+"""Admission's harder cases, each found by a review of the first version (its docstring says
+what went wrong then): weights under queueing, keys short, reloads, a queue of 0, slots that
+must all come back."""
 
 from __future__ import annotations
 
@@ -70,7 +69,7 @@ class _OneKeyUpstream:
 
 
 async def test_keys_short_grants_one_waiter_per_ready_key() -> None:
-    """fairqueue.py:325-329: ``_after_key`` is scheduled (call_soon) *before* the grant
+    """``_after_key`` is scheduled (call_soon) *before* the grant
     resolves the waiter's future, so it runs before the granted task has taken its key: the
     queue still sees the key ready and grants the next waiter too. That one finds no key and
     waits in KeyPools.no_path_filter, outside the priority queue, holding a slot."""
@@ -101,8 +100,8 @@ async def test_keys_short_grants_one_waiter_per_ready_key() -> None:
 
 # -- 3. a reload that fails has already changed the running queue ----------------------------------
 async def test_a_failed_reload_leaves_the_cap_as_it_was(origin: FakeOrigin, tmp_path: Path) -> None:
-    """filters/admission.py:56-58 (FairQueue.reconfigure) runs inside assemble(), before the
-    reload binds its new listeners (ops/server.py:221-233): a reload that then fails ("still
+    """FairQueue.reconfigure ran inside assemble(), before the
+    reload binds its new listeners: a reload that then fails ("still
     serving the previous config") has already given the live queue its new cap (and the new,
     never-committed State's upstream)."""
     cfg, conf = admitted(origin, {"max_inflight": 1}), tmp_path / "c.yaml"
@@ -186,8 +185,8 @@ async def test_a_queued_request_is_not_refused_while_the_one_behind_it_is_served
 async def test_waiters_learn_at_once_that_every_key_was_refused(origin: FakeOrigin, make_proxy: Any) -> None:
     """A request waits for the cap; the one holding the slot finds the only key revoked (401,
     the key check confirms: the key is disabled). The queue's _keys_ready() sees keys short
-    for ever (inf) and sets no timer (fairqueue.py:351), so the waiter hangs until its
-    queue_timeout and is then refused 503 "overloaded ... waited 3.0s" (admission.py:94-104)
+    for ever (inf) and sets no timer, so the waiter hangs until its
+    queue_timeout and is then refused 503 "overloaded ... waited 3.0s"
     instead of the 401 upstream_keys_refused a request arriving now gets at once."""
     p = await make_proxy(keyed(origin, {"max_inflight": 1, "queue_timeout": "3s"}))
     origin.revoked_keys = set(KEYS)
@@ -204,7 +203,7 @@ async def test_waiters_learn_at_once_that_every_key_was_refused(origin: FakeOrig
 
 # -- 6. `queue: 0` (a cap, no queue) turns every wait for a key into a 503 "queue is full" -------
 async def test_no_queue_still_waits_for_a_key_or_says_429(origin: FakeOrigin, make_proxy: Any) -> None:
-    """admission.py:85-90: keys short and within the deadline -> queue.wait(), which with
+    """Keys short and within the deadline -> queue.wait(), which with
     queue: 0 answers FULL at once -> 503 overloaded "queue is full (0 waiting)". Without
     admission the same request waits the ~0.5 s for its key and is served; a client retrying
     a 503 sees an outage where there is only a short rate limit."""
@@ -212,7 +211,6 @@ async def test_no_queue_still_waits_for_a_key_or_says_429(origin: FakeOrigin, ma
     origin.limit_keys(KEYS, requests=1, window=0.5)
     assert (await ask(p, "first"))[0] == 200  # the key's next request: in 0.5 s
     status, headers, body = await ask(p, "second")
-    # (on bc951cd: 503 overloaded, "queue is full (0 waiting); retry in 5s")
     assert status == 200 or (status == 429 and headers.get("x-edgeproxy-error") == "rate_limited"), (
         f"{status} {headers.get('x-edgeproxy-error')}: {body[:120]!r}"
     )
@@ -258,7 +256,7 @@ async def test_every_slot_comes_back_after_a_messy_load(
 async def test_no_key_before_the_deadline_is_said_at_once_even_behind_a_waiter(
     origin: FakeOrigin, make_proxy: Any
 ) -> None:
-    """admission.py:85: the at-once 429 is skipped when anyone waits (``not queue.queued``):
+    """The at-once 429 was skipped when anyone waited (``not queue.queued``):
     the newcomer then sits out its whole queue_timeout (3 s) for a 429 it could have had at
     once (the key is ~5 s away), holding a place in the queue meanwhile."""
     p = await make_proxy(keyed(origin, {"max_inflight": 1, "queue_timeout": "3s"}))

@@ -19,6 +19,7 @@ from edgeproxy.ops.server import Proxy
 from edgeproxy.telemetry.accesslog import AccessLog
 from tests.conftest import RunningProxy, free_port, proxy_config
 from tests.fakes.origin import FakeOrigin
+from tests.test_edge import TOKEN, ready, sidecar_config
 
 BATCH = "batch-token-0123456789abcdef"
 CHAT_TOKEN = "chat-token-0123456789abcdef"
@@ -357,3 +358,33 @@ async def test_a_weighted_endpoint_down_gives_its_share_away_and_gets_it_back(
         await asyncio.sleep(0.2)
     else:
         raise AssertionError("the endpoint did not get its share back within 10 s")
+
+
+# -- across a `via` hop ------------------------------------------------------------------------------
+async def test_the_priority_crosses_the_hop_and_the_edge_caps_it(
+    origin: FakeOrigin, make_proxy: Any, tmp_path: Path
+) -> None:
+    edge_cfg = admitted(
+        origin,
+        {"max_inflight": 4},
+        listen={
+            "address": f"127.0.0.1:{free_port()}",
+            "tokens": [{"token": TOKEN, "name": "tokyo-sidecar", "max_priority": "normal"}],
+        },
+    )
+    edge = await make_proxy(edge_cfg)
+    side = await make_proxy(sidecar_config(origin, edge.url))
+    await ready(side)
+    log_path = tmp_path / "edge-access.log"
+    with log_path.open("wb") as f:
+        edge.proxy.listeners[0].engine.access = AccessLog("json", f.fileno())
+        for priority in ("low", "high", None):
+            assert (await ask(side, f"via-{priority}", priority))[0] == 200
+        await asyncio.sleep(0.05)
+    records = [orjson.loads(line) for line in log_path.read_bytes().splitlines()]
+    hops = [r for r in records if r["path"].endswith("/chat/completions")]
+    assert [(r["client"], r["priority"]) for r in hops] == [
+        ("tokyo-sidecar", "low"),
+        ("tokyo-sidecar", "normal"),  # asked high at the sidecar: the edge's token caps it
+        ("tokyo-sidecar", "normal"),
+    ]

@@ -24,12 +24,12 @@ Import from ``edgeproxy.config`` itself; the modules are its inside.
 
 from __future__ import annotations
 
+from ..proto.priority import PRIORITIES
 from .context import ConfigError
 from .hosts import norm_host
 from .load import default_config, load_dict, load_file
 from .redact import dump_redacted
 from .schema import (
-    PRIORITIES,
     AdminConfig,
     AdmissionConfig,
     CacheConfig,

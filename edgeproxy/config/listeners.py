@@ -10,9 +10,10 @@ import ssl
 from dataclasses import replace
 from typing import Final
 
+from ..proto.priority import PRIORITIES
 from .context import _BAD, _Ctx, _str_list
 from .hosts import _ip_or_none, norm_host
-from .schema import PRIORITIES, ListenerConfig, TLSConfig, TokenClass
+from .schema import ListenerConfig, TLSConfig, TokenClass
 from .tokens import weakness
 from .units import _tname
 

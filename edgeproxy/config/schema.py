@@ -12,9 +12,6 @@ from typing import Final
 
 from .hosts import _is_loopback_host
 
-# A request's class in an upstream's admission queue, best first (``x-edgeproxy-priority``).
-PRIORITIES: Final = ("high", "normal", "low")
-
 
 @dataclass(frozen=True, slots=True)
 class TokenClass:

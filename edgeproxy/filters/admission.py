@@ -22,9 +22,9 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Final
 
-from ..config import PRIORITIES
 from ..engine import Filter
 from ..proto.errors import ClientError, Overloaded, RateLimited
+from ..proto.priority import HEADER, request_class
 from .fairqueue import EXPIRED, FULL, GRANTED, SHED, FairQueue, Ticket
 
 if TYPE_CHECKING:
@@ -38,8 +38,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Admission"]
 
-HEADER: Final = "x-edgeproxy-priority"
-_RANK: Final = {c: i for i, c in enumerate(PRIORITIES)}
 # Why a request was refused, as the metric's reason label.
 _REASONS: Final = {FULL: "queue_full", SHED: "shed", EXPIRED: "timeout"}
 
@@ -67,13 +65,10 @@ class Admission(Filter):
 
     async def request_filter(self, ctx: Ctx) -> web.StreamResponse | None:
         client = ctx.client
-        priority = client.priority
         asked = ctx.request.headers.get(HEADER)
-        if asked is not None:
-            asked = asked.strip().lower()
-            if asked not in _RANK:
-                raise ClientError(f"{HEADER} must be high, normal or low (got {asked[:20]!r})")
-            priority = asked if _RANK[asked] >= _RANK[client.max_priority] else client.max_priority
+        priority = request_class(asked, client.priority, client.max_priority)
+        if priority is None:
+            raise ClientError(f"{HEADER} must be high, normal or low (got {asked[:20]!r})")
         ctx.keep(self, Ticket(priority, ctx.started))
         return None
 

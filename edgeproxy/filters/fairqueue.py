@@ -26,7 +26,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
-from ..config import PRIORITIES
+from ..proto.priority import PRIORITIES
 
 if TYPE_CHECKING:
     from ..config import AdmissionConfig

@@ -7,7 +7,9 @@ answer comes back compressed and is decoded here, bounded, unless the client tak
 coding itself (not for SSE: events must be seen, to relay them whole and report a break
 in-band). The edge's own refusals of the hop (our token, an origin it does not serve) fail
 the path, not the request; a delta whose base the edge lost is sent again whole, on the same
-path, unseen by the client. One ``ViaHop`` per `via` line, on the chains of its paths only.
+path, unseen by the client. The request's priority class goes along (``x-edgeproxy-priority``:
+the edge's admission queue caps it by the line's token there). One ``ViaHop`` per `via` line,
+on the chains of its paths only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from ..engine import Filter, SendAgain
 from ..proto import codec
 from ..proto.errors import ViaRefused
 from ..proto.hop import BASE_HEADER, BASE_MISSING
+from ..proto.priority import HEADER as PRIORITY_HEADER
+from ..proto.priority import PRIORITIES, request_class
 from .deltas import Bases
 from .edge import HOP_SKIP, HOP_SKIP_CODED, MIN_COMPRESS
 
@@ -35,6 +39,7 @@ SIDECAR_BASES: Final = 16
 SIDECAR_BASE_BYTES: Final = 16 << 20
 BASE_HEADER_BYTES: Final = BASE_HEADER.encode()
 BASE_MISSING_BYTES: Final = BASE_MISSING.encode()
+_PRIORITY_LINES: Final = {c: f"{PRIORITY_HEADER}: {c}\r\n".encode() for c in PRIORITIES}
 # The edge's own refusals of the hop itself (our token, a target it does not serve, a delta
 # base it lacks); its other errors (keys_refused, rate_limited...) are answers to pass on.
 HOP_REFUSALS: Final = frozenset({b"unauthorized", b"forbidden", BASE_MISSING_BYTES})
@@ -83,6 +88,9 @@ class ViaHop(Filter):
         lines = attempt.lines
         lines.append(path.hop_headers)  # our token for the edge, and the endpoint meant
         lines.append(hop.accept(ctx.request.headers.get("accept-encoding")))
+        priority = _priority(ctx)
+        if priority is not None:
+            lines.append(_PRIORITY_LINES[priority])
         if base is not None:
             digest, n, m = base
             lines.append(b"%s: %s:%d:%d\r\n" % (BASE_HEADER_BYTES, digest.encode(), n, m))
@@ -192,3 +200,13 @@ async def _encoded_stream(
             yield packed
     yield encoder.finish()
     metrics.count_hop("sidecar", line, "up", encoder.raw, encoder.wire)
+
+
+def _priority(ctx: Ctx) -> str | None:
+    """The class the edge should queue this request in (it caps it by its own token): what the
+    client asked for, capped by its token here, or its token's class if that is not the default."""
+    client = ctx.client
+    asked = ctx.request.headers.get(PRIORITY_HEADER)
+    if asked is None:
+        return client.priority if client.priority != "normal" else None
+    return request_class(asked, client.priority, client.max_priority)

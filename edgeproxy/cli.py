@@ -173,11 +173,24 @@ def cmd_status(args: argparse.Namespace) -> int:
                     str(k["tokens"]),
                 )
             )
-        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-        print()
-        for r in table:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        _print_table(table)
+    queues = [(u["name"], u["admission"]) for u in status["upstreams"] if u.get("admission")]
+    if queues:
+        table = [("UPSTREAM", "IN_FLIGHT", "MAX_INFLIGHT", "WAITING_HIGH", "WAITING_NORMAL", "WAITING_LOW")]
+        for name, a in queues:
+            waiting = a["waiting"]
+            cap = a["max_inflight"]
+            table.append((name, str(a["inflight"]), "-" if cap is None else str(cap),
+                          *(str(waiting[c]) for c in ("high", "normal", "low"))))  # fmt: skip
+        _print_table(table)
     return 0
+
+
+def _print_table(table: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    print()
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 # ANSI colours for `edgeproxy status` on a terminal: state at a glance.

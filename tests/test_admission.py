@@ -19,6 +19,7 @@ from edgeproxy.ops.server import Proxy
 from edgeproxy.telemetry.accesslog import AccessLog
 from tests.conftest import RunningProxy, free_port, proxy_config
 from tests.fakes.origin import FakeOrigin
+from tests.test_cli import run_cli
 from tests.test_edge import TOKEN, ready, sidecar_config
 
 BATCH = "batch-token-0123456789abcdef"
@@ -388,3 +389,18 @@ async def test_the_priority_crosses_the_hop_and_the_edge_caps_it(
         ("tokyo-sidecar", "normal"),  # asked high at the sidecar: the edge's token caps it
         ("tokyo-sidecar", "normal"),
     ]
+
+
+async def test_status_shows_slots_and_waiters(origin: FakeOrigin, make_proxy: Any) -> None:
+    admin = free_port()
+    p = await make_proxy(admitted(origin, {"max_inflight": 1}, admin={"listen": f"127.0.0.1:{admin}"}))
+    origin.latency = 1.0
+    held = [asyncio.ensure_future(ask(p, "holder")), asyncio.ensure_future(ask(p, "waiter", "low"))]
+    await waiting(p, 1)
+    r = await asyncio.to_thread(run_cli, "status", "--admin", f"http://127.0.0.1:{admin}")
+    origin.latency = 0.01
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("UPSTREAM") and "WAITING_LOW" in line)
+    assert lines[header + 1].split() == ["openai", "1", "1", "0", "0", "1"]
+    assert [s for s, _, _ in await asyncio.gather(*held)] == [200, 200]

@@ -185,6 +185,28 @@ async def test_redis_restarted_works_again_after_the_back_off(
     raw.close()
 
 
+async def test_pooled_connections_to_a_restarted_redis_are_replaced_not_failed(
+    redis_server: RedisServer, stores: Callable[..., RedisStore]
+) -> None:
+    # Idle pooled connections to the Redis that died must be noticed (the server closed them) and
+    # replaced when taken, not used: a GET on one is "Connection closed by server", counted and
+    # another 0.4-0.5 s back-off just after Redis came back (under concurrency, one per stale
+    # connection taken). redis-py 8 (RESP3 by default, maintenance notifications "auto") skips its
+    # pool's check for a closed or dirty idle connection unless the store speaks RESP2.
+    store = stores(redis_server.url)
+    keys = [bytes([0x90 + i]) * 32 for i in range(8)]
+    await asyncio.gather(*(store.put(k, JSON, 60) for k in keys))  # 8 at once: 8 pooled connections
+    redis_server.stop()
+    assert await store.get(keys[0]) is None and store.errors == 1
+    redis_server.start()
+    await until_available(store)
+    await store.put(keys[0], JSON, 60)  # the call that tries Redis again: it is back
+    assert store.available and store.errors == 1
+    for _ in range(3):  # the 7 idle connections to the dead server are taken now
+        assert await asyncio.gather(*(store.get(keys[0]) for _ in keys)) == [JSON] * len(keys)
+    assert store.errors == 1 and store.available
+
+
 async def test_a_server_that_never_existed(stores: Callable[..., RedisStore]) -> None:
     store = stores(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
     t0 = time.monotonic()
@@ -217,6 +239,86 @@ async def test_a_hung_redis_costs_at_most_the_timeout(
         redis_server.proc.send_signal(signal.SIGCONT)
     await until_available(store)
     assert await store.get(b"\x71" * 32) == JSON
+
+
+async def test_a_silent_server_costs_at_most_the_timeout(stores: Callable[..., RedisStore]) -> None:
+    # Accepts TCP connections, reads, never answers (a hung Redis, a wrong port behind a proxy):
+    # connecting succeeds, so only the store's own timeout bounds the handshake and the command
+    # (the pool sets no socket_timeout). Nothing waits longer, with more calls than connections too.
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        while await reader.read(65536):
+            pass
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        store = stores(f"redis://127.0.0.1:{port}/0")
+        t0 = time.monotonic()
+        got = await asyncio.gather(*(store.get(bytes([i]) * 32) for i in range(100)))
+        assert got == [None] * 100 and time.monotonic() - t0 < 0.5
+        assert held and not store.available
+        await until_available(store)
+        t0 = time.monotonic()
+        await store.put(b"\x75" * 32, JSON, 60)  # the call that tries again: the same wait
+        assert time.monotonic() - t0 < 0.5 and not store.available
+        t0 = time.monotonic()
+        await store.close()
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        for w in held:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_reply_that_comes_after_the_timeout_is_never_read_as_the_next_answer(
+    redis_server: RedisServer, stores: Callable[..., RedisStore]
+) -> None:
+    # The GET that timed out left its reply on the way; that connection must not be reused, or the
+    # next GET (another key, another tenant's) reads the late reply as its own answer. A proxy in
+    # front of the real redis-server holds Redis's answers back while `hold` is set.
+    hold = 0.0
+    pumps: set[asyncio.Task[None]] = set()
+
+    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delayed: bool) -> None:
+        try:
+            while data := await src.read(65536):
+                if delayed and hold:
+                    await asyncio.sleep(hold)
+                dst.write(data)
+                await dst.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            dst.close()
+
+    async def proxied(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        r, w = await asyncio.open_connection("127.0.0.1", redis_server.port)
+        for t in (pump(reader, w, False), pump(r, writer, True)):
+            pumps.add(asyncio.create_task(t))
+
+    server = await asyncio.start_server(proxied, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        store = stores(f"redis://127.0.0.1:{port}/0")
+        a, b = b"\xa1" * 32, b"\xb2" * 32
+        await store.put(a, JSON, 60)
+        await store.put(b, SSE, 60)
+        hold = 0.25  # the next answer (a's entry) comes 0.25 s late: after the timeout, before
+        assert await store.get(a) is None and store.errors == 1  # the back-off (>= 0.375 s) ends
+        hold = 0.0
+        await until_available(store)
+        assert await store.get(b) == SSE  # not a's entry
+        assert await asyncio.gather(store.get(a), store.get(b)) == [JSON, SSE]
+        assert store.errors == 1
+    finally:
+        for t in pumps:
+            t.cancel()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_concurrent_gets_while_redis_is_killed(

@@ -96,6 +96,13 @@ class RedisStore:
                 # per write (asyncio.wait_for) to every call: ~20 us of a hit's CPU.
                 socket_timeout=None,
                 retry=Retry(NoBackoff(), 0),
+                # RESP2: GET and SET answer the same in both, and redis-py >= 8 defaults to RESP3
+                # with maintenance notifications "auto", which turns off its pool's check of an idle
+                # connection taken from the pool (closed by a restarted Redis, or data pending):
+                # the first calls after a restart would fail on connections to the old server.
+                # (RESP2 also saves HELLO and CLIENT MAINT_NOTIFICATIONS, a round trip each, per
+                # new connection.) A ?protocol=3 in the URL would win over this.
+                protocol=2,
             )
         except ValueError as e:  # redis-py's messages name the scheme, not the URL
             raise ValueError(f"redis cache store {self.shown}: {e}") from None

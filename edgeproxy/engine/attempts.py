@@ -238,10 +238,16 @@ class Failover:
         winner: asyncio.Future[Attempt] | None = None
         try:
             done, pending = await asyncio.wait(pending, timeout=delay)
+            claimed = len(ctx.trials)
             second_path = None if done else _plan(ctx, upstream, retry=True)
             if second_path is not None and not _taken(ctx, chain, second_path):
                 second_path = None  # what it needs (a key) is not ready: no hedge
-            if second_path is not None and upstream.budget.try_retry(time.monotonic()):
+            if second_path is not None and not upstream.budget.try_retry(time.monotonic()):
+                second_path = None
+            if second_path is None and len(ctx.trials) > claimed:
+                release_trials(ctx.trials[claimed:])  # (a half-open path's trial it will not take)
+                del ctx.trials[claimed:]
+            if second_path is not None:
                 ctx.tried.append(second_path)
                 self.metrics.hedges.inc((upstream.name,))
                 second_attempt = Attempt(second_path, started)

@@ -223,6 +223,18 @@ async def test_a_server_that_never_existed(stores: Callable[..., RedisStore]) ->
     assert 0.7 < second < 1.1
 
 
+async def test_a_large_answer_is_stored_within_a_budget_for_its_size(
+    redis_server: RedisServer, stores: Callable[..., RedisStore]
+) -> None:
+    # A 2 ms budget: a 6 MiB SET takes longer even on loopback. The write's own budget grows
+    # with its size (no client waits for it), so it is stored, and no back-off starts.
+    store = stores(redis_server.url, timeout=0.002)
+    big = Entry(200, (("content-type", "application/json"),), b"[" + b"1," * (3 << 20) + b"1]", False, 7)
+    await store.put(b"\x72" * 32, big, 60)
+    assert store.errors == 0 and store.available
+    assert await stores(redis_server.url).get(b"\x72" * 32) == big
+
+
 async def test_a_hung_redis_costs_at_most_the_timeout(
     redis_server: RedisServer, stores: Callable[..., RedisStore]
 ) -> None:

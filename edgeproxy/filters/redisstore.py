@@ -6,7 +6,9 @@ written with SET PX, so Redis expires it (and evicts it under its own ``maxmemor
 A value that does not decode (another program's, a torn write) is a miss.
 
 Redis must never make a client wait: every call is bounded by ``timeout`` (50 ms by default:
-connecting, waiting for a pooled connection, the command itself). Any failure (a timeout, a
+connecting, waiting for a pooled connection, the command itself). A write (no client waits for
+it: it runs after the answer) gets ``timeout`` plus the time to send its value at ``PUT_RATE``,
+so a large answer is stored over a slower link instead of timing out and starting a back-off. Any failure (a timeout, a
 refused or reset connection, a protocol error) is a miss or a dropped write, counted in
 ``errors``, and starts a back-off (0.5 s doubling to 10 s, jittered, reset on the first
 success): while it lasts ``available`` is False, ``get`` returns None and ``put`` returns at
@@ -41,6 +43,8 @@ log = logging.getLogger("edgeproxy")
 
 PREFIX: Final = b"edgeproxy:cache:"
 MAX_CONNECTIONS: Final = 32
+# Bytes per second a write's budget assumes beyond ``timeout`` (8 MiB: +0.34 s).
+PUT_RATE: Final = 25e6
 BACKOFF_FIRST: Final = 0.5
 BACKOFF_MAX: Final = 10.0
 MISSING: Final = "the redis cache store needs: pip install 'edgeproxy[redis]'"
@@ -135,9 +139,10 @@ class RedisStore:
         trying = self._begin()
         if trying is None:
             return
+        value = encode(entry)
         try:
-            async with asyncio.timeout(self.timeout):
-                await self._command(b"SET", PREFIX + key.hex().encode(), encode(entry), b"PX", ms)
+            async with asyncio.timeout(self.timeout + len(value) / PUT_RATE):
+                await self._command(b"SET", PREFIX + key.hex().encode(), value, b"PX", ms)
         except Exception as e:
             self._failed(e)
             return

@@ -112,6 +112,17 @@ async def test_identical_requests_at_once_go_upstream_once(
     assert kinds.count("miss") == 1 and kinds.count("coalesced") == 39
 
 
+async def test_shared_streams_count_as_active_streams(origin: FakeOrigin, make_proxy: Any) -> None:
+    origin.events, origin.event_interval = 8, 0.1
+    p = await make_proxy(cached(origin))
+    sharers = [asyncio.ensure_future(ask(p, STREAM)) for _ in range(3)]
+    await origin.wait_requests(1)
+    await asyncio.sleep(0.3)  # mid-stream: every client's stream is being relayed
+    assert p.proxy.metrics.active_streams.values.get(("openai",)) == 3
+    assert [r[0] for r in await asyncio.gather(*sharers)] == [200] * 3
+    assert p.proxy.metrics.active_streams.values.get(("openai",)) == 0
+
+
 async def test_the_leader_leaving_does_not_cancel_the_others_answer(origin: FakeOrigin, make_proxy: Any) -> None:
     origin.latency, origin.events, origin.event_interval = 0.3, 10, 0.05  # the others join before it leaves
     p = await make_proxy(cached(origin))

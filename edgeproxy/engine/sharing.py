@@ -122,10 +122,14 @@ class Sharing:
         ctx.streamed = ctx.committed = True
         ctx.ttfb = time.monotonic() - ctx.started
         await out.prepare(ctx.request)
+        streams, labels = self.metrics.active_streams, (ctx.upstream.name if ctx.upstream else "-",)
+        streams.inc(labels)
         try:
             await self._send(ctx, out, flight)
         except ConnectionResetError:
             ctx.status, ctx.error = STATUS_CLIENT_CLOSED, "client_disconnected"
+        finally:
+            streams.inc(labels, -1)
         return out
 
     async def _send(self, ctx: Ctx, out: web.StreamResponse, flight: Flight) -> None:

@@ -37,6 +37,8 @@ ALERTS = {
     "EdgeproxyRetryBudgetExhausted",
     "EdgeproxyKeyDisabled",
     "EdgeproxyKeysExhausted",
+    "EdgeproxyAdmissionRefusing",
+    "EdgeproxyHighPriorityWaiting",
     "EdgeproxyLogDropped",
     "EdgeproxyDown",
 }
@@ -140,6 +142,11 @@ def test_rules_structure() -> None:
     by_name = {r["alert"]: r for r in rules}
     assert by_name["EdgeproxyRetryBudgetExhausted"]["labels"]["severity"] == "warning"
     assert 'status=~"5.."' in by_name["EdgeproxyHighErrorRate"]["expr"]  # 499 (client left) is not an error
+    # Admission's 503s and its 429s (keys short) page apart: the 429s are the key pools' alert,
+    # which would be blind on an upstream with admission without them.
+    assert 'reason!="rate_limited"' in by_name["EdgeproxyAdmissionRefusing"]["expr"]
+    assert 'reason="rate_limited"' in by_name["EdgeproxyKeysExhausted"]["expr"]
+    assert 'priority="high"' in by_name["EdgeproxyHighPriorityWaiting"]["expr"]
 
 
 def test_rules_use_exported_metrics() -> None:
@@ -152,7 +159,13 @@ def test_rules_use_exported_metrics() -> None:
         problems |= check_expr(rule["expr"], series, rule["alert"], templated)
         used |= read_promql(rule["expr"])[0]
     assert not problems, sorted(problems)
-    assert {"edgeproxy_requests_total", "edgeproxy_path_up", "up"} <= used
+    assert {
+        "edgeproxy_requests_total",
+        "edgeproxy_path_up",
+        "up",
+        "edgeproxy_admission_refused_total",
+        "edgeproxy_admission_wait_seconds_bucket",
+    } <= used
 
 
 promtool = shutil.which("promtool") or "promtool"
@@ -195,6 +208,17 @@ def test_promtool_alerts_fire(tmp_path: Path) -> None:
     slow += [series(dur, {"upstream": "openai", "le": le}, "0+60x30") for le in ("5.0", "+Inf")]
     fast = [series(dur, {"upstream": "anthropic", "le": le}, "0+60x30") for le in ("1.0", "2.5", "5.0", "+Inf")]
     ttfb_series = [{**s, "series": s["series"].replace(dur, ttfb)} for s in slow + fast]
+    refused, wait = "edgeproxy_admission_refused_total", "edgeproxy_admission_wait_seconds_bucket"
+
+    def waits(upstream: str, priority: str, below: str) -> list[dict[str, str]]:
+        """60 waits a minute, each between the bucket before ``below`` and ``below``."""
+        bounds = ("0.001", "0.5", "1.0", "2.0", "30.0", "+Inf")
+        at = bounds.index(below)
+        return [
+            series(wait, {"upstream": upstream, "priority": priority, "le": le}, "0+60x30" if i >= at else "0x30")
+            for i, le in enumerate(bounds)
+        ]
+
     tests = [
         {  # 10% 5xx on openai; 10% 499 on anthropic is not an error
             "interval": "1m",
@@ -274,6 +298,56 @@ def test_promtool_alerts_fire(tmp_path: Path) -> None:
                     ],
                 },
                 {"eval_time": "30m", "alertname": "EdgeproxyReloadFailed", "exp_alerts": []},  # 15m later
+            ],
+        },
+        {  # admission: openai refuses 5% with 503 (full, timeout); anthropic 5% with 429 (keys short:
+            # the counter appears at the first refusal); gemini 0.5% with 503: fine
+            "interval": "1m",
+            "input_series": [
+                series(req, {"upstream": "openai", "status": "200"}, "0+95x20"),
+                series(req, {"upstream": "openai", "status": "503"}, "0+5x20"),
+                series(refused, {"upstream": "openai", "priority": "low", "reason": "queue_full"}, "0+3x20"),
+                series(refused, {"upstream": "openai", "priority": "normal", "reason": "timeout"}, "0+2x20"),
+                series(req, {"upstream": "anthropic", "status": "200"}, "0+95x20"),
+                series(req, {"upstream": "anthropic", "status": "429"}, "0+5x20"),
+                series(
+                    refused, {"upstream": "anthropic", "priority": "normal", "reason": "rate_limited"}, "_x2 10+5x18"
+                ),
+                series(req, {"upstream": "gemini", "status": "200"}, "0+199x20"),
+                series(req, {"upstream": "gemini", "status": "503"}, "0+1x20"),
+                series(refused, {"upstream": "gemini", "priority": "low", "reason": "shed"}, "0+1x20"),
+                # the key pools' counter, flat: it must not hide the admission queue's 429s
+                series("edgeproxy_keys_exhausted_total", {"upstream": "anthropic"}, "4x20"),
+                series("edgeproxy_keys_exhausted_total", {"upstream": "gemini"}, "4x20"),
+            ],
+            "alert_rule_test": [
+                {"eval_time": "5m", "alertname": "EdgeproxyAdmissionRefusing", "exp_alerts": []},  # still pending
+                {
+                    "eval_time": "15m",
+                    "alertname": "EdgeproxyAdmissionRefusing",
+                    "exp_alerts": [alert("warning", upstream="openai")],
+                },
+                {"eval_time": "5m", "alertname": "EdgeproxyKeysExhausted", "exp_alerts": []},
+                {
+                    "eval_time": "15m",
+                    "alertname": "EdgeproxyKeysExhausted",
+                    "exp_alerts": [alert("warning", upstream="anthropic")],
+                },
+            ],
+        },
+        {  # high-priority waits: openai's take 1-2 s; anthropic's are at once; openai's low wait long
+            "interval": "1m",
+            "input_series": waits("openai", "high", "2.0")
+            + waits("openai", "low", "30.0")
+            + waits("anthropic", "high", "0.001")
+            + waits("anthropic", "normal", "30.0"),
+            "alert_rule_test": [
+                {"eval_time": "8m", "alertname": "EdgeproxyHighPriorityWaiting", "exp_alerts": []},  # pending
+                {
+                    "eval_time": "15m",
+                    "alertname": "EdgeproxyHighPriorityWaiting",
+                    "exp_alerts": [alert("warning", upstream="openai")],
+                },
             ],
         },
         {

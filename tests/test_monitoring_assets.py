@@ -437,7 +437,7 @@ def test_dashboard_uses_exported_metrics() -> None:
             assert var["query"]["query"] == var["definition"], var["name"]
             problems |= check_expr(m[1], series, f"${var['name']}", {m[2]})
     assert not problems, sorted(problems)
-    # The panels the dashboard is for: traffic, latency, lines, failover, reloads.
+    # The panels the dashboard is for: traffic, latency, lines, failover, admission, reloads.
     wanted = {
         "edgeproxy_requests_total",
         "edgeproxy_request_duration_seconds_bucket",
@@ -452,5 +452,9 @@ def test_dashboard_uses_exported_metrics() -> None:
         "edgeproxy_bytes_total",
         "edgeproxy_reloads_total",
         "edgeproxy_config_generation",
+        "edgeproxy_admission_inflight",
+        "edgeproxy_admission_queue_depth",
+        "edgeproxy_admission_wait_seconds_bucket",
+        "edgeproxy_admission_refused_total",
     }
     assert wanted <= used, sorted(wanted - used)

@@ -105,6 +105,7 @@ class Admission(Filter):
 
     def _keys_short(self, ticket: Ticket, wait: float) -> RateLimited:
         self._refuse(ticket, "rate_limited")
+        self.metrics.keys_exhausted.inc((self.name,))  # (the same 429 the key pools answer)
         return RateLimited(f"every API key of upstream {self.name} is rate-limited; retry in {wait:.2f}s", wait)
 
     def _refuse(self, ticket: Ticket, reason: str) -> None:

@@ -183,7 +183,7 @@ async def test_a_slow_upload_past_replay_body_does_not_hold_a_slot(origin: FakeO
     p = await make_proxy(admitted(origin, {"max_inflight": 1, "queue_timeout": "1s"}, limits=limits))
     body = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "y" * 5000}]})
     head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-    reader, writer = await asyncio.open_connection("127.0.0.1", int(p.url.rsplit(":", 1)[1]))
+    _reader, writer = await asyncio.open_connection("127.0.0.1", int(p.url.rsplit(":", 1)[1]))
     try:
         writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body[:-10])  # ... and stalls
         await asyncio.sleep(0.3)

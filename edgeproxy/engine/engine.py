@@ -114,6 +114,10 @@ class Engine(Failover, Sharing):
     def inflight(self) -> int:
         return len(self._inflight)
 
+    def requests(self) -> list[Ctx]:
+        """The requests in flight now."""
+        return list(self._inflight)
+
     def end_streams(self) -> int:
         """The drain is over: every answer still being relayed ends now, a stream with an
         in-band error in its protocol, any other body cut short; a request still waiting in a

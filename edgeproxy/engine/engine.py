@@ -114,15 +114,25 @@ class Engine(Failover, Sharing):
     def inflight(self) -> int:
         return len(self._inflight)
 
+    def requests(self) -> list[Ctx]:
+        """The requests in flight now."""
+        return list(self._inflight)
+
     def end_streams(self) -> int:
         """The drain is over: every answer still being relayed ends now, a stream with an
-        in-band error in its protocol, any other body cut short. How many there were."""
+        in-band error in its protocol, any other body cut short; a request still waiting in a
+        filter (an admission queue) is answered 503 shutting_down. How many there were."""
         ended = 0
-        for ctx in self._inflight:
+        for ctx, chain in list(self._inflight.items()):
             reply = ctx.reply
             if reply is not None and (ctx.committed or ctx.leads) and not reply.resp.complete:
                 reply.resp.fail(ShuttingDown("edgeproxy is shutting down (drain_timeout ended)"))
                 ended += 1
+            elif chain is not None and reply is None and not ctx.committed:
+                for on_drain_end in chain.drain_end:
+                    if on_drain_end(ctx):
+                        ended += 1
+                        break
         return ended
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:

@@ -157,6 +157,12 @@ class Filter:
     def logging_filter(self, ctx: Ctx, record: dict[str, object]) -> None:
         """Last: add fields to the access-log record (never secrets)."""
 
+    def on_drain_end(self, ctx: Ctx) -> bool:
+        """The drain (shutdown) ended with ``ctx`` not yet answered: end what it waits for in
+        this filter, so that its client gets an error instead of a cut connection. True if it
+        was waiting here."""
+        return False
+
     # -- operations --------------------------------------------------------------------------
     def commit(self) -> None:
         """The pipeline this filter is in now serves requests (a reload swapped it in, with its
@@ -215,6 +221,7 @@ class Chain:
 
     __slots__ = (
         "answer",
+        "drain_end",
         "filters",
         "logging",
         "no_path",
@@ -236,6 +243,7 @@ class Chain:
         self.answer = _overriding(fs, "on_answer")
         self.stream_break = _overriding(fs, "on_stream_break")
         self.logging = _overriding(fs, "logging_filter")
+        self.drain_end = _overriding(fs, "on_drain_end")
         self._plain = PathChain(fs)
         # Paths with filters of their own get a chain of their own; the rest share one.
         self.paths: dict[Path, PathChain] = {

@@ -23,9 +23,9 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from ..engine import Filter
-from ..proto.errors import ClientError, Overloaded, RateLimited
+from ..proto.errors import ClientError, Overloaded, RateLimited, ShuttingDown
 from ..proto.priority import HEADER, request_class
-from .fairqueue import EXPIRED, FULL, GRANTED, SHED, FairQueue, Ticket
+from .fairqueue import CLOSED, EXPIRED, FULL, GRANTED, SHED, FairQueue, Ticket
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -90,6 +90,11 @@ class Admission(Filter):
         outcome = await queue.wait(ticket)
         if outcome == GRANTED:
             return True
+        if outcome == CLOSED:
+            why = f"edgeproxy is shutting down (drain_timeout ended); the request waited in upstream {self.name}'s"
+            exc = ShuttingDown(why + " queue and reached no origin")
+            exc.retry_after = 1.0
+            raise exc
         short = queue.keys_short()
         if short is not None and short != float("inf"):
             raise self._keys_short(ticket, short)  # (what it waited for, or would have: keys)
@@ -112,6 +117,10 @@ class Admission(Filter):
         labels = (self.name, ticket.priority)
         self.metrics.admission_refused.inc((*labels, reason))
         self.metrics.admission_wait.observe(labels, ticket.waited)
+
+    def on_drain_end(self, ctx: Ctx) -> bool:
+        ticket: Ticket | None = ctx.local(self)
+        return ticket is not None and self.queue.close(ticket)
 
     def on_end(self, ctx: Ctx, reply: Reply | None) -> None:
         ticket: Ticket | None = ctx.local(self)

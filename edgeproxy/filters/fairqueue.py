@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..config import AdmissionConfig
     from ..routing.state import Upstream
 
-__all__ = ["WEIGHTS", "FairQueue", "Ticket"]
+__all__ = ["CLOSED", "WEIGHTS", "FairQueue", "Ticket"]
 
 # Shares of the slots while every class waits: 6 / 3 / 1 of every 10.
 WEIGHTS: Final = {"high": 6, "normal": 3, "low": 1}
@@ -42,6 +42,7 @@ GRANTED: Final = "granted"
 EXPIRED: Final = "expired"  # its deadline passed
 FULL: Final = "full"  # the queue was full when it came
 SHED: Final = "shed"  # the queue was full, and a higher class came
+CLOSED: Final = "closed"  # the drain (shutdown) ended while it waited
 _GONE: Final = "gone"  # its client went away
 # While keys are short, the queue looks again this often at most (seconds).
 KEY_RECHECK: Final = 0.5
@@ -121,7 +122,7 @@ class FairQueue:
 
     # -- waiting ---------------------------------------------------------------------------
     async def wait(self, ticket: Ticket) -> str:
-        """Wait for a slot: GRANTED, EXPIRED, FULL or SHED. Raises CancelledError if the
+        """Wait for a slot: GRANTED, EXPIRED, FULL, SHED or CLOSED. Raises CancelledError if the
         client goes away (the ticket then leaves its line at once)."""
         loop = asyncio.get_running_loop()
         now = time.monotonic()
@@ -150,6 +151,8 @@ class FairQueue:
 
     def retry_after(self) -> float:
         """When a refused client might be served: the waiters ahead at the recent pace."""
+        if not self.queued:
+            return RETRY_MIN  # (no one ahead, `queue: 0`: the next slot given back is its)
         rate = self._rate.per_second(time.monotonic())
         guess = self.queued / rate if rate > 0 else self.config.queue_timeout
         return min(RETRY_MAX, max(RETRY_MIN, guess))
@@ -164,6 +167,13 @@ class FairQueue:
             return None
         wait = up.ready_in(now) if up.ready_in is not None else None
         return float("inf") if wait is None else wait
+
+    def close(self, ticket: Ticket) -> bool:
+        """The drain ended: this waiter leaves with CLOSED (True), if it still waits."""
+        if not ticket.waiting:
+            return False
+        self._resolve(ticket, CLOSED)
+        return True
 
     def reconfigure(self, config: AdmissionConfig, upstream: Upstream) -> None:
         """A reload: new limits (more slots are granted at once), the new State's upstream."""

@@ -259,8 +259,8 @@ class Proxy:
         self.listeners = [lst for lst in self.listeners if lst not in removed_listeners] + opened
         # 4. What left: drain in the background, then close.
         removed_paths = [p for k, p in old_state.paths.items() if state.paths.get(k) is not p]
-        for path in removed_paths:
-            self._spawn(path.pool.close())  # idle connections now; active ones when released
+        if removed_paths:
+            self._spawn(self._retire(removed_paths, old_state, max(new.drain_timeout, old.drain_timeout)))
         for listener in removed_listeners:
             self._spawn(self._close_listener(listener, new.drain_timeout))
         if old.admin.listen != new.admin.listen:
@@ -270,6 +270,18 @@ class Proxy:
             if new.admin.listen is not None:
                 await self._start_admin(new.admin.listen)
         return describe_changes(old, new, old_state, state, opened, removed_listeners)
+
+    async def _retire(self, paths: list[Path], old_state: State, limit: float) -> None:
+        """Removed paths close once no request begun under the State that had them is left
+        (one waiting in an admission queue plans its first attempt when granted: on them),
+        or after ``limit``: idle connections then, active ones when released."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline and any(
+            ctx.state is old_state for listener in self.listeners for ctx in listener.engine.requests()
+        ):
+            await asyncio.sleep(0.1)
+        for path in paths:
+            await path.pool.close()
 
     async def _first_probes(self, paths: list[Path], timeout: float) -> None:
         deadline = time.monotonic() + timeout

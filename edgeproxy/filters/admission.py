@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from ..config import AdmissionConfig
-    from ..engine import Ctx, Reply
+    from ..engine import Ctx, Flight, Reply
     from ..routing.lines import Path
     from ..routing.state import Upstream
     from ..telemetry.metrics import Metrics
@@ -45,12 +45,15 @@ _REASONS: Final = {FULL: "queue_full", SHED: "shed", EXPIRED: "timeout"}
 class Admission(Filter):
     """One upstream's admission: its queue (kept across reloads) and its metrics."""
 
-    __slots__ = ("_taken_over", "metrics", "name", "queue")
+    __slots__ = ("_leaders", "_taken_over", "metrics", "name", "queue")
 
     def __init__(self, upstream: Upstream, config: AdmissionConfig, metrics: Metrics, old: Admission | None) -> None:
         self.name = upstream.name
         self.metrics = metrics
         self.queue: FairQueue
+        # Answers shared by several requests (the cache's flights) -> the ticket of the one
+        # request that fetches it: whoever shares it lends it their class.
+        self._leaders: dict[Flight, Ticket] = old._leaders if old is not None else {}
         self._taken_over: tuple[AdmissionConfig, Upstream] | None = None
         if old is not None:  # the waiters and the slots held stay with their upstream ...
             self.queue = old.queue
@@ -70,6 +73,18 @@ class Admission(Filter):
         if priority is None:
             raise ClientError(f"{HEADER} must be high, normal or low (got {asked[:20]!r})")
         ctx.keep(self, Ticket(priority, ctx.started))
+        return None
+
+    async def request_body_filter(self, ctx: Ctx) -> web.StreamResponse | None:
+        flight = ctx.flight
+        if flight is not None:
+            ticket: Ticket = ctx.local(self)
+            if ctx.leads:
+                self._leaders[flight] = ticket
+            else:
+                lead = self._leaders.get(flight)
+                if lead is not None:
+                    self.queue.promote(lead, ticket.priority)  # (the fetch waits in the best class)
         return None
 
     def path_filter(self, ctx: Ctx, path: Path) -> bool:
@@ -124,7 +139,11 @@ class Admission(Filter):
 
     def on_end(self, ctx: Ctx, reply: Reply | None) -> None:
         ticket: Ticket | None = ctx.local(self)
-        if ticket is not None and ticket.admitted:
+        if ticket is None:
+            return
+        if ctx.flight is not None and self._leaders.get(ctx.flight) is ticket:
+            del self._leaders[ctx.flight]
+        if ticket.admitted:
             self.metrics.admission_wait.observe((self.name, ticket.priority), ticket.waited)
             self.queue.release(ticket)
 

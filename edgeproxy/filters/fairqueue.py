@@ -26,7 +26,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
-from ..proto.priority import PRIORITIES
+from ..proto.priority import PRIORITIES, RANK
 
 if TYPE_CHECKING:
     from ..config import AdmissionConfig
@@ -167,6 +167,20 @@ class FairQueue:
             return None
         wait = up.ready_in(now) if up.ready_in is not None else None
         return float("inf") if wait is None else wait
+
+    def promote(self, ticket: Ticket, cls: str) -> None:
+        """``ticket`` now waits (or will) in class ``cls``, if that is higher: a request of that
+        class shares its answer (the cache), and must not wait in a lower class's line."""
+        if RANK[cls] >= RANK[ticket.priority]:
+            return
+        if ticket.waiting:  # (rare: a linear search of its line is fine)
+            self._lines[ticket.priority].remove(ticket)
+            self.counts[ticket.priority] -= 1
+            if not self.counts[cls]:
+                self._passes[cls] = max(self._passes[cls], self._vtime)
+            self._lines[cls].append(ticket)
+            self.counts[cls] += 1
+        ticket.priority = cls
 
     def close(self, ticket: Ticket) -> bool:
         """The drain ended: this waiter leaves with CLOSED (True), if it still waits."""

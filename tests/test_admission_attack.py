@@ -143,8 +143,7 @@ async def test_a_high_request_sharing_a_queued_low_fetch_waits_as_high(origin: F
     assert served_order(origin).index("same") == 1, served_order(origin)
 
 
-# -- MEDIUM (design): hedges take origin capacity from the waiters ------------------------------
-@pytest.mark.xfail(strict=True, reason="hedges share their request's slot by design (docs/config.md); not fixed")
+# -- hedges took origin capacity from the waiters (they shared their request's slot) ------------
 async def test_hedges_do_not_take_the_origin_capacity_waiters_queue_for(
     origin: FakeOrigin, origin2: FakeOrigin, make_proxy: Any
 ) -> None:

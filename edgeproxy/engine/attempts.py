@@ -240,8 +240,11 @@ class Failover:
             done, pending = await asyncio.wait(pending, timeout=delay)
             claimed = len(ctx.trials)
             second_path = None if done else _plan(ctx, upstream, retry=True)
-            if second_path is not None and not _taken(ctx, chain, second_path):
-                second_path = None  # what it needs (a key) is not ready: no hedge
+            if second_path is not None:
+                ctx.hedging = True  # (what a hedge takes is its own: a key, an admission slot)
+                if not _taken(ctx, chain, second_path):
+                    second_path = None  # what it needs is not ready: no hedge
+                ctx.hedging = False
             if second_path is not None and not upstream.budget.try_retry(time.monotonic()):
                 second_path = None
             if second_path is None and len(ctx.trials) > claimed:

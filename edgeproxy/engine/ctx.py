@@ -82,6 +82,7 @@ class Ctx:
         "committed",
         "error",
         "flight",
+        "hedging",
         "held",
         "metered",
         "leads",
@@ -156,6 +157,7 @@ class Ctx:
         self.error: str | None = None
         self.attempt_log: list[dict[str, object]] = []
         self.waited = False  # a 429's short Retry-After was waited out already
+        self.hedging = False  # its hedge (a second attempt racing the first) is being planned
         # Set by a filter (the cache): the answer this request shares with others asking the
         # same at the same moment (engine/flight.py); whether it fetches it; the headers its
         # client gets on top of the shared ones.

@@ -8,7 +8,9 @@ for (a higher ask is lowered to it, not refused). Anything else in the header is
 The slot is taken when the request's first attempt is planned (``path_filter``), so what never
 reaches an origin takes none: a cache hit, a request sharing another's answer (the leader's
 fetch holds the one slot), a refusal. It is held to the end of the answer (streams included)
-and given back in ``on_end``. Retries and hedges of a request hold its one slot.
+and given back in ``on_end``. Retries of a request use its one slot; a hedge takes another,
+only if one is free and no one waits (else no hedge), so the origins never see more than
+``max_inflight`` (hedges fire exactly when an upstream is slow, often when it is saturated).
 
 When no slot is free, or no key is ready (every key of the upstream rate-limited: the plan
 finds no path), the request waits in the queue (``no_path_filter``) up to
@@ -89,6 +91,8 @@ class Admission(Filter):
 
     def path_filter(self, ctx: Ctx, path: Path) -> bool:
         ticket: Ticket = ctx.local(self)
+        if ctx.hedging:
+            return self.queue.take_for_hedge(ticket)
         return ticket.admitted or self.queue.take_at_once(ticket)
 
     async def no_path_filter(self, ctx: Ctx) -> bool:
@@ -145,7 +149,7 @@ class Admission(Filter):
             del self._leaders[ctx.flight]
         if ticket.admitted:
             self.metrics.admission_wait.observe((self.name, ticket.priority), ticket.waited)
-            self.queue.release(ticket)
+        self.queue.release(ticket)
 
     def logging_filter(self, ctx: Ctx, record: dict[str, object]) -> None:
         ticket: Ticket | None = ctx.local(self)

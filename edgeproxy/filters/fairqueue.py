@@ -57,12 +57,13 @@ _COMPACT_AT: Final = 64
 class Ticket:
     """One request's place: its class, whether it holds a slot, and how long it waited."""
 
-    __slots__ = ("admitted", "arrived", "future", "priority", "timer", "waited", "waiting")
+    __slots__ = ("admitted", "arrived", "future", "hedges", "priority", "timer", "waited", "waiting")
 
     def __init__(self, priority: str, arrived: float) -> None:
         self.priority = priority
         self.arrived = arrived  # monotonic: the deadline counts from the request's arrival
         self.admitted = False  # holds a slot (given back at the request's end)
+        self.hedges = 0  # slots its hedges hold besides (given back at the request's end too)
         self.waited = 0.0  # seconds in the queue
         self.waiting = False  # in the queue, counted (a cancelled task's future is done first)
         self.future: asyncio.Future[str] | None = None
@@ -111,11 +112,21 @@ class FairQueue:
         ticket.admitted = True
         return True
 
+    def take_for_hedge(self, ticket: Ticket) -> bool:
+        """A slot of its own for a hedge, only if one is free and no one waits: a hedge must not
+        take the origins' capacity from requests that queue for it."""
+        cap = self.config.max_inflight
+        if self.queued or (cap is not None and self.inflight >= cap):
+            return False
+        self.inflight += 1
+        ticket.hedges += 1
+        return True
+
     def release(self, ticket: Ticket) -> None:
-        """The request is over: its slot goes to the next waiter."""
-        if ticket.admitted:
-            ticket.admitted = False
-            self.inflight -= 1
+        """The request is over: its slots go to the next waiters."""
+        if ticket.admitted or ticket.hedges:
+            self.inflight -= ticket.admitted + ticket.hedges
+            ticket.admitted, ticket.hedges = False, 0
             self._rate.tick(time.monotonic())
             if self.queued:
                 self._dispatch()
